@@ -1,0 +1,1 @@
+"""Latent MIM on timm: online ViT + projector, EMA target, cross-attention decoder, losses."""

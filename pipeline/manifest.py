@@ -1,0 +1,87 @@
+"""The shard format contract between `tools/shard` (writer) and `pipeline/` (reader).
+
+A dataset is a folder or object-store prefix holding `manifest.json` and shards
+`{prefix}-{n:06d}.tar`, each with a DALI index `{prefix}-{n:06d}.idx` beside it. A sample is
+`{key}.{ext}` (the encoded image: jpg, png or webp), optional `{key}.cls` (class index as
+decimal text) and `{key}.json` (source path, width, height). Keys are unique and hold no dot.
+The manifest is written last, so a dataset with a manifest is complete.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+FORMAT = "lmim-webdataset"
+FORMAT_VERSION = 1
+# The image extensions a sample may carry; DALI's webdataset reader takes them as alternatives.
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+
+
+@dataclass
+class ShardInfo:
+    """One shard as the manifest lists it. `name` and `index` are relative to the dataset root."""
+
+    name: str
+    index: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo]
+    classes: list[str] | None = None
+    build: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["total_samples"] = self.total_samples
+        data["total_bytes"] = self.total_bytes
+        return json.dumps(data, indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not an lmim dataset manifest (format={data.get('format')!r}, expected {FORMAT!r})")
+        if int(data.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"manifest version {data['version']} is newer than this lmim understands ({FORMAT_VERSION}); upgrade lmim"
+            )
+        shards = [ShardInfo(**s) for s in data["shards"]]
+        return cls(shards=shards, classes=data.get("classes"), build=data.get("build", {}),
+                   format=data["format"], version=int(data["version"]))
+
+
+def join_url(root: str, name: str) -> str:
+    """Join a dataset root (local path or fsspec URL) and a relative name."""
+    return root.rstrip("/") + "/" + name
+
+
+def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Read `root/manifest.json` through fsspec; a clear error when the dataset is missing or incomplete."""
+    import fsspec
+
+    url = join_url(root, MANIFEST_NAME)
+    try:
+        with fsspec.open(url, "rt", **(storage_options or {})) as f:
+            return Manifest.from_json(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} at {root}: it is not an lmim dataset, or its build has not finished "
+            f"(run `lmim shard SRC {root}` to build or finish it)"
+        ) from None

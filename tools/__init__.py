@@ -1,0 +1,1 @@
+"""Shard building, verification, export and benchmark entry points."""

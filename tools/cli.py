@@ -1,0 +1,50 @@
+"""The `lmim` console script: a thin dispatcher to each sub-command's own module.
+
+Each sub-command lives in its own module with a `main(argv: list[str]) -> int`; importing
+lazily keeps `lmim --help` fast and lets a sub-command's heavy imports (DALI, torch) stay
+out of the others.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shard": ("tools.shard.cli", "build WebDataset shards from a raw image corpus (local or s3://)"),
+    "merge": ("tools.shard.cli:merge_main", "merge the manifests of a build done in --part i/N slices"),
+    "verify": ("tools.shard.verify", "re-read a dataset and check it against its manifest"),
+    "export": ("tools.export", "export a checkpoint's online encoder as a timm ViT (safetensors)"),
+    "pretrain": ("train.pretrain", "pretrain Latent MIM (same as `accelerate launch -m train.pretrain`)"),
+    "quickstart": ("train.quickstart", "shard a small real dataset, pretrain a tiny ViT on the CPU, evaluate, export"),
+    "eval": ("train.evaluate.cli", "evaluate an encoder: knn | linear | collapse"),
+    "bench": ("tools.bench.cli", "benchmarks: shard | pipeline | model | train | quality"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lmim <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`lmim <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lmim: unknown command {name!r}; run `lmim --help` for the list.", file=sys.stderr)
+        return 2
+    target = COMMANDS[name][0]
+    module_name, _, func_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    func = getattr(module, func_name or "main")
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

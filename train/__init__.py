@@ -1,0 +1,1 @@
+"""Accelerate-driven training: config, schedules, checkpoints, logging, evaluation."""
