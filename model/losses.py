@@ -1,0 +1,87 @@
+"""Objectives and diagnostics of Latent MIM (METHOD.md), computed in float32.
+
+All losses are per image: nothing crosses the batch, so they do not depend on the batch size or
+on the number of processes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_infonce(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """Patch InfoNCE: each predicted patch must match its own target among the image's targets.
+
+    Predictions are standardised per image and channel across the target patches
+    ((p - mean) / (std + 1e-4), unbiased std as torch's default), both sides are L2-normalised,
+    logits = p . t / tau per image ([T, T]), cross-entropy with the diagonal as positives,
+    multiplied by 2 tau.
+
+    Args:
+        pred: [B, T, C] predictions.
+        target: [B, T, C] target latents.
+        tau: temperature.
+
+    Returns:
+        Scalar loss (mean over images and patches).
+    """
+    p = pred.float()
+    t = target.float()
+    p = (p - p.mean(1, keepdim=True)) / (p.std(1, keepdim=True) + 1e-4)
+    p = F.normalize(p, dim=-1)
+    t = F.normalize(t, dim=-1)
+    logits = torch.bmm(p, t.transpose(1, 2)) / tau                      # [B, T, T]
+    b, n = logits.shape[:2]
+    labels = torch.arange(n, device=logits.device).expand(b, n)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten()) * (2 * tau)
+
+
+def norm_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The MSE ablation: standardise each target token over its channels, regress with MSE."""
+    t = target.float()
+    t = F.layer_norm(t, t.shape[-1:], eps=1e-6)
+    return F.mse_loss(pred.float(), t)
+
+
+def mean_token_similarity(x: torch.Tensor) -> torch.Tensor:
+    """s(x): mean pairwise cosine between different tokens of an image, averaged over the batch.
+
+    Uses |sum_i u_i|^2 = sum_ij u_i . u_j on unit vectors, so it costs O(T C), not O(T^2 C).
+
+    Args:
+        x: [B, T, C] with T >= 2.
+    """
+    u = F.normalize(x.float(), dim=-1)
+    t = u.shape[1]
+    total = u.sum(1).pow(2).sum(-1)                                      # sum over all ordered pairs incl. i == j
+    return ((total - t) / (t * (t - 1))).mean()
+
+
+def similarity_regulariser(pred: torch.Tensor, visible: torch.Tensor, s_target: float | torch.Tensor) -> torch.Tensor:
+    """(s(pred) - s*)^2 + (s(visible) - s*)^2 (the caller multiplies by the coefficient)."""
+    return (mean_token_similarity(pred) - s_target) ** 2 + (mean_token_similarity(visible) - s_target) ** 2
+
+
+def collapse_cosine(tokens: torch.Tensor) -> torch.Tensor:
+    """The paper's collapse diagnostic: mean cosine between the mean-pooled latents of different
+    images of the batch (about 1.0: collapsed). tokens: [B, T, C]; NaN when B < 2."""
+    return mean_token_similarity(tokens.float().mean(1).unsqueeze(0)) if tokens.shape[0] > 1 else tokens.new_tensor(float("nan"))
+
+
+def effective_rank(features: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the normalised singular values of centred features [B, C] (1 .. min(B, C))."""
+    f = features.float()
+    f = f - f.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(f)
+    p = s / s.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+def normalised_pixels(patches: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+    """MAE targets: patches [B, T, C, P, P] -> [B, T, C*P*P], standardised per patch if `norm_pix`."""
+    x = patches.flatten(2).float()
+    if norm_pix:
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True)
+        x = (x - mean) / (var + 1e-6) ** 0.5
+    return x
