@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+# Must run before anything imports timm (see the module for why).
+from model import _torchvision_compat  # noqa: F401  isort:skip
 from model.config import ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover

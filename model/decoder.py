@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import _compat  # noqa: F401
+from model import _torchvision_compat  # noqa: F401
 from model.config import ModelConfig
 from model.encoder import sincos_pos_embed
 from model.masks import gather_patches

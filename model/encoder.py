@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model import _compat  # noqa: F401  (makes `import timm` work on CPU-only torch; see the module)
+from model import _torchvision_compat  # noqa: F401  (before timm; see that module)
 from model.config import ModelConfig
 from model.masks import gather_patches
 
