@@ -1,0 +1,105 @@
+"""Export round trip: checkpoint dir -> .safetensors -> timm.create_model(pretrained=True, file=...)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import timm
+from model import LatentMIM, ModelConfig
+from model.encoder import encode_patches
+from tools import export
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(arch="vit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, patch_size=4, grid_size=4,
+                       patch_gap=2, projector_hidden_dim=96, decoder_dim=32, decoder_depth=1, decoder_num_heads=4)
+
+
+def _write_checkpoint(path, net: LatentMIM) -> None:
+    """The trainer's checkpoint contract: model.safetensors (state_dict) + config.yaml (full config)."""
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path / "model.safetensors"))
+    config = {"model": dataclasses.asdict(net.cfg), "optim": {"base_lr": 1.5e-4}, "epochs": 1}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture
+def trained(tmp_path):
+    torch.manual_seed(0)
+    net = LatentMIM(_tiny())
+    with torch.no_grad():  # "training": move every weight away from its init
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ckpt = tmp_path / "ckpt"
+    _write_checkpoint(ckpt, net)
+    return net, ckpt
+
+
+def test_round_trip_through_timm(trained, tmp_path, capsys):
+    net, ckpt = trained
+    out = tmp_path / "enc.safetensors"
+    assert export.main([str(ckpt), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "timm.create_model('vit_tiny_patch16_224', pretrained=True" in printed
+
+    arch, kwargs = export.read_export_metadata(out)
+    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=0), **kwargs)
+    assert isinstance(model, timm.models.VisionTransformer)
+    # Strict keys: the file holds exactly the timm model's state dict, every tensor loaded.
+    sd = load_file(str(out))
+    assert set(sd) == set(model.state_dict())
+    model.load_state_dict(sd, strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, net.encoder.state_dict()[k]), k
+
+    # Same features as the trained encoder at evaluation (img = grid * patch, no gap).
+    model.eval()
+    net.eval()
+    img = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ours = encode_patches(net.encoder, net.patchify(img), None)
+        theirs = model.forward_features(img)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # The printed command is runnable as is.
+    line = next(ln.strip() for ln in printed.splitlines() if "timm.create_model(" in ln)
+    rebuilt = eval(line.split("=", 1)[1].strip(), {"timm": timm})
+    assert torch.allclose(rebuilt.eval().forward_features(img), theirs)
+
+
+def test_load_encoder_from_file_and_dir(trained, tmp_path):
+    net, ckpt = trained
+    out = tmp_path / "enc.safetensors"
+    export.export_encoder(ckpt, out)
+    img = torch.randn(1, 3, 16, 16)
+    a = export.load_encoder(out)(img)
+    b = export.load_encoder(ckpt)(img)
+    assert a.shape == (1, 64) and torch.allclose(a, b, atol=1e-5)
+    full = export.load_latent_mim(ckpt)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k]), k
+    assert export.encoder_kwargs(net.cfg) == export.read_export_metadata(out)[1]
+
+
+def test_export_target_encoder(trained, tmp_path):
+    net, ckpt = trained
+    out = tmp_path / "tgt.safetensors"
+    assert export.main([str(ckpt), str(out), "--encoder", "target"]) == 0
+    sd = load_file(str(out))
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"], net.target_encoder.blocks[0].attn.qkv.weight)
+
+
+def test_bad_input_is_one_clear_error(trained, tmp_path, capsys):
+    _, ckpt = trained
+    assert export.main([str(tmp_path / "nope"), str(tmp_path / "x.safetensors")]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+    assert export.main([str(ckpt), str(tmp_path / "x.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*x*"))  # nothing half-written
+    (ckpt / "model.safetensors").unlink()
+    assert export.main([str(ckpt), str(tmp_path / "x.safetensors")]) == 2
+    assert "incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
