@@ -1,6 +1,6 @@
-"""Shards on storage -> masked batches on the device (NVIDIA DALI)."""
-# timm/torchvision import guard for CPU-only torch; must run before timm is imported.
-import model._torchvision_compat  # noqa: F401  isort:skip
+"""Shards on storage -> masked batches on the device (NVIDIA DALI, or a plain PyTorch baseline)."""
 from pipeline.batch import Batch
+from pipeline.errors import DataError, SampleError, ShardError
+from pipeline.loader import Loader, build_loader
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "Loader", "build_loader", "DataError", "ShardError", "SampleError"]

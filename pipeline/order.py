@@ -1,0 +1,163 @@
+"""The deterministic sample order: which samples a rank reads in an epoch, in what order, with what crops.
+
+Everything random about the data stream is a pure function of (seed, epoch, rank, batch index),
+computed here in Python with NumPy, so a resumed run reproduces the uninterrupted one exactly
+and the DALI, streaming and PyTorch loaders see the very same samples and crop windows.
+
+Training order of one epoch on one rank:
+1. the shard order is shuffled with a seed of (seed, epoch); rank r takes shards r, r + W, ...
+   (shards, not samples, are split so every rank reads whole shards, sequentially);
+2. inside each shard the samples are permuted with a seed of (seed, epoch, shard);
+3. the concatenated stream is cut or wrapped (repeated from its start) to exactly
+   `total // W` samples, so every rank yields the same number of batches even when the shard
+   sizes are uneven (the cut drops a few samples that epoch; the next epoch's reshuffle changes
+   which). Samples found undecodable (policy "skip") are left out before the cut.
+Evaluation: all samples in manifest order, split into W contiguous near-equal ranges (no
+duplicates, nothing dropped; per-rank counts differ by at most one sample).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# Distinct streams of randomness derived from the same user seed.
+_SHARD_ORDER, _SAMPLE_ORDER, _CROP, _MASK = 1, 2, 3, 4
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (NumPy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 32 | int(state[1])) & (2**63 - 1))
+
+
+def check_ranks(num_shards: int, world_size: int, rank: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}.")
+    if num_shards < world_size:
+        raise ValueError(
+            f"the dataset has {num_shards} shard(s) but there are {world_size} ranks: each rank needs at least one "
+            f"shard; rebuild it with smaller shards (`lmim shard --shard-max-samples ...`) or use fewer processes."
+        )
+
+
+def rank_shards(num_shards: int, world_size: int, rank: int, seed: int, epoch: int) -> np.ndarray:
+    """The shards rank `rank` reads in `epoch`, in reading order."""
+    check_ranks(num_shards, world_size, rank)
+    perm = np.random.default_rng(derive_seed(seed, _SHARD_ORDER, epoch)).permutation(num_shards)
+    return perm[rank::world_size]
+
+
+def samples_per_rank(total: int, world_size: int) -> int:
+    return total // world_size
+
+
+def train_plan(
+    counts: Sequence[int],
+    world_size: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    excluded: Iterable[tuple[int, int]] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """(shard ids, sample ids within the shard) of length `sum(counts) // world_size`."""
+    n = samples_per_rank(int(sum(counts)), world_size)
+    bad: dict[int, set[int]] = {}
+    for s, i in excluded:
+        bad.setdefault(int(s), set()).add(int(i))
+    shard_parts, sample_parts = [], []
+    for s in rank_shards(len(counts), world_size, rank, seed, epoch):
+        s = int(s)
+        perm = np.random.default_rng(derive_seed(seed, _SAMPLE_ORDER, epoch, s)).permutation(int(counts[s]))
+        if s in bad:
+            perm = perm[~np.isin(perm, list(bad[s]))]
+        shard_parts.append(np.full(len(perm), s, dtype=np.int64))
+        sample_parts.append(perm.astype(np.int64))
+    shards = np.concatenate(shard_parts) if shard_parts else np.zeros(0, np.int64)
+    samples = np.concatenate(sample_parts) if sample_parts else np.zeros(0, np.int64)
+    if len(shards) == 0:
+        raise ValueError(f"rank {rank} has no readable samples in epoch {epoch} (all its shards are empty or skipped).")
+    if len(shards) < n:  # wrap: repeat this rank's own stream from its start
+        reps = math.ceil(n / len(shards))
+        shards, samples = np.tile(shards, reps), np.tile(samples, reps)
+    return shards[:n], samples[:n]
+
+
+def eval_plan(counts: Sequence[int], world_size: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank `rank`'s contiguous slice of all samples in manifest order (one pass, no duplicates)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}.")
+    shards = np.concatenate([np.full(int(c), s, dtype=np.int64) for s, c in enumerate(counts)] or [np.zeros(0, np.int64)])
+    samples = np.concatenate([np.arange(int(c), dtype=np.int64) for c in counts] or [np.zeros(0, np.int64)])
+    bounds = np.linspace(0, len(shards), world_size + 1).round().astype(int)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    return shards[lo:hi], samples[lo:hi]
+
+
+def runs(shards: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split a plan into maximal runs of one shard: (shard, start, stop) positions."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for pos in range(1, len(shards) + 1):
+        if pos == len(shards) or shards[pos] != shards[start]:
+            out.append((int(shards[start]), start, pos))
+            start = pos
+    return out
+
+
+def crop_windows(
+    widths: np.ndarray,
+    heights: np.ndarray,
+    seed: int,
+    epoch: int,
+    rank: int,
+    batch: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RandomResizedCrop windows and flips for one batch, with torchvision's exact semantics.
+
+    Up to 10 attempts per image draw an area fraction uniform in `scale` and an aspect ratio
+    log-uniform in `ratio`; the first that fits the image wins, at a uniform integer position;
+    otherwise the whole image cropped to the nearest allowed ratio, centred. Vectorised over
+    the batch; the random numbers depend only on (seed, epoch, rank, batch).
+
+    Returns:
+        anchors [B, 2] float32 (x, y), shapes [B, 2] float32 (w, h), flips [B] int32 (1 = mirror).
+    """
+    rng = np.random.default_rng(derive_seed(seed, _CROP, epoch, rank, batch))
+    b = len(widths)
+    u = rng.random((b, 23))
+    W = widths.astype(np.float64)[:, None]
+    H = heights.astype(np.float64)[:, None]
+    area = W * H * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[:, 10:20])
+    w = np.round(np.sqrt(area * aspect))
+    h = np.round(np.sqrt(area / aspect))
+    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    first = np.argmax(ok, axis=1)
+    found = ok[np.arange(b), first]
+    cw = w[np.arange(b), first]
+    ch = h[np.arange(b), first]
+    W, H = W[:, 0], H[:, 0]
+    x = np.floor(u[:, 20] * (W - cw + 1))
+    y = np.floor(u[:, 21] * (H - ch + 1))
+    # Fallback (torchvision): whole image, clamped to the ratio range, centred.
+    in_ratio = W / H
+    fw = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.round(H * ratio[1]), W))
+    fh = np.where(in_ratio < ratio[0], np.round(W / ratio[0]), H)
+    fw, fh = np.minimum(fw, W), np.minimum(fh, H)
+    cw, ch = np.where(found, cw, fw), np.where(found, ch, fh)
+    x = np.where(found, x, np.floor((W - cw) / 2))
+    y = np.where(found, y, np.floor((H - ch) / 2))
+    anchors = np.stack([x, y], 1).astype(np.float32)
+    shapes = np.stack([cw, ch], 1).astype(np.float32)
+    flips = (u[:, 22] < hflip).astype(np.int32)
+    return anchors, shapes, flips
+
+
+def mask_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    return derive_seed(seed, _MASK, epoch, rank, batch)

@@ -1,0 +1,179 @@
+"""Reading shard indices and per-sample metadata (key, width, height, label).
+
+The crop windows are computed in Python from the width and height in each sample's
+`{key}.json`, so images need no decode before the crop (DALI then decodes only the window).
+For local shards the `.idx` file (DALI's webdataset index, v1.2: one line per sample with
+`ext offset size name` per component) gives the offsets; metadata is read with `os.pread`
+(two tiny reads per sample, once per shard and process). Remote shards are parsed from their
+bytes in memory (see `pipeline.stream`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.errors import ShardError
+from pipeline.manifest import IMAGE_EXTENSIONS
+
+IMAGE_EXTS = tuple(IMAGE_EXTENSIONS)
+
+
+@dataclass
+class ShardMeta:
+    """Per-sample metadata of one shard, in stored order."""
+
+    keys: list[str]
+    widths: np.ndarray      # int32
+    heights: np.ndarray     # int32
+    labels: np.ndarray      # int64, -1 where the sample has no .cls
+    # Local shards only: the index line of each sample (written into per-epoch index files) and
+    # (offset, size) of its image component (for diagnosing undecodable samples).
+    index_lines: list[str] = field(default_factory=list)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    prefix = name[: len(name) - len(base)]
+    return prefix + base[:dot], base[dot + 1:]
+
+
+def parse_index(text: str, shard: str, expected_samples: int, file_size: int) -> list[dict[str, tuple[int, int, str]]]:
+    """Parse and validate a DALI webdataset index: one {ext: (offset, size, name)} per sample."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("v1."):
+        raise ShardError(shard, "bad index: the .idx file has no 'v1.x N' header; rebuild the index (`lmim shard`)")
+    try:
+        declared = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise ShardError(shard, f"bad index: unreadable header {lines[0]!r}") from None
+    rows = [ln for ln in lines[1:] if ln.strip()]
+    if declared != len(rows) or len(rows) != expected_samples:
+        raise ShardError(shard, f"bad index: it lists {len(rows)} samples (header says {declared}), "
+                                f"the manifest says {expected_samples}")
+    out = []
+    for n, row in enumerate(rows):
+        parts = row.split()
+        if len(parts) % 4:
+            raise ShardError(shard, f"bad index: line {n + 2} is not 'ext offset size name' groups")
+        comps = {}
+        for j in range(0, len(parts), 4):
+            ext, off, size, name = parts[j], parts[j + 1], parts[j + 2], parts[j + 3]
+            try:
+                off_i, size_i = int(off), int(size)
+            except ValueError:
+                raise ShardError(shard, f"bad index: line {n + 2} has a non-numeric offset or size") from None
+            if off_i < 0 or size_i < 0 or off_i + size_i > file_size:
+                key = _split_name(name)[0]
+                raise ShardError(shard, f"truncated or bad index: sample {key!r} ({ext}) ends at byte "
+                                        f"{off_i + size_i} but the shard has {file_size} bytes")
+            comps[ext] = (off_i, size_i, name)
+        out.append(comps)
+    return out
+
+
+def _image_component(comps: dict, shard: str) -> tuple[str, tuple[int, int, str]]:
+    for ext in IMAGE_EXTS:
+        if ext in comps:
+            return ext, comps[ext]
+    name = next(iter(comps.values()))[2]
+    raise ShardError(shard, f"sample {_split_name(name)[0]!r} has no image component ({', '.join(IMAGE_EXTS)})")
+
+
+def _meta_from(json_bytes: bytes | None, cls_bytes: bytes | None, shard: str, key: str) -> tuple[int, int, int]:
+    if json_bytes is None:
+        raise ShardError(shard, f"sample {key!r} has no .json with its width and height (rebuild with `lmim shard`)")
+    try:
+        info = json.loads(json_bytes)
+        w, h = int(info["width"]), int(info["height"])
+    except (ValueError, KeyError, TypeError):
+        raise ShardError(shard, f"sample {key!r} has a .json without integer width/height") from None
+    label = -1
+    if cls_bytes is not None and cls_bytes.strip():
+        try:
+            label = int(cls_bytes.decode().strip())
+        except ValueError:
+            raise ShardError(shard, f"sample {key!r} has a .cls that is not an integer: {cls_bytes[:20]!r}") from None
+    return w, h, label
+
+
+def read_local_meta(tar_path: str, idx_path: str, shard: str, expected_samples: int) -> ShardMeta:
+    """Validate a local shard against its index and the manifest, and read its metadata."""
+    if not os.path.exists(tar_path):
+        raise ShardError(shard, f"missing: {tar_path} does not exist (the dataset is incomplete; re-run `lmim shard`)")
+    if not os.path.exists(idx_path):
+        raise ShardError(shard, f"bad index: {idx_path} does not exist (re-run `lmim shard` to rebuild the index)")
+    size = os.path.getsize(tar_path)
+    with open(idx_path, "r", encoding="utf-8", errors="replace") as f:
+        parsed = parse_index(f.read(), shard, expected_samples, size)
+    keys, widths, heights, labels, spans = [], [], [], [], []
+    lines = []
+    fd = os.open(tar_path, os.O_RDONLY)
+    try:
+        for comps in parsed:
+            ext, (off, sz, name) = _image_component(comps, shard)
+            key = _split_name(name)[0]
+            jb = os.pread(fd, comps["json"][1], comps["json"][0]) if "json" in comps else None
+            cb = os.pread(fd, comps["cls"][1], comps["cls"][0]) if "cls" in comps else None
+            w, h, label = _meta_from(jb, cb, shard, key)
+            keys.append(key); widths.append(w); heights.append(h); labels.append(label)
+            spans.append((off, sz))
+            lines.append(" ".join(f"{e} {o} {s} {n}" for e, (o, s, n) in comps.items()))
+    finally:
+        os.close(fd)
+    return ShardMeta(keys, np.asarray(widths, np.int32), np.asarray(heights, np.int32), np.asarray(labels, np.int64),
+                     lines, spans)
+
+
+def read_span(tar_path: str, span: tuple[int, int]) -> bytes:
+    with open(tar_path, "rb") as f:
+        f.seek(span[0])
+        return f.read(span[1])
+
+
+def write_index(path: str, lines: list[str]) -> None:
+    """Write a DALI webdataset index listing `lines` (samples) in this order."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"v1.2 {len(lines)}\n")
+        f.write("\n".join(lines))
+        f.write("\n")
+
+
+@dataclass
+class ShardData:
+    """A remote shard held in memory: metadata plus the encoded image of each sample."""
+
+    meta: ShardMeta
+    images: list[bytes]
+
+
+def parse_tar(data: bytes, shard: str, expected_samples: int) -> ShardData:
+    """Group a shard's tar members by key (webdataset's convention), in stored order."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                f = tf.extractfile(member)
+                groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(shard, f"truncated or corrupt tar ({e})") from None
+    if len(groups) != expected_samples:
+        raise ShardError(shard, f"truncated or corrupt: {len(groups)} samples in the tar, the manifest says {expected_samples}")
+    keys, widths, heights, labels, images = [], [], [], [], []
+    for key, comps in groups.items():
+        img = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
+        if img is None:
+            raise ShardError(shard, f"sample {key!r} has no image component ({', '.join(IMAGE_EXTS)})")
+        w, h, label = _meta_from(comps.get("json"), comps.get("cls"), shard, key)
+        keys.append(key); widths.append(w); heights.append(h); labels.append(label); images.append(img)
+    meta = ShardMeta(keys, np.asarray(widths, np.int32), np.asarray(heights, np.int32), np.asarray(labels, np.int64))
+    return ShardData(meta, images)
