@@ -1,0 +1,234 @@
+"""Atomic, rotated checkpoints on top of `Accelerator.save_state` / `load_state`.
+
+Layout of a run folder:
+
+    run_dir/checkpoints/step_00001000/   complete checkpoints, newest kept `keep` of them
+        model.safetensors                 LatentMIM state_dict() (online + EMA target), unwrapped keys
+        optimizer.bin, scaler.pt          AdamW state, fp16 loss scaler (Accelerate)
+        random_states_{rank}.pkl          python / numpy / torch / cuda RNG of every process (Accelerate)
+        custom_checkpoint_{i}.pkl         registered objects: the trainer state, every rank's loader position
+        config.yaml                       the full resolved config (tools.export reads its `model:` section)
+        complete.json                     written last: step, processes, time
+    run_dir/checkpoints/.tmp-step_...    a checkpoint being written (or one interrupted mid-write)
+
+Writing goes to `.tmp-step_N` and is renamed to `step_N` only when every process has finished
+and `complete.json` is on disk; a rename is atomic on POSIX file systems, so a reader never sees
+a half-written `step_*`. `latest_checkpoint` only trusts `step_*` folders that hold
+`complete.json`, so a run killed at any moment resumes from the newest checkpoint that was
+finished. Deleting an old checkpoint renames it away first for the same reason.
+
+The run folder must be on a file system every process sees (a shared volume on multi-node runs),
+since process 0 writes the model/optimizer and every process writes its own RNG state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "TrainState",
+    "RankedState",
+    "checkpoints_dir",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "is_complete",
+    "remove_incomplete",
+    "save_checkpoint",
+    "install_unwrapped_model_hooks",
+    "read_marker",
+]
+
+COMPLETE_MARKER = "complete.json"
+_NAME = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+@dataclass
+class TrainState:
+    """The trainer's own counters, checkpointed through `register_for_checkpointing`."""
+
+    step: int = 0                      # optimizer steps done
+    micro_step: int = 0                # micro-batches (forward/backward passes) done
+    images_seen: int = 0               # over all processes
+    world_size: int = 1
+    history: dict[str, Any] = field(default_factory=dict)  # small things worth keeping (last k-NN, ...)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class RankedState:
+    """Makes a per-process stateful object (the data loader) checkpointable through Accelerate.
+
+    Accelerate saves registered objects from process 0 only, but each process's loader has its own
+    position (its own shards). `state_dict()` therefore gathers every process's state (a
+    collective: Accelerate calls it on all processes) and `load_state_dict` picks this process's.
+    """
+
+    def __init__(self, obj: Any, rank: int, world_size: int):
+        self.obj, self.rank, self.world_size = obj, rank, world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.obj.state_dict()
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        return {"world_size": self.world_size, "states": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = int(state["world_size"])
+        if saved != self.world_size:
+            raise RuntimeError(
+                f"This checkpoint was written by {saved} processes but the run now has {self.world_size}; "
+                "an exact resume needs the same number of processes (relaunch with that count)."
+            )
+        self.obj.load_state_dict(state["states"][self.rank])
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: str | Path) -> bool:
+    """A checkpoint folder is complete when its marker (written last, before the rename) exists."""
+    path = Path(path)
+    return bool(_NAME.match(path.name)) and (path / COMPLETE_MARKER).is_file() and (path / "model.safetensors").is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first. Temp/partial folders are ignored."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def remove_incomplete(run_dir: str | Path) -> list[Path]:
+    """Delete leftovers of interrupted writes/deletions (call on process 0 only). Returns what was removed."""
+    root = checkpoints_dir(run_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Remove a folder so that no half-deleted copy ever looks like a checkpoint: rename, then delete."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: str, keep: int) -> Path:
+    """Write a complete checkpoint atomically and rotate old ones. Call on every process.
+
+    Args:
+        accelerator: the run's `Accelerator` (models/optimizers prepared, objects registered).
+        run_dir: the run folder; checkpoints go to `run_dir/checkpoints/step_{step:08d}`.
+        step: optimizer steps done.
+        config_yaml: the resolved config, written as `config.yaml` in the checkpoint.
+        keep: how many complete checkpoints to keep (the newest).
+
+    Returns:
+        The final checkpoint folder.
+    """
+    root = checkpoints_dir(run_dir)
+    final = root / _step_name(step)
+    tmp = root / f"{_TMP_PREFIX}{_step_name(step)}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "config.yaml").write_text(config_yaml)
+    # Every process's files (its RNG state) must be on disk before the marker declares the folder whole.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker = {"step": step, "num_processes": accelerator.num_processes, "time": time.time()}
+        with open(tmp / COMPLETE_MARKER, "w") as f:
+            json.dump(marker, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a resumed run ending where it started)
+            _discard(final)
+        tmp.rename(final)
+        _fsync_dir(root)
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            _discard(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def install_unwrapped_model_hooks(accelerator) -> None:
+    """Make `model.safetensors` hold the bare LatentMIM state_dict whatever wraps the model.
+
+    Accelerate saves the prepared (possibly DistributedDataParallel / compiled) module's state
+    dict, whose keys carry `module.` / `_orig_mod.` prefixes; `tools.export` and every other
+    reader want the plain keys. The save hook swaps in the unwrapped state dict, and the load
+    hook loads into the unwrapped module (it shares its parameters with the wrapper).
+    """
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i, m in enumerate(models):
+            weights[i] = accelerator.unwrap_model(m).state_dict()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, m in enumerate(models):
+            models[i] = accelerator.unwrap_model(m)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / COMPLETE_MARKER).read_text())

@@ -1,0 +1,307 @@
+"""The training configuration: a typed schema (OmegaConf structured dataclasses), YAML presets
+and `key=value` overrides.
+
+Layering, lowest first (dinov2-style): the dataclass defaults below, `train/configs/defaults.yaml`
+(the same values written out in full, so a user can read every knob in one file; a test keeps
+the two equal), a preset (`--config quickstart` = `train/configs/quickstart.yaml`, or any YAML
+path), then command-line overrides `optim.base_lr=3e-4 data.url=s3://bucket/in1k`.
+
+Any unknown key or ill-typed value fails at start-up with `ConfigError`, whose message is one
+sentence naming the key, the offending value, where it came from and what to do.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from model.config import ModelConfig
+from pipeline.config import DataConfig
+
+__all__ = [
+    "OptimConfig",
+    "EMAConfig",
+    "SimRegConfig",
+    "CheckpointConfig",
+    "EvalConfig",
+    "CollapseGuardConfig",
+    "TrainConfig",
+    "ConfigError",
+    "load_config",
+    "preset_names",
+    "preset_path",
+    "save_config",
+    "to_yaml",
+    "effective_batch_size",
+]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the lr schedule of METHOD.md."""
+
+    base_lr: float = 1.5e-4            # peak lr = base_lr * effective_batch / 256 (linear scaling rule)
+    lr: Optional[float] = None         # absolute peak lr; overrides base_lr scaling when set
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05         # not on biases, norms, position/patch embeddings (model.param_groups)
+    warmup_epochs: float = 40.0
+    warmup_start_factor: float = 0.25  # warm-up goes linearly from 0.25 * lr to lr ...
+    final_factor: float = 0.25         # ... then a half-cosine down to 0.25 * lr
+    clip_grad: float = 0.0             # max grad norm; 0 = no clipping (the reference)
+
+
+@dataclass
+class EMAConfig:
+    """Target-encoder momentum m: cosine from `start` to `end` over training, per optimizer step."""
+
+    start: float = 0.99
+    end: float = 1.0
+
+
+@dataclass
+class SimRegConfig:
+    """Target s* of the similarity regulariser: cosine from `start` to `end` (used when
+    model.sim_reg_coef > 0)."""
+
+    start: float = 0.75
+    end: float = 0.25
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000            # also one at the end of training; 0 = only at the end
+    keep: int = 3                      # newest complete checkpoints kept (older ones are deleted)
+
+
+@dataclass
+class EvalConfig:
+    """Periodic k-NN monitoring on `data.eval_url` (a labelled split)."""
+
+    knn_every_epochs: int = 10         # 0 = only at the end (when data.eval_url is set)
+    knn_train_url: Optional[str] = None  # labelled memory bank for weighted 20-NN; None = leave-one-out 1-NN on eval_url
+    knn_k: int = 20
+    knn_t: float = 0.07
+    batch_size: int = 256              # per process, for feature extraction
+
+
+@dataclass
+class CollapseGuardConfig:
+    """Warn (or stop) when `metric` stays above `threshold` (collapse_cos ~1.0 = all images alike)."""
+
+    metric: str = "collapse_cos"
+    threshold: float = 0.98
+    patience: int = 3                  # consecutive logged steps above threshold before acting
+    after_epochs: float = 1.0          # a freshly initialised ViT maps every image alike; judge only after this
+    action: str = "warn"               # "warn" | "stop"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sim_reg: SimRegConfig = field(default_factory=SimRegConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
+
+    name: str = "lmim"                 # run name (TensorBoard project)
+    run_dir: Optional[str] = None      # default: runs/<name>
+    resume: Optional[str] = None       # None = fresh run | "auto" = newest complete checkpoint, if any | a checkpoint path
+    epochs: int = 800
+    max_steps: Optional[int] = None    # stop after this many optimizer steps; schedules still span `epochs`
+    seed: int = 0
+    device: str = "auto"               # "auto" | "cpu" | "cuda"
+    precision: str = "bf16"            # "bf16" | "fp16" | "no" (fp32)
+    grad_accum: int = 1
+    compile: bool = False              # torch.compile the model
+    log_every: int = 20                # optimizer steps between logged metrics
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # "tensorboard", "wandb"
+    progress: bool = True              # progress bar (main process)
+    plots: bool = True                 # PNG curves + a mask picture at the end
+    synthetic_batches: int = 50        # data.loader=synthetic: batches per epoch (benchmarks)
+    debug_rank_log: bool = False       # every process logs a parameter hash + its batch keys per step (tests)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one sentence for the user."""
+
+
+_CONFIG_DIR = "configs"
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("bf16", "fp16", "no"),
+    "collapse_guard.action": ("warn", "stop"),
+    "data.loader": ("dali", "torch", "synthetic"),
+    "model.objective": ("infonce", "norm_l2", "mae", "naive_mse"),
+    "model.target_sees": ("masked", "all"),
+    "data.mask": ("random", "block", "multiblock"),
+}
+
+
+def _config_dir() -> Path:
+    return Path(str(resources.files("train") / _CONFIG_DIR))
+
+
+def preset_names() -> list[str]:
+    """Names accepted by `--config NAME` (the YAML files shipped in train/configs/)."""
+    return sorted(p.stem for p in _config_dir().glob("*.yaml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """Resolve `--config`: an existing file path, or a preset name (with or without .yaml)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+    candidate = _config_dir() / f"{stem}.yaml"
+    if "/" not in name_or_path and candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"Config {name_or_path!r} is neither a YAML file nor a preset; choose one of "
+        f"{', '.join(preset_names())} or give a path to a .yaml file."
+    )
+
+
+def _valid_keys(schema: DictConfig, full_key: str) -> list[str]:
+    """The keys allowed in the section that holds `full_key` (for a did-you-mean hint)."""
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node: Any = schema
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    if not isinstance(node, DictConfig):
+        return []
+    return [f"{parent}.{k}" if parent else str(k) for k in node.keys()]
+
+
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _rephrase(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    """Turn an OmegaConf exception (multi-line, internal type names) into one sentence."""
+    full_key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) and full_key:
+        valid = _valid_keys(schema, full_key)
+        close = difflib.get_close_matches(full_key, valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "run `lmim pretrain --print-config` to list the valid keys."
+        return ConfigError(f"Unknown config key {full_key!r} ({source}); {hint}")
+    msg = str(getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if isinstance(err, ValidationError) and full_key:
+        for word, phrase in _TYPE_WORDS.items():
+            if msg.endswith(f"converted to {word}"):
+                return ConfigError(
+                    f"Config key {full_key!r} must be {phrase}, got {getattr(err, 'value', '?')!r} ({source})."
+                )
+        return ConfigError(f"Config key {full_key!r} has an invalid value ({source}): {msg}.")
+    where = f" at {full_key!r}" if full_key else ""
+    return ConfigError(f"Invalid configuration{where} ({source}): {msg.rstrip('.')}.")
+
+
+def _merge(base: DictConfig, overlay: Any, schema: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, overlay)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _rephrase(err, schema, source) from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError, OSError: phrase them the same way
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"Cannot read config file {str(path)!r}: {first}.") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys, not a list or a value.")
+    return loaded
+
+
+def _parse_override(item: str, schema: DictConfig) -> DictConfig:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"Override {item!r} is not of the form key=value (for example optim.base_lr=3e-4).")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as err:
+        raise _rephrase(err, schema, f"override {item!r}") from None
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Semantic checks the type system cannot express; each fails with one sentence."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"Config key {key!r} must be one of {', '.join(choices)}, got {value!r}.")
+    positive = ["epochs", "grad_accum", "log_every", "data.batch_size", "eval.batch_size", "checkpoint.keep"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"Config key {key!r} must be positive, got {OmegaConf.select(cfg, key)!r}.")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise ConfigError(f"Config key 'max_steps' must be positive or null, got {cfg.max_steps!r}.")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError("Config key 'checkpoint.every_steps' must be 0 (only at the end) or positive.")
+    for key in ("optim.base_lr", "optim.weight_decay", "optim.clip_grad", "optim.warmup_epochs"):
+        v = OmegaConf.select(cfg, key)
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"Config key {key!r} must be a finite non-negative number, got {v!r}.")
+    n = cfg.model.grid_size ** 2
+    if not 0 < cfg.data.num_visible < n:
+        raise ConfigError(
+            f"Config key 'data.num_visible' must be between 1 and {n - 1} for a {cfg.model.grid_size}x"
+            f"{cfg.model.grid_size} grid, got {cfg.data.num_visible}."
+        )
+    for name in cfg.log_with:
+        if name not in ("tensorboard", "wandb"):
+            raise ConfigError(f"Config key 'log_with' may hold 'tensorboard' and 'wandb', got {name!r}.")
+
+
+def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Build the resolved training config.
+
+    Args:
+        config: a preset name (`preset_names()`) or a YAML path; None = defaults only.
+        overrides: `key=value` items (OmegaConf dotlist syntax; lists as `[a,b]`).
+
+    Returns:
+        A typed DictConfig with the TrainConfig schema (assigning an unknown key or a wrong
+        type to it later still fails).
+
+    Raises:
+        ConfigError: one sentence saying what is wrong and what to do.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    cfg = _merge(schema, _load_yaml(_config_dir() / "defaults.yaml"), schema, "in train/configs/defaults.yaml")
+    if config is not None:
+        path = preset_path(config)
+        cfg = _merge(cfg, _load_yaml(path), schema, f"in {path.name}")
+    for item in overrides:
+        cfg = _merge(cfg, _parse_override(item, schema), schema, f"from the override {item!r}")
+    if cfg.run_dir is None:
+        cfg.run_dir = str(Path("runs") / cfg.name)
+    _check_values(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved config (written to a temp file then renamed, so never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+    return path
+
+
+def effective_batch_size(cfg: DictConfig, num_processes: int) -> int:
+    """Images per optimizer step over all processes: per-process batch x processes x grad-accum."""
+    return int(cfg.data.batch_size) * int(num_processes) * int(cfg.grad_accum)
