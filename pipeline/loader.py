@@ -209,10 +209,13 @@ class Loader:
                                          stats=self._stream_stats)
         return self._fetcher
 
-    def _sample_bytes(self, sid: int, idx: int) -> bytes:
+    def _sample(self, sid: int, idx: int) -> tuple[bytes, str]:
+        """(encoded image, key) of one sample, read again (only to diagnose a failed batch)."""
         if self.streaming:
-            return self.fetcher().load(self.manifest.shards[sid]).images[idx]
-        return read_span(self._local_paths(sid)[0], self.local_meta(sid).image_spans[idx])
+            data = self.fetcher().load(self.manifest.shards[sid])
+            return data.images[idx], data.meta.keys[idx]
+        meta = self.local_meta(sid)
+        return read_span(self._local_paths(sid)[0], meta.image_spans[idx]), meta.keys[idx]
 
     # ------------------------------------------------------------------ backends
     def _backend(self, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
@@ -239,9 +242,10 @@ class Loader:
             lo = (failed - start) * self.batch_size
             for pos in range(lo, min(lo + 3 * self.batch_size, len(shards))):  # the batch, and DALI's prefetch
                 sid, idx = int(shards[pos]), int(samples[pos])
-                reason = decodable(self._sample_bytes(sid, idx))
+                data, key = self._sample(sid, idx)
+                reason = decodable(data)
                 if reason is not None:
-                    err = SampleError(self.shard_name(sid), self._key(sid, idx), f"undecodable ({reason})")
+                    err = SampleError(self.shard_name(sid), key, f"undecodable ({reason})")
                     err.where = (sid, idx)
                     if self.cfg.on_error == "raise":
                         raise err from e.__cause__
@@ -260,10 +264,6 @@ class Loader:
         self._skipped_keys.append(err.key)
         log.warning("skipping %s (data.on_error=skip; %d skipped so far)", err, len(self._skipped_keys))
         raise _Skipped()
-
-    def _key(self, sid: int, idx: int) -> str:
-        meta = self._meta.get(sid)
-        return meta.keys[idx] if meta is not None else f"#{idx}"
 
     # ------------------------------------------------------------------ batch assembly
     def crops(self, epoch: int, batch: int, widths: np.ndarray, heights: np.ndarray):
