@@ -1,0 +1,44 @@
+"""`lmim bench model` runs end to end (tiny settings) and ends with one JSON line; FLOP counts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.config import ModelConfig
+from model.flops import flops_per_image
+from tools.bench import model as bench_model
+
+
+def test_flops_reference_config_by_part():
+    f = flops_per_image(ModelConfig(), num_visible=20)
+    # Hand count for ViT-B/16: ~170 MFLOP per token per forward through 12 blocks (2 * 12 * 12 * 768^2),
+    # the target encoder sees 177 tokens, the online encoder 21 tokens forward + backward (x3).
+    assert 28e9 < f["target_encoder_fwd"] < 34e9
+    assert 9e9 < f["online_encoder_fwd_bwd"] < 12e9
+    parts = sum(v for k, v in f.items() if k != "total_step")
+    assert parts <= f["total_step"] <= 1.02 * parts
+
+
+def test_bench_cpu_json(capsys):
+    rc = bench_model.main(["--config", "tiny", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--json"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last)
+    assert res["ratio"] > 0 and res["ours_step_s"] > 0 and res["config"] == "tiny"
+    assert set(res["gflop_per_image"]) >= {"online_encoder_fwd_bwd", "target_encoder_fwd", "decoder_fwd_bwd"}
+
+
+def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench_model.main(["--device", "cuda", "--flops-only"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_gpu_small():
+    assert bench_model.main(["--device", "cuda", "--config", "tiny", "--batch-size", "8", "--steps", "2",
+                             "--rounds", "1"]) == 0

@@ -1,0 +1,246 @@
+"""`lmim bench model`: FLOPs per image by part, and the training step against a plain eager step.
+
+    lmim bench model                       # CPU: small config, ours vs plain eager fp32, + FLOPs table
+    lmim bench model --config vit_b16 --flops-only
+    lmim bench model --config vit_b16 --device cuda --batch-size 256 --compile   # GPU: images/s, MFU
+
+A step = forward + backward + AdamW step + EMA target update, on batches already on the device.
+Baseline: the same model, eager fp32, timm's non-fused (explicit softmax) attention, per-parameter
+AdamW (foreach=False) and a per-parameter Python EMA loop. Ours: fused SDPA attention, fused (or
+foreach) AdamW, one `_foreach_lerp_` EMA call, and bf16 autocast where it is faster (on the CPU
+both fp32 and bf16 are measured and the faster is kept; on CUDA bf16). Timings alternate
+baseline / ours over several rounds; medians are quoted. `ratio` = baseline step time / ours.
+On CUDA the MFU is the model FLOPs per image (FlopCounterMode) x images/s over the bf16 matmul
+peak measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import model  # noqa: F401  (torchvision shim before timm)
+from model.config import ModelConfig
+
+CONFIGS: dict[str, dict] = {
+    # A small ViT a 2-core CPU can step a few times a second.
+    "small": dict(arch="vit_tiny_patch16_224", embed_dim=192, depth=6, num_heads=3, patch_size=8, grid_size=8,
+                  patch_gap=2, projector_hidden_dim=768, decoder_dim=128, decoder_depth=2, decoder_num_heads=4),
+    # For smoke tests of this command.
+    "tiny": dict(arch="vit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, patch_size=4, grid_size=4,
+                 patch_gap=2, projector_hidden_dim=96, decoder_dim=32, decoder_depth=1, decoder_num_heads=4),
+    # The reference configuration of METHOD.md (the ModelConfig defaults).
+    "vit_b16": dict(),
+}
+PARTS = ("online_encoder_fwd_bwd", "target_encoder_fwd", "target_encoder_fwd_bwd", "projectors", "decoder_fwd_bwd")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _naive_ema(net, momentum: float) -> None:
+    """The per-parameter loop a first implementation writes (the baseline)."""
+    with torch.no_grad():
+        tgt, src = net.online_target_pairs()
+        for t, s in zip(tgt, src):
+            t.mul_(momentum).add_(s, alpha=1 - momentum)
+
+
+def _adamw(params, lr: float, kind: str):
+    if kind == "plain":
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), foreach=False)
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), foreach=True)
+
+
+class Variant:
+    """One way of running the training step, with its own copy of the model and optimizer."""
+
+    def __init__(self, name, net, opt, ema, dtype: torch.dtype | None, device: torch.device):
+        self.name, self.net, self.opt, self.ema, self.dtype, self.device = name, net, opt, ema, dtype, device
+        self.times: list[float] = []
+
+    def step(self, images, visible, target) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.net(images, visible, target, sim_target=0.5)
+        out["loss"].backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema(0.996)
+
+    def timed(self, batch, steps: int) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step(*batch)
+        _sync(self.device)
+        dt = (time.perf_counter() - t0) / steps
+        self.times.append(dt)
+        return dt
+
+
+def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str], compile_: bool) -> list[Variant]:
+    from timm.layers import set_fused_attn
+
+    from model.latent_mim import LatentMIM
+
+    torch.manual_seed(0)
+    set_fused_attn(False)  # timm's explicit-softmax attention for the baseline
+    try:
+        base_net = LatentMIM(cfg).to(device)
+    finally:
+        set_fused_attn(True)
+    state = base_net.state_dict()
+    variants = [Variant("baseline (eager fp32)", base_net, _adamw(base_net.param_groups(0.05), 1e-4, "plain"),
+                        lambda m: _naive_ema(base_net, m), None, device)]
+    for cand in candidates:
+        torch.manual_seed(0)
+        net = LatentMIM(cfg).to(device)
+        net.load_state_dict(state)
+        opt = _adamw(net.param_groups(0.05), 1e-4, "fused")
+        dtype = torch.bfloat16 if cand == "bf16" else None
+        runner = torch.compile(net) if compile_ else net
+        variants.append(Variant(f"ours ({cand}{', compiled' if compile_ else ''})", runner, opt,
+                                net.update_target, dtype, device))
+    return variants
+
+
+def measure_peak_bf16(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """Measured dense bf16 matmul throughput (FLOP/s) on `device`."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title)
+        for h in header:
+            t.add_column(h, justify="right" if h != header[0] else "left")
+        for r in rows:
+            t.add_row(*r)
+        Console().print(t)
+    except ImportError:  # rich is a dependency; keep a plain fallback for minimal installs
+        print(title)
+        for r in [header] + rows:
+            print("  " + " | ".join(r))
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="lmim bench model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                    help="model size (default: small on cpu, vit_b16 on cuda)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 32 on cpu, 256 on cuda")
+    ap.add_argument("--num-visible", type=int, default=None, help="visible patches (default: the paper's 20/196 ratio)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 3 cpu / 20 cuda)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating baseline/ours rounds (default 5 cpu / 3 cuda)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model (slow to compile on CPUs)")
+    ap.add_argument("--no-baseline", action="store_true", help="time only ours (e.g. a baseline that does not fit)")
+    ap.add_argument("--flops-only", action="store_true", help="only count FLOPs (no timing)")
+    ap.add_argument("--objective", default="infonce", choices=("infonce", "norm_l2", "mae", "naive_mse"))
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    args = ap.parse_args(argv)
+
+    from model.flops import default_num_visible, flops_per_image
+    from model.masks import random_masks
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("lmim bench model: --device cuda but no CUDA device is visible; run on a GPU machine or use --device cpu.",
+              file=sys.stderr)
+        return 2
+    on_gpu = device.type == "cuda"
+    name = args.config or ("vit_b16" if on_gpu else "small")
+    cfg = ModelConfig(**CONFIGS[name], objective=args.objective)
+    k = args.num_visible or default_num_visible(cfg)
+    bs = args.batch_size or (256 if on_gpu else 32)
+    steps = args.steps or (20 if on_gpu else 3)
+    rounds = args.rounds or (3 if on_gpu else 5)
+
+    flops = flops_per_image(cfg, num_visible=k)
+    rows = [[p, f"{flops[p] / 1e9:.3f}"] for p in PARTS if p in flops]
+    rows.append(["total step (fwd+bwd)", f"{flops['total_step'] / 1e9:.3f}"])
+    _table(f"FLOPs per image, {name} ({cfg.arch}, grid {cfg.grid_size}, {k} visible), GFLOP", ["part", "GFLOP"], rows)
+    result: dict = {"config": name, "device": str(device), "objective": cfg.objective, "num_visible": k,
+                    "gflop_per_image": {p: round(v / 1e9, 4) for p, v in flops.items()}}
+    if args.flops_only:
+        if args.json:
+            print(json.dumps(result))
+        return 0
+
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"cpu ({torch.get_num_threads()} threads)"
+    candidates = ["bf16"] if on_gpu else ["fp32", "bf16"]
+    variants = build_variants(cfg, device, candidates, args.compile)
+    if args.no_baseline:
+        variants = variants[1:]
+    side = cfg.grid_size * (cfg.patch_size + cfg.patch_gap)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(bs, cfg.in_chans, side, side, generator=g).to(device)
+    vis, tgt = random_masks(bs, cfg.grid_size**2, k, generator=g)
+    batch = (images, vis.to(device), tgt.to(device))
+
+    for v in variants:  # warm-up (and compilation)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            v.step(*batch)
+        _sync(device)
+        v.warmup_s = time.perf_counter() - t0
+    for _ in range(rounds):  # alternate A B A B so machine noise hits all alike
+        for v in variants:
+            v.timed(batch, steps)
+
+    med = {v.name: statistics.median(v.times) for v in variants}
+    ours = min((v for v in variants if v.name.startswith("ours")), key=lambda v: med[v.name])
+    base = next((v for v in variants if v.name.startswith("baseline")), None)
+    rows = []
+    for v in variants:
+        ratio = f"{med[base.name] / med[v.name]:.2f}" if base else "-"
+        rows.append([v.name, f"{med[v.name] * 1e3:.1f}", f"{bs / med[v.name]:.1f}", ratio])
+    _table(f"Training step, {name}, batch {bs}, {device_name}, median of {rounds} rounds x {steps} steps",
+           ["variant", "ms/step", "images/s", "speed-up vs baseline"], rows)
+    result.update({
+        "device_name": device_name, "batch_size": bs, "steps": steps, "rounds": rounds,
+        "ours_variant": ours.name, "ours_step_s": med[ours.name], "images_per_s": bs / med[ours.name],
+        "variants_step_s": med,
+    })
+    if base is not None:
+        result["baseline_step_s"] = med[base.name]
+        result["ratio"] = med[base.name] / med[ours.name]
+    if on_gpu:
+        peak = measure_peak_bf16(device)
+        achieved = flops["total_step"] * bs / med[ours.name]
+        result.update({"peak_bf16_tflops": peak / 1e12, "achieved_tflops": achieved / 1e12, "mfu": achieved / peak})
+        print(f"MFU {achieved / peak:.1%}: {achieved / 1e12:.1f} TFLOP/s of a measured bf16 matmul peak "
+              f"of {peak / 1e12:.1f} TFLOP/s ({device_name})")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
