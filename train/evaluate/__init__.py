@@ -1,0 +1,11 @@
+"""Evaluation of a (frozen) encoder: feature extraction, k-NN, linear probe, collapse diagnostics.
+
+Modules, each usable on its own:
+- `features`: pooled features + labels of a dataset through a timm ViT (multi-process aware).
+- `knn`: leave-one-out 1-NN (the paper's "NN" number) and DINO-style weighted k-NN.
+- `linear`: a linear probe on frozen, standardised features.
+- `collapse`: the paper's collapse diagnostic and friends, plus a PNG plot.
+- `cli`: `lmim eval knn|linear|collapse`.
+"""
+# timm/torchvision import guard for CPU-only torch; must run before timm is imported.
+import model._torchvision_compat  # noqa: F401  isort:skip
