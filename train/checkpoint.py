@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,15 @@ class RankedState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state["world_size"])
         if saved != self.world_size:
-            raise RuntimeError(
-                f"This checkpoint was written by {saved} processes but the run now has {self.world_size}; "
-                "an exact resume needs the same number of processes (relaunch with that count)."
+            # Relaunched on a different number of processes (e.g. after losing a node). The loader
+            # notices that its saved rank/world differ and restarts at the next epoch boundary.
+            warnings.warn(
+                f"this checkpoint was written by {saved} processes and the run now has {self.world_size}: "
+                "the data position resumes at an epoch boundary, not exactly (relaunch with the same count "
+                "for an exact resume).",
+                stacklevel=2,
             )
-        self.obj.load_state_dict(state["states"][self.rank])
+        self.obj.load_state_dict(state["states"][self.rank % saved])
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -185,9 +186,18 @@ def _valid_keys(schema: DictConfig, full_key: str) -> list[str]:
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
-def _rephrase(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+def _clean(msg: str) -> str:
+    """OmegaConf's messages, minus internal placeholders and type names."""
+    m = re.match(r"TupleConfig length (\d+) does not match type hint length (\d+)", msg)
+    if m:
+        return f"it takes {m.group(2)} items, got {m.group(1)}"
+    msg = msg.replace("Value '$VALUE' of type '$VALUE_TYPE'", "an item")
+    return re.sub(r" \(type \w+\)", "", msg).rstrip(".")
+
+
+def _rephrase(err: OmegaConfBaseException, schema: DictConfig, source: str, key_hint: str = "") -> ConfigError:
     """Turn an OmegaConf exception (multi-line, internal type names) into one sentence."""
-    full_key = getattr(err, "full_key", None) or ""
+    full_key = getattr(err, "full_key", None) or key_hint
     if isinstance(err, ConfigKeyError) and full_key:
         valid = _valid_keys(schema, full_key)
         close = difflib.get_close_matches(full_key, valid, n=1, cutoff=0.6)
@@ -195,21 +205,24 @@ def _rephrase(err: OmegaConfBaseException, schema: DictConfig, source: str) -> C
         return ConfigError(f"Unknown config key {full_key!r} ({source}); {hint}")
     msg = str(getattr(err, "msg", None) or str(err)).splitlines()[0]
     if isinstance(err, ValidationError) and full_key:
+        if "is not a valid bool" in msg:
+            return ConfigError(f"Config key {full_key!r} must be true or false, got {getattr(err, 'value', '?')!r} ({source}).")
         for word, phrase in _TYPE_WORDS.items():
-            if msg.endswith(f"converted to {word}"):
+            if msg.endswith(f"converted to {word}") and "$VALUE" not in msg:
                 return ConfigError(
                     f"Config key {full_key!r} must be {phrase}, got {getattr(err, 'value', '?')!r} ({source})."
                 )
-        return ConfigError(f"Config key {full_key!r} has an invalid value ({source}): {msg}.")
-    where = f" at {full_key!r}" if full_key else ""
-    return ConfigError(f"Invalid configuration{where} ({source}): {msg.rstrip('.')}.")
+        return ConfigError(f"Config key {full_key!r} has an invalid value ({source}): {_clean(msg)}.")
+    if full_key:
+        return ConfigError(f"Config key {full_key!r} has an invalid value ({source}): {_clean(msg)}.")
+    return ConfigError(f"Invalid configuration ({source}): {_clean(msg)}.")
 
 
-def _merge(base: DictConfig, overlay: Any, schema: DictConfig, source: str) -> DictConfig:
+def _merge(base: DictConfig, overlay: Any, schema: DictConfig, source: str, key_hint: str = "") -> DictConfig:
     try:
         return OmegaConf.merge(base, overlay)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise _rephrase(err, schema, source) from None
+        raise _rephrase(err, schema, source, key_hint) from None
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -281,7 +294,7 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
         path = preset_path(config)
         cfg = _merge(cfg, _load_yaml(path), schema, f"in {path.name}")
     for item in overrides:
-        cfg = _merge(cfg, _parse_override(item, schema), schema, f"from the override {item!r}")
+        cfg = _merge(cfg, _parse_override(item, schema), schema, f"from the override {item!r}", item.split("=", 1)[0])
     if cfg.run_dir is None:
         cfg.run_dir = str(Path("runs") / cfg.name)
     _check_values(cfg)

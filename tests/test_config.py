@@ -1,0 +1,116 @@
+"""train/config.py: presets, overrides, and one-sentence errors at start-up."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from train.config import ConfigError, TrainConfig, load_config, preset_names, save_config
+
+
+def _one_sentence(msg: str) -> None:
+    assert "\n" not in msg, msg
+    assert msg.rstrip().endswith((".", "?")), msg
+    assert "object_type" not in msg and "full_key" not in msg, msg
+
+
+def test_defaults_file_equals_schema_defaults():
+    """defaults.yaml writes every default out in full; it must not drift from the dataclasses."""
+    from importlib import resources
+
+    import json
+
+    schema = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(TrainConfig))))  # tuples -> lists
+    text = (resources.files("train") / "configs" / "defaults.yaml").read_text()
+    from_file = OmegaConf.to_container(OmegaConf.create(text))
+    # train's own sections must match key for key; model/data (owned by their packages) may gain fields.
+    for key, value in schema.items():
+        if key in ("model", "data"):
+            for k, v in from_file[key].items():
+                assert schema[key][k] == v, f"defaults.yaml {key}.{k}"
+        else:
+            assert from_file[key] == value, f"defaults.yaml {key}"
+
+
+def test_presets_load_and_reference_recipe():
+    assert {"defaults", "quickstart", "vit_b16_in1k", "vit_s16_in1k", "vit_l16_in1k"} <= set(preset_names())
+    for name in preset_names():
+        load_config(name)
+    b = load_config("vit_b16_in1k", ["grad_accum=2"])
+    assert b.model.arch == "vit_base_patch16_224" and b.model.grid_size == 14 and b.model.patch_gap == 4
+    assert b.data.num_visible == 20 and b.epochs == 800 and b.optim.warmup_epochs == 40
+    assert tuple(b.optim.betas) == (0.9, 0.95) and b.optim.weight_decay == 0.05 and b.optim.clip_grad == 0
+    assert b.model.sim_reg_coef == 0.1 and b.ema.start == 0.99 and b.ema.end == 1.0
+    assert b.run_dir == "runs/vit_b16_in1k"
+
+
+def test_overrides_types_and_file_path(tmp_path):
+    cfg = load_config("quickstart", ["optim.base_lr=3e-4", "data.crop_scale=[0.3,1.0]", "max_steps=7", "log_with=[]"])
+    assert cfg.optim.base_lr == 3e-4 and list(cfg.data.crop_scale) == [0.3, 1.0] and cfg.max_steps == 7
+    assert list(cfg.log_with) == []
+    path = save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(str(path))
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["optim.lrr=1"], "Unknown config key 'optim.lrr'"),
+        (["optim.lrr=1"], "did you mean 'optim.lr'"),
+        (["nonsense=1"], "Unknown config key 'nonsense'"),
+        (["epochs=ten"], "'epochs' must be an integer, got 'ten'"),
+        (["data.batch_size=1.5"], "'data.batch_size' must be an integer"),
+        (["progress=maybe"], "'progress' must be true or false"),
+        (["precision=fp8"], "'precision' must be one of bf16, fp16, no"),
+        (["epochs"], "is not of the form key=value"),
+        (["data.num_visible=64"], "'data.num_visible' must be between 1 and 63"),
+        (["grad_accum=0"], "'grad_accum' must be positive"),
+        (["data.crop_scale=[0.1,0.2,0.3]"], "'data.crop_scale' has an invalid value (from the override 'data.crop_scale=[0.1,0.2,0.3]'): it takes 2 items, got 3"),
+        (["data.crop_scale=[0.1,x]"], "'data.crop_scale' has an invalid value"),
+    ],
+)
+def test_bad_values_give_one_sentence(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("quickstart", overrides)
+    msg = str(info.value)
+    assert fragment in msg
+    _one_sentence(msg)
+
+
+def test_bad_preset_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset; choose one of"):
+        load_config("no_such_preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  warmup_epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad))
+    assert "Unknown config key 'optim.warmup_epoch' (in bad.yaml); did you mean 'optim.warmup_epochs'?" == str(info.value)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(str(bad))
+
+
+def test_cli_exits_nonzero_with_one_line(tmp_path):
+    """`lmim pretrain` with a wrong type: exit 2, one line on stderr, nothing written."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.pretrain", "--config", "quickstart", "epochs=abc", f"run_dir={run_dir}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["lmim pretrain: Config key 'epochs' must be an integer, got 'abc' (from the override 'epochs=abc')."]
+    assert not run_dir.exists()
+
+
+def test_print_config_resolves_run_dir():
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.pretrain", "--config", "quickstart", "--print-config", "seed=5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.seed == 5 and cfg.run_dir == "runs/quickstart"
