@@ -78,7 +78,7 @@ class CrossDecoderBlock(nn.Module):
 class LatentDecoder(nn.Module):
     """Latent MIM decoder: predicts target-patch latents from the visible latents.
 
-    Queries = a learned decoder CLS + one per target patch. A patch query starts as the learned
+    Queries = a learned decoder CLS (with query self-attention) + one per target patch. A patch query starts as the learned
     mask token (zero init) plus, with `visual_cues`, the parameter-free positional attention
     average softmax(pe_q . pe_v / sqrt(d)) of the embedded visible tokens, plus its own position
     embedding. Keys/values = embedded encoder outputs (CLS included) + their position embeddings.
@@ -91,7 +91,9 @@ class LatentDecoder(nn.Module):
         self.visual_cues = cfg.visual_cues
         self.embed = nn.Linear(in_dim, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.cls_query = nn.Parameter(torch.zeros(1, 1, d))
+        # The decoder CLS query only acts through self-attention among queries; without it, it
+        # would be an unused parameter (and break DDP without find_unused_parameters).
+        self.cls_query = nn.Parameter(torch.zeros(1, 1, d)) if cfg.query_self_attn else None
         self.register_buffer("pos_embed", sincos_pos_embed(cfg.grid_size, d), persistent=False)
         self.blocks = nn.ModuleList(
             CrossDecoderBlock(d, cfg.decoder_num_heads, cfg.decoder_mlp_ratio, cfg.query_self_attn)
@@ -100,7 +102,8 @@ class LatentDecoder(nn.Module):
         self.norm = LayerNorm(d, eps=1e-6)
         self.pred = nn.Linear(d, out_dim)
         _init_linear(self)
-        nn.init.normal_(self.cls_query, std=0.02)
+        if self.cls_query is not None:
+            nn.init.normal_(self.cls_query, std=0.02)
 
     def forward(self, memory: torch.Tensor, visible: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
@@ -122,11 +125,15 @@ class LatentDecoder(nn.Module):
             # Positional attention (one head, scale 1/sqrt(d)): average the embedded visible tokens.
             cues = F.scaled_dot_product_attention(pe_q.unsqueeze(1), pe_v.unsqueeze(1), mem[:, 1:].unsqueeze(1))
             queries = queries + cues.squeeze(1)
-        x = torch.cat([self.cls_query.to(mem.dtype).expand(b, -1, -1), queries], 1)
         kv = mem + torch.cat([self.pos_embed[:, :1].to(mem.dtype).expand(b, -1, -1), pe_v], 1)
+        if self.cls_query is None:
+            x = queries
+        else:
+            x = torch.cat([self.cls_query.to(mem.dtype).expand(b, -1, -1), queries], 1)
         for blk in self.blocks:
             x = blk(x, kv)
-        return self.pred(self.norm(x))[:, 1:]
+        x = self.pred(self.norm(x))
+        return x if self.cls_query is None else x[:, 1:]
 
 
 class MAEDecoder(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import _torchvision_compat  # noqa: F401  (before timm; see that module)
 from model.config import ModelConfig
@@ -74,9 +75,10 @@ def embed_patches(vit: VisionTransformer, patches: torch.Tensor) -> torch.Tensor
     Returns:
         [B, K, D] patch tokens (no position embedding yet).
     """
-    b, k = patches.shape[:2]
-    x = vit.patch_embed.proj(patches.flatten(0, 1))         # [B*K, D, 1, 1]: conv with kernel = stride = P
-    x = x.flatten(1).view(b, k, -1)
+    proj = vit.patch_embed.proj
+    # The patch conv (kernel = stride = P) on one P x P patch is a matmul with its flattened
+    # kernel ([D, C, P, P] -> [D, C*P*P], the same C, y, x order as the patch): one GEMM.
+    x = F.linear(patches.flatten(2), proj.weight.flatten(1), proj.bias)
     return vit.patch_embed.norm(x)
 
 

@@ -89,8 +89,16 @@ class LatentMIM(nn.Module):
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, N, C, P, P]; the random patch gap applies when H = G * (P + gap)."""
         cfg = self.cfg
-        h = images.shape[-1]
-        gap = cfg.patch_gap if h == cfg.grid_size * (cfg.patch_size + cfg.patch_gap) else 0
+        h, w = images.shape[-2:]
+        train_side = cfg.grid_size * (cfg.patch_size + cfg.patch_gap)
+        eval_side = cfg.grid_size * cfg.patch_size
+        if h != w or h not in (train_side, eval_side):
+            raise ValueError(
+                f"images are {h}x{w} px; this model takes {train_side} px (grid {cfg.grid_size} x (patch "
+                f"{cfg.patch_size} + gap {cfg.patch_gap}), training) or {eval_side} px (no gap); fix the crop size "
+                "or model.grid_size/patch_size/patch_gap."
+            )
+        gap = cfg.patch_gap if h == train_side else 0
         return extract_patches(images, cfg.grid_size, cfg.patch_size, gap)
 
     def _targets(self, patches: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -120,9 +128,16 @@ class LatentMIM(nn.Module):
             sim_target: s* of the similarity regulariser (required when `sim_reg_coef > 0`).
 
         Returns:
-            `loss` (scalar with grad) and detached float32 scalars: `loss_pred`, `loss_sim`,
-            `collapse_cos`, `pred_token_sim`, `visible_token_sim`, `target_token_sim`,
-            `effective_rank`.
+            `loss` (scalar with grad) and detached float32 scalars:
+            - `loss_pred`: the objective; `loss_sim`: the similarity regulariser (before its coefficient);
+            - `collapse_cos`: mean cosine between different images' mean-pooled online encoder
+              outputs (visible patch tokens, CLS excluded); about 1.0 means collapse;
+            - `pred_token_sim` / `visible_token_sim` / `target_token_sim`: mean pairwise cosine of
+              the tokens within an image (predictions; online projector outputs at the visible
+              patches; targets), averaged over the batch;
+            - `effective_rank`: exp(entropy) of the singular values of the batch's mean-pooled
+              online features (1 = all images alike, up to min(B, D)).
+            `sim_target` may be a 0-dim tensor (avoids recompiles under torch.compile).
         """
         cfg = self.cfg
         if visible.shape[0] != images.shape[0] or target.shape[0] != images.shape[0]:

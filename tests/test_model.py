@@ -280,3 +280,25 @@ def test_config_is_a_dataclass_with_defaults():
     # The reference config builds (ViT-B) without weights being touched: check cheap facts only.
     f = {x.name for x in dataclasses.fields(ModelConfig)}
     assert {"arch", "objective", "tau", "target_sees", "visual_cues", "query_self_attn"} <= f
+
+
+@pytest.mark.parametrize("objective,switches", [
+    ("infonce", dict()), ("infonce", dict(query_self_attn=False, visual_cues=False)),
+    ("norm_l2", dict(target_sees="all")), ("mae", dict()), ("naive_mse", dict(query_self_attn=False)),
+])
+def test_every_trainable_parameter_gets_a_gradient(objective, switches):
+    """No unused parameters (DDP without find_unused_parameters) and nothing frozen by accident."""
+    torch.manual_seed(0)
+    net = LatentMIM(tiny(objective=objective, **switches))
+    if not net.cfg.query_self_attn:
+        assert net.decoder.cls_query is None
+    images, vis, tgt = batch(net.cfg)
+    net(images, vis, tgt)["loss"].backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+
+
+def test_wrong_image_size_is_a_clear_error():
+    net = LatentMIM(tiny())
+    with pytest.raises(ValueError, match="24 px .* or 16 px"):
+        net(torch.randn(2, 3, 20, 20), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long))

@@ -155,6 +155,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 3 cpu / 20 cuda)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating baseline/ours rounds (default 5 cpu / 3 cuda)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (slow to compile on CPUs)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="ours: auto = try fp32 and bf16 autocast on the CPU, bf16 on CUDA")
     ap.add_argument("--no-baseline", action="store_true", help="time only ours (e.g. a baseline that does not fit)")
     ap.add_argument("--flops-only", action="store_true", help="only count FLOPs (no timing)")
     ap.add_argument("--objective", default="infonce", choices=("infonce", "norm_l2", "mae", "naive_mse"))
@@ -194,7 +196,10 @@ def main(argv: list[str]) -> int:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"cpu ({torch.get_num_threads()} threads)"
-    candidates = ["bf16"] if on_gpu else ["fp32", "bf16"]
+    if args.precision != "auto":
+        candidates = [args.precision]
+    else:
+        candidates = ["bf16"] if on_gpu else ["fp32", "bf16"]
     variants = build_variants(cfg, device, candidates, args.compile)
     if args.no_baseline:
         variants = variants[1:]
