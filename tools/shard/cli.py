@@ -1,0 +1,89 @@
+"""`lmim shard SRC DST` and `lmim merge DST`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from tools.shard.build import BuildError, build_dataset, merge_parts
+from tools.shard.images import DEFAULT_MAX_PIXELS
+from tools.shard.options import add_storage_arguments, parse_bytes, parse_part, storage_options_from
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmim shard",
+        description="Build WebDataset shards (+ DALI .idx + manifest.json) from a raw image corpus. "
+                    "Re-running the same command after an interruption finishes the build.")
+    p.add_argument("src", metavar="SRC", help="class-folder tree, flat folder, file list (path [label] per line) "
+                                              "or tar archive; local path or URL (s3://bucket/prefix)")
+    p.add_argument("dst", metavar="DST", help="dataset root: local folder or URL (s3://bucket/prefix)")
+    p.add_argument("--shard-max-bytes", type=parse_bytes, default=256 << 20, metavar="SIZE",
+                   help="shard size limit, e.g. 256MB (default) or 1GB")
+    p.add_argument("--shard-max-samples", type=int, default=None, metavar="N", help="sample limit per shard")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="worker processes (default: CPU count, at most 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
+    p.add_argument("--part", type=parse_part, default=None, metavar="i/N",
+                   help="build slice i of N (e.g. one SLURM array task each), then run `lmim merge DST`")
+    p.add_argument("--labels", choices=("auto", "folders", "none"), default="auto",
+                   help="class labels from sub-folder names (auto: when every image is in a sub-folder)")
+    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="re-encode images whose longer side is larger, as JPEG (default: keep originals)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded/converted images (default 95)")
+    p.add_argument("--full-decode", action="store_true", help="decode every image to check it (slower)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"reject images declaring more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
+    add_storage_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        options = storage_options_from(args.storage_option, args.storage_options)
+    except argparse.ArgumentTypeError as e:
+        print(f"lmim shard: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = build_dataset(
+            args.src, args.dst, shard_max_bytes=args.shard_max_bytes, shard_max_samples=args.shard_max_samples,
+            workers=args.workers, seed=args.seed, part=args.part, max_side=args.max_side, quality=args.quality,
+            full_decode=args.full_decode, storage_options=options, progress=not args.quiet, labels=args.labels,
+            max_pixels=args.max_pixels, prefix=args.prefix)
+    except BuildError as e:
+        print(f"lmim shard: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmim shard: interrupted; run the same command again to finish the build", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({**asdict(summary), "images_per_s": summary.images_per_s, "mb_per_s": summary.mb_per_s}))
+    return 0
+
+
+def merge_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmim merge",
+                                description="Write manifest.json for a dataset built with `lmim shard --part i/N`.")
+    p.add_argument("dst", metavar="DST", help="dataset root given to every part")
+    add_storage_arguments(p)
+    try:
+        args = p.parse_args(argv)
+        options = storage_options_from(args.storage_option, args.storage_options)
+    except argparse.ArgumentTypeError as e:
+        print(f"lmim merge: {e}", file=sys.stderr)
+        return 2
+    try:
+        manifest = merge_parts(args.dst, storage_options=options)
+    except BuildError as e:
+        print(f"lmim merge: {e}", file=sys.stderr)
+        return 2
+    print(f"lmim merge: {args.dst}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
+          f"{manifest.build.get('rejects', 0)} rejects", file=sys.stderr)
+    return 0

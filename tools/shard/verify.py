@@ -1,0 +1,179 @@
+"""`lmim verify DST`: re-read a dataset and check it against its manifest.
+
+Per shard, in one sequential read (so a remote shard costs a few GETs): the tar exists, its size
+and sha256 match the manifest, it parses as a tar, the `.idx` lists exactly its members (same
+names, offsets and sizes, grouped per sample as DALI's `wds2idx` groups them) and the manifest's
+sample count, every sample has one image, a `.json` with integer width/height, a `.cls` within
+the class list when the dataset is labelled, and keys are unique across the dataset with no dot.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tarfile
+from typing import Any
+
+from pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, join_url, read_manifest
+from tools.shard.options import add_storage_arguments, storage_options_from
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes everything read through it (tarfile's stream mode reads it all)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.n = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha.update(data)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(4 << 20):
+            pass
+
+
+def _split(name: str) -> tuple[str, str]:
+    base_start = name.rfind("/") + 1
+    dot = name.find(".", base_start)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def _index_from_members(members: list[tuple[str, int, int]]) -> list[str]:
+    """The index lines DALI's wds2idx would write for these (name, offset, size) members."""
+    lines, last = [], None
+    for name, off, size in members:
+        key, ext = _split(name)
+        comp = f"{ext} {off} {size} {name}"
+        if key == last:
+            lines[-1] += " " + comp
+        else:
+            lines.append(comp)
+            last = key
+    return lines
+
+
+def _check_shard(root: str, shard: ShardInfo, classes: list[str] | None, fsspec_opts: dict,
+                 seen_keys: dict[str, str]) -> list[str]:
+    import fsspec
+
+    where = f"shard {shard.name}"
+    problems: list[str] = []
+    url = join_url(root, shard.name)
+    members: list[tuple[str, int, int]] = []
+    samples: dict[str, dict[str, Any]] = {}
+    try:
+        with fsspec.open(url, "rb", block_size=8 << 20, **fsspec_opts) as raw:
+            reader = _HashingReader(raw)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as tf:
+                    for m in tf:
+                        if not m.isreg():
+                            continue
+                        members.append((m.name, m.offset_data, m.size))
+                        key, ext = _split(m.name)
+                        sample = samples.setdefault(key, {})
+                        if ext in ("json", "cls"):
+                            sample[ext] = tf.extractfile(m).read()
+                        else:
+                            sample.setdefault("images", []).append(ext)
+            except tarfile.TarError as e:
+                problems.append(f"{where}: not a readable tar ({e})")
+            reader.drain()
+    except FileNotFoundError:
+        return [f"{where}: missing ({url} does not exist)"]
+    if reader.n != shard.bytes:
+        problems.append(f"{where}: size is {reader.n} bytes, the manifest says {shard.bytes}")
+    if reader.sha.hexdigest() != shard.sha256:
+        problems.append(f"{where}: sha256 does not match the manifest (the shard is corrupt or was modified)")
+    if len(samples) != shard.samples:
+        problems.append(f"{where}: holds {len(samples)} samples, the manifest says {shard.samples}")
+    for key, sample in samples.items():
+        base = key.rsplit("/", 1)[-1]
+        if "." in base or " " in key:
+            problems.append(f"{where}: sample key {key!r} holds a dot or a space")
+        if key in seen_keys:
+            problems.append(f"{where}: sample key {key!r} also occurs in {seen_keys[key]}")
+        seen_keys[key] = shard.name
+        images = [e for e in sample.get("images", []) if e in IMAGE_EXTENSIONS]
+        if len(images) != 1:
+            problems.append(f"{where}: sample {key!r} has {len(images)} images ({', '.join(IMAGE_EXTENSIONS)})")
+        try:
+            meta = json.loads(sample["json"])
+            int(meta["width"]), int(meta["height"])
+        except (KeyError, ValueError, TypeError):
+            problems.append(f"{where}: sample {key!r} has no .json with integer width and height")
+        if classes is not None and "cls" in sample:
+            try:
+                label = int(sample["cls"].decode().strip())
+                if not 0 <= label < len(classes):
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{where}: sample {key!r} has a .cls outside 0..{len(classes) - 1}")
+        if len(problems) > 20:
+            problems.append(f"{where}: (more problems not listed)")
+            return problems
+    idx_url = join_url(root, shard.index)
+    try:
+        with fsspec.open(idx_url, "rt", encoding="utf-8", **fsspec_opts) as f:
+            idx_lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        problems.append(f"{where}: index {shard.index} is missing")
+        return problems
+    expected = _index_from_members(members)
+    if not idx_lines or idx_lines[0].split()[:1] != ["v1.2"]:
+        problems.append(f"{where}: index {shard.index} has no 'v1.2 N' header")
+    else:
+        head = idx_lines[0].split()
+        if len(head) != 2 or head[1] != str(len(idx_lines) - 1) or len(idx_lines) - 1 != shard.samples:
+            problems.append(f"{where}: index {shard.index} lists {len(idx_lines) - 1} samples "
+                            f"(header: {' '.join(head[1:])}), the manifest says {shard.samples}")
+        elif idx_lines[1:] != expected:
+            bad = next((n for n, (a, b) in enumerate(zip(idx_lines[1:], expected)) if a != b), 0)
+            problems.append(f"{where}: index {shard.index} does not match the tar (first difference at sample {bad})")
+    return problems
+
+
+def verify_dataset(root: str, storage_options: dict | None = None) -> list[str]:
+    """Check the dataset at `root`; returns one line per problem ([] when it is sound)."""
+    opts = dict(storage_options or {})
+    try:
+        manifest: Manifest = read_manifest(root, opts)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        return [f"manifest: {e}"]
+    problems: list[str] = []
+    names = [s.name for s in manifest.shards]
+    if len(set(names)) != len(names):
+        problems.append("manifest: a shard is listed twice")
+    seen: dict[str, str] = {}
+    for shard in manifest.shards:
+        problems += _check_shard(root, shard, manifest.classes, opts, seen)
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmim verify", description="Check a dataset's shards and indices against its manifest.")
+    p.add_argument("dst", metavar="DST", help="dataset root (local folder or URL)")
+    add_storage_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+    try:
+        args = p.parse_args(argv)
+        options = storage_options_from(args.storage_option, args.storage_options)
+    except argparse.ArgumentTypeError as e:
+        print(f"lmim verify: {e}", file=sys.stderr)
+        return 2
+    problems = verify_dataset(args.dst, options)
+    for line in problems:
+        print(f"lmim verify: {line}", file=sys.stderr)
+    ok = not problems
+    if ok:
+        m = read_manifest(args.dst, options)
+        print(f"lmim verify: {args.dst}: OK, {m.total_samples} samples in {len(m.shards)} shards", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"ok": ok, "problems": problems}))
+    return 0 if ok else 1
