@@ -118,6 +118,7 @@ class LatentMIM(nn.Module):
         visible: torch.Tensor,
         target: torch.Tensor,
         sim_target: float | torch.Tensor | None = None,
+        metrics: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One training forward pass.
 
@@ -126,6 +127,8 @@ class LatentMIM(nn.Module):
             visible: [B, K] int64 patch indices the online encoder sees.
             target: [B, T] int64 patch indices to predict (disjoint from `visible`).
             sim_target: s* of the similarity regulariser (required when `sim_reg_coef > 0`).
+            metrics: compute the diagnostics below; False returns only `loss`, `loss_pred` and
+                `loss_sim` (skips an SVD, which synchronises a GPU, on steps that are not logged).
 
         Returns:
             `loss` (scalar with grad) and detached float32 scalars:
@@ -176,18 +179,19 @@ class LatentMIM(nn.Module):
             loss_sim = similarity_regulariser(pred, latents[:, 1:], sim_target)
             loss = loss + cfg.sim_reg_coef * loss_sim
 
+        out = {"loss": loss, "loss_pred": loss_pred.detach().float(), "loss_sim": loss_sim.detach().float()}
+        if not metrics:
+            return out
         with torch.no_grad():
             pooled = enc[:, 1:].float()
-            metrics = {
-                "loss_pred": loss_pred.detach().float(),
-                "loss_sim": loss_sim.detach().float(),
+            out |= {
                 "collapse_cos": collapse_cosine(pooled),
                 "pred_token_sim": mean_token_similarity(pred.detach()),
                 "visible_token_sim": mean_token_similarity(latents[:, 1:].detach()),
                 "target_token_sim": mean_token_similarity(tgt.detach()),
                 "effective_rank": effective_rank(pooled.mean(1)),
             }
-        return {"loss": loss, **metrics}
+        return out
 
     # ----------------------------------------------------------------------------------- EMA
     def online_target_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

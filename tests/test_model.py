@@ -49,6 +49,7 @@ def test_forward_shapes_and_metrics(objective, sizes):
         assert v.shape == () and v.dtype == torch.float32 and torch.isfinite(v), name
         assert v.requires_grad == (name == "loss"), name
     assert 0 < out["effective_rank"] <= 3 + 1e-4
+    assert set(net(images, vis, tgt, metrics=False)) == {"loss", "loss_pred", "loss_sim"}
     # The encoder returns CLS + the visible tokens.
     patches = net.patchify(images)
     assert patches.shape == (3, cfg.grid_size**2, 3, cfg.patch_size, cfg.patch_size)
