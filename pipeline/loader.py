@@ -306,6 +306,7 @@ class _BackendFailure(Exception):
 def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
     """Yield (batch index, images on the device, keys, labels) for batches start.. of this plan."""
     from pipeline.dali import as_encoded, build_pipeline, to_torch
+    from pipeline.resize import finish_batch
 
     B = loader.batch_size
     npos = len(shards)
@@ -317,6 +318,8 @@ def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, sa
     last: list[Any] = []
     state: dict[str, Any] = {}
 
+    flips_of: dict[int, np.ndarray] = {}  # iteration -> flips (the CPU tail applies them)
+    resize_in_dali = device_id is not None
     seen: dict[int, ShardMeta] = {}  # streaming: metadata of the shards the source has reached
 
     def meta(sid: int) -> ShardMeta:
@@ -350,7 +353,11 @@ def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, sa
             w = np.array([m.widths[int(i)] for m, i in zip(metas, idxs)])
             h = np.array([m.heights[int(i)] for m, i in zip(metas, idxs)])
             anchors, shapes, flips = loader.crops(epoch, start + it, w, h)
-            out += [list(anchors), list(shapes), list(flips)]
+            out += [list(anchors), list(shapes)]
+            if resize_in_dali:
+                out.append(list(flips))
+            else:
+                flips_of[it] = flips
         last[:] = [tuple(out)]
         return tuple(out)
 
@@ -373,7 +380,7 @@ def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, sa
             files = (paths, indices)
         pipe = build_pipeline(batch_size=B, num_threads=loader.cfg.num_threads, device_id=device_id,
                               train=loader.train, out_size=loader.out_size, mean=loader.cfg.mean, std=loader.cfg.std,
-                              source=source, files=files)
+                              source=source, files=files, resize_in_dali=resize_in_dali)
         for it in range(nb):
             try:
                 (out,) = pipe.run()
@@ -381,10 +388,12 @@ def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, sa
                 if "error" in state:
                     raise state["error"] from None
                 raise _BackendFailure(start + it) from e
-            images = to_torch(out, dev)
             lo, hi = it * B, min((it + 1) * B, npos)
-            if hi - lo < B:
-                images = images[: hi - lo]
+            if resize_in_dali:
+                images = to_torch(out, dev)[: hi - lo]
+            else:
+                images = finish_batch([out.at(i) for i in range(hi - lo)], loader.out_size, loader.cfg.mean,
+                                      loader.cfg.std, flips=flips_of.pop(it, None), eval_resize=not loader.train)
             sids, idxs = shards[lo:hi], samples[lo:hi]
             metas = [meta(int(s)) for s in sids]
             keys = [m.keys[int(i)] for m, i in zip(metas, idxs)]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+import model  # noqa: F401  (its torchvision shim must run before torchvision is imported)
 from pipeline.errors import SampleError
 
 

@@ -1,0 +1,363 @@
+"""The data pipeline end to end on tiny shards: DALI (CPU) and the PyTorch baseline, local and s3://."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import Batch, DataError, SampleError, ShardError, build_loader
+from pipeline.config import DataConfig
+from pipeline.manifest import Manifest, read_manifest
+from pipeline.order import eval_plan, rank_shards, train_plan
+
+GEOM = dict(grid_size=4, patch_size=8, patch_gap=2)    # 40 px training crops, 32 px evaluation
+N_IMAGES, PER_SHARD = 32, 10                            # shards of 10, 10, 10, 2 samples: uneven on purpose
+
+
+def make_dataset(root: str, n: int = N_IMAGES, per_shard: int = PER_SHARD, *, seed: int = 0) -> str:
+    """Tiny labelled photo JPEGs sharded by the real shard builder (`lmim shard`'s API)."""
+    from tools.sample_images import write_photo_jpegs
+    from tools.shard import build_dataset
+
+    src = root + "-src"
+    write_photo_jpegs(src, n, size=(64, 48), num_classes=5, seed=seed)
+    build_dataset(src, root, shard_max_bytes=None, shard_max_samples=per_shard, workers=1, seed=seed,
+                  storage_options={}, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("pipe") / "ds"))
+
+
+def cfg(url: str, **kw) -> DataConfig:
+    base = dict(url=url, batch_size=4, num_threads=2, num_visible=4, max_retries=1)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def epoch(loader) -> list[Batch]:
+    return list(loader)
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b.keys]
+
+
+def copy_dataset(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_local_end_to_end(dataset):
+    m = read_manifest(dataset)
+    loader = build_loader(cfg(dataset), **GEOM)
+    total = m.total_samples
+    assert len(loader) == total // 4
+    batches = epoch(loader)
+    assert len(batches) == len(loader) and loader.epoch == 1
+    for b in batches:
+        assert b.images.shape == (4, 3, 40, 40) and b.images.dtype == torch.float32
+        assert b.visible.shape == (4, 4) and b.target.shape == (4, 12) and b.visible.dtype == torch.int64
+        assert b.labels is not None and b.labels.dtype == torch.int64
+        assert ((b.labels >= 0) & (b.labels < 5)).all()
+    images = torch.cat([b.images for b in batches])
+    # ImageNet normalisation of [0, 255] pixels lies in [-2.12, 2.64]; photos use most of it.
+    assert images.min() >= -2.2 and images.max() <= 2.7 and images.std() > 0.3
+    keys = keys_of(batches)
+    assert len(set(keys)) == len(keys)  # one rank: every sample at most once per epoch
+
+    ev = build_loader(cfg(dataset), train=False, **GEOM)
+    ebatches = epoch(ev)
+    assert len(ev) == len(ebatches) == -(-total // 4)
+    assert sorted(keys_of(ebatches)) == sorted(set(keys_of(ebatches))) and len(keys_of(ebatches)) == total
+    last = ebatches[-1]
+    assert last.images.shape[1:] == (3, 32, 32) and len(last) == total - 4 * (len(ev) - 1)
+    assert last.visible.shape == (len(last), 16) and last.target.shape == (len(last), 0)
+
+
+def test_dali_and_torch_baseline_agree(dataset):
+    """Same plan: same samples, crop windows, flips and masks; only the resize kernels differ."""
+    dali = epoch(build_loader(cfg(dataset), **GEOM))
+    base = epoch(build_loader(cfg(dataset, loader="torch"), **GEOM))
+    assert keys_of(dali) == keys_of(base)
+    for a, b in zip(dali, base):
+        assert torch.equal(a.visible, b.visible) and torch.equal(a.labels, b.labels)
+        assert (a.images - b.images).abs().mean() < 0.03
+
+
+def test_epochs_reshuffle(dataset):
+    loader = build_loader(cfg(dataset), **GEOM)
+    e0, e1 = keys_of(epoch(loader)), keys_of(epoch(loader))
+    assert e0 != e1 and loader.epoch == 2
+
+
+def test_two_ranks_disjoint_equal(dataset):
+    m = read_manifest(dataset)
+    names = [s.name for s in m.shards]
+    ns = len(names)
+    assert len({s.samples for s in m.shards}) > 1  # uneven shard sizes
+    shard_of = {}
+    for s in m.shards:
+        for k in _keys_in_shard(dataset, s.index):
+            shard_of[k] = s.name
+    for ep in range(3):
+        per_rank = [set(rank_shards(ns, 2, r, 0, ep).tolist()) for r in range(2)]
+        assert per_rank[0].isdisjoint(per_rank[1]) and per_rank[0] | per_rank[1] == set(range(ns))
+    loaders = [build_loader(cfg(dataset), rank=r, world_size=2, **GEOM) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == (m.total_samples // 2) // 4
+    ranks_shards = []
+    for r, ld in enumerate(loaders):
+        batches = epoch(ld)
+        assert len(batches) == len(ld)
+        ranks_shards.append({shard_of[k] for k in keys_of(batches)})
+        assert ranks_shards[-1] <= {names[i] for i in rank_shards(ns, 2, r, 0, 0)}
+    assert ranks_shards[0].isdisjoint(ranks_shards[1])
+    # Evaluation: one pass, disjoint, covering every sample, counts differ by at most one.
+    ev = [keys_of(epoch(build_loader(cfg(dataset), train=False, rank=r, world_size=3, **GEOM))) for r in range(3)]
+    allkeys = [k for e in ev for k in e]
+    assert sorted(allkeys) == sorted(shard_of) and max(map(len, ev)) - min(map(len, ev)) <= 1
+
+
+def test_plan_equal_lengths_and_wrap():
+    counts = [50, 3, 4]  # very uneven: rank 1 must wrap its own stream
+    for ep in range(4):
+        plans = [train_plan(counts, 2, r, 7, ep) for r in range(2)]
+        assert len(plans[0][0]) == len(plans[1][0]) == sum(counts) // 2
+        for r, (shards, _) in enumerate(plans):
+            assert set(shards.tolist()) <= set(rank_shards(3, 2, r, 7, ep).tolist())
+    a = eval_plan(counts, 4, 1)
+    assert len(a[0]) in (14, 15)
+
+
+def test_fewer_shards_than_ranks(dataset):
+    with pytest.raises(ValueError, match="4 shard.*5 ranks"):
+        build_loader(cfg(dataset), rank=0, world_size=5, **GEOM)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_resume_mid_epoch_is_exact(dataset, backend):
+    c = cfg(dataset, loader=backend, mask="multiblock")
+    full = build_loader(c, **GEOM)
+    ref = epoch(full) + epoch(full)
+    n = len(full)
+
+    run = build_loader(c, **GEOM)
+    seen = epoch(run)
+    it = iter(run)
+    seen += [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(run.state_dict()))  # must survive a checkpoint file
+    del it
+    run.close()
+
+    resumed = build_loader(c, **GEOM)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1
+    seen += epoch(resumed)
+    assert resumed.epoch == 2
+    assert [b.keys for b in seen] == [b.keys for b in ref] and len(seen) == 2 * n
+    for a, b in zip(seen, ref):
+        assert torch.equal(a.images, b.images)
+        assert torch.equal(a.visible, b.visible) and torch.equal(a.target, b.target)
+
+
+def test_world_size_change_resumes_next_epoch(dataset):
+    run = build_loader(cfg(dataset), **GEOM)
+    it = iter(run)
+    next(it)
+    state = run.state_dict()
+    del it
+    other = build_loader(cfg(dataset), rank=0, world_size=2, **GEOM)
+    with pytest.warns(UserWarning, match="resumes at the start of epoch 1"):
+        other.load_state_dict(state)
+    assert other.epoch == 1 and other.state_dict()["batch"] == 0
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "multiblock"])
+def test_masks_every_strategy(dataset, strategy):
+    from model.masks import make_masks
+    from pipeline.order import mask_seed
+
+    c = cfg(dataset, mask=strategy, num_visible=5, batch_size=3)
+    batch = next(iter(build_loader(c, seed=3, **GEOM)))
+    n = 16
+    assert batch.visible.shape == (3, 5) and batch.target.shape == (3, n - 5)
+    for v, t in zip(batch.visible, batch.target):
+        assert set(v.tolist()).isdisjoint(t.tolist()) and set(v.tolist()) | set(t.tolist()) == set(range(n))
+    # The device masks are the torch reference's, from the documented per-batch seed.
+    g = torch.Generator().manual_seed(mask_seed(3, 0, 0, 0))
+    v, t = make_masks(strategy, 3, 4, 5, generator=g, block_min_scale=c.block_min_scale,
+                      block_max_scale=c.block_max_scale, block_aspect=c.block_aspect, num_blocks=c.num_blocks)
+    assert torch.equal(v, batch.visible) and torch.equal(t, batch.target)
+
+
+# ---------------------------------------------------------------------- object storage
+def upload(local: str, bucket: str, prefix: str, server) -> str:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint_url}, skip_instance_cache=True)
+    for name in sorted(os.listdir(local)):
+        fs.put_file(os.path.join(local, name), f"{bucket}/{prefix}/{name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def test_s3_streaming_whole_shard_reads(dataset, s3_server, s3_bucket):
+    url = upload(dataset, s3_bucket, "ds", s3_server)
+    s3_server.clear()
+    loader = build_loader(cfg(url, storage_options=s3_server.storage_options), **GEOM)
+    batches = epoch(loader)
+    local = epoch(build_loader(cfg(dataset), **GEOM))
+    assert keys_of(batches) == keys_of(local)
+    for a, b in zip(batches, local):
+        assert torch.equal(a.images, b.images)
+    m = read_manifest(dataset)
+    for s in m.shards:
+        gets = s3_server.gets(s.name)
+        assert 1 <= len(gets) <= 3, (s.name, gets)  # whole-object reads, not one request per sample
+        assert all(g.range is None for g in gets)
+    assert loader.stats["shards_fetched"] == len(m.shards)
+    assert loader.stats["bytes_fetched"] == m.total_bytes
+
+
+@pytest.mark.timeout(120)
+def test_s3_network_error_names_shard(dataset, tmp_path):
+    from tests.s3server import start_s3_server
+
+    import boto3
+
+    info, server = start_s3_server()
+    try:
+        boto3.client("s3", endpoint_url=info.endpoint_url, aws_access_key_id="t", aws_secret_access_key="t",
+                     region_name="us-east-1").create_bucket(Bucket="net")
+        opts = {"client_kwargs": {"endpoint_url": info.endpoint_url}, "key": "t", "secret": "t"}
+        url = upload(dataset, "net", "ds", info)
+        loader = build_loader(cfg(url, storage_options=opts), **GEOM)
+    finally:
+        server.shutdown()  # the store goes away after the job started
+        server.server_close()
+    with pytest.raises(ShardError, match=r"\.tar.*network error"):
+        epoch(loader)
+
+
+@pytest.mark.timeout(120)
+def test_s3_missing_shard(dataset, s3_server, s3_bucket):
+    import s3fs
+
+    url = upload(dataset, s3_bucket, "ds", s3_server)
+    loader = build_loader(cfg(url, storage_options=s3_server.storage_options), **GEOM)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url}, skip_instance_cache=True)
+    name = read_manifest(dataset).shards[2].name
+    fs.rm(f"{s3_bucket}/ds/{name}")
+    with pytest.raises(ShardError, match=f"{name}.*missing"):
+        epoch(loader)
+
+
+# ---------------------------------------------------------------------- faults
+def _keys_in_shard(root: str, index: str) -> list[str]:
+    with open(os.path.join(root, index)) as f:
+        rows = f.read().splitlines()[1:]
+    return [r.split()[3].split(".")[0] for r in rows if r.strip()]
+
+
+def _image_span(root: str, index: str, n: int) -> tuple[int, int]:
+    with open(os.path.join(root, index)) as f:
+        parts = f.read().splitlines()[1 + n].split()
+    for j in range(0, len(parts), 4):
+        if parts[j] in ("jpg", "png", "webp"):
+            return int(parts[j + 1]), int(parts[j + 2])
+    raise AssertionError("no image component")
+
+
+def _refresh_manifest(root: str) -> None:
+    """Re-checksum every shard (so a corrupt sample, not a checksum mismatch, is what streaming sees)."""
+    m = read_manifest(root)
+    for s in m.shards:
+        with open(os.path.join(root, s.name), "rb") as f:
+            data = f.read()
+        s.bytes, s.sha256 = len(data), hashlib.sha256(data).hexdigest()
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        f.write(m.to_json())
+
+
+@pytest.fixture
+def corrupt(dataset, tmp_path):
+    """A copy of the dataset with one sample's JPEG bytes overwritten (same size: indices stay valid)."""
+    root = copy_dataset(dataset, str(tmp_path / "bad"))
+    s = read_manifest(root).shards[1]
+    off, size = _image_span(root, s.index, 2)
+    with open(os.path.join(root, s.name), "r+b") as f:
+        f.seek(off)
+        f.write(b"\x00" * size)
+    _refresh_manifest(root)
+    return root, s.name, _keys_in_shard(root, s.index)[2]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("reader,backend", [("auto", "dali"), ("stream", "dali"), ("auto", "torch")])
+def test_undecodable_sample_raise(corrupt, reader, backend):
+    root, shard, key = corrupt
+    loader = build_loader(cfg(root, on_error="raise", reader=reader, loader=backend), **GEOM)
+    with pytest.raises(SampleError, match=f"{key}.*{shard}") as e:
+        for _ in range(3):
+            epoch(loader)
+    assert e.value.key == key and e.value.shard == shard
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("reader,backend", [("auto", "dali"), ("auto", "torch")])
+def test_undecodable_sample_skip(corrupt, reader, backend):
+    root, shard, key = corrupt
+    loader = build_loader(cfg(root, on_error="skip", reader=reader, loader=backend), **GEOM)
+    batches = epoch(loader)
+    assert len(batches) == len(loader)
+    assert key not in keys_of(batches)
+    assert loader.stats["skipped"] == 1 and loader.stats["skipped_keys"] == [key]
+    assert key not in keys_of(epoch(loader))  # remembered, and saved in the state
+    assert loader.state_dict()["skipped_keys"] == [key]
+
+
+@pytest.mark.timeout(60)
+def test_missing_shard(dataset, tmp_path):
+    root = copy_dataset(dataset, str(tmp_path / "ds"))
+    name = read_manifest(root).shards[1].name
+    os.remove(os.path.join(root, name))
+    loader = build_loader(cfg(root, batch_size=8), **GEOM)
+    with pytest.raises(ShardError, match=f"{name}.*missing"):
+        epoch(loader)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reader", ["auto", "stream"])
+def test_truncated_shard(dataset, tmp_path, reader):
+    root = copy_dataset(dataset, str(tmp_path / "ds"))
+    s = read_manifest(root).shards[0]
+    path = os.path.join(root, s.name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    loader = build_loader(cfg(root, reader=reader), **GEOM)
+    with pytest.raises(ShardError, match=f"{s.name}.*truncated"):
+        epoch(loader)
+
+
+@pytest.mark.timeout(60)
+def test_bad_index(dataset, tmp_path):
+    root = copy_dataset(dataset, str(tmp_path / "ds"))
+    s = read_manifest(root).shards[3]
+    with open(os.path.join(root, s.index), "w") as f:
+        f.write("this is not an index\n")
+    loader = build_loader(cfg(root), **GEOM)
+    with pytest.raises(ShardError, match=f"{s.name}.*bad index"):
+        epoch(loader)
+
+
+def test_bad_config(dataset):
+    with pytest.raises(ValueError, match="batch size 1000"):
+        build_loader(cfg(dataset, batch_size=1000), **GEOM)
+    with pytest.raises(ValueError, match="reader"):
+        build_loader(cfg("s3://bucket/x", reader="dali"), **GEOM)

@@ -1,0 +1,212 @@
+"""`lmim bench pipeline [DATA_URL]`: images/s of the DALI pipeline against the plain PyTorch loader.
+
+    lmim bench pipeline                          # builds ~1500 ImageNet-like 500x375 JPEGs in a temp dir
+    lmim bench pipeline /data/imagenet-shards    # your dataset (local path or s3://..., any fsspec URL)
+    lmim bench pipeline --s3-loopback            # also stream the shards from a loopback S3 (moto)
+    lmim bench pipeline DATA_URL --device cuda   # the GPU path: DALI decodes with nvJPEG ("mixed")
+
+Both loaders run the same plan: same shards, samples, RandomResizedCrop windows (bicubic),
+flips, normalisation and masks, at the reference geometry (grid 14, patch 16, gap 4 -> 280 px),
+with the same number of threads (DALI) / worker processes (DataLoader). Each round times one
+epoch (or --max-batches) of each loader, alternating DALI / baseline, from its first batch to its
+last (the start-up is excluded and reported apart); medians over rounds are quoted.
+`ratio` = DALI images/s / baseline images/s. With --s3-loopback (or an s3:// URL) the streaming
+reader's requests and bytes per sample are reported too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from pipeline import build_loader
+from pipeline.config import DataConfig
+from pipeline.manifest import read_manifest
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lmim bench pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("url", nargs="?", help="dataset root (local path or fsspec URL); default: build a synthetic one")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    p.add_argument("--images", type=int, default=1500, help="synthetic dataset size (no URL)")
+    p.add_argument("--image-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    p.add_argument("--shard-samples", type=int, default=250, help="samples per synthetic shard")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader worker processes")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per loader (alternating)")
+    p.add_argument("--max-batches", type=int, default=0, help="batches per round (0 = one epoch)")
+    p.add_argument("--grid", type=int, default=14)
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--gap", type=int, default=4)
+    p.add_argument("--mask", default="random")
+    p.add_argument("--num-visible", type=int, default=20)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to measure the GPU decode path")
+    p.add_argument("--s3-loopback", action="store_true", help="also stream from a loopback S3 server (moto)")
+    p.add_argument("--workdir", help="where to build the synthetic dataset (default: a temp dir, removed)")
+    return p.parse_args(argv)
+
+
+def _synthetic(root: str, n: int, size: tuple[int, int], per_shard: int) -> str:
+    from tools.sample_images import write_photo_jpegs
+    from tools.shard import build_dataset
+
+    src, dst = os.path.join(root, "jpegs"), os.path.join(root, "shards")
+    print(f"building {n} {size[0]}x{size[1]} JPEGs and shards in {root} ...", file=sys.stderr)
+    write_photo_jpegs(src, n, size=size, num_classes=10, seed=0)
+    build_dataset(src, dst, shard_max_bytes=1 << 34, shard_max_samples=per_shard, workers=2, seed=0,
+                  storage_options={}, progress=False)
+    return dst
+
+
+def _round(loader, max_batches: int, device: torch.device) -> tuple[float, float, int]:
+    """(start-up seconds, steady images/s, batches) for one pass from the loader's next batch."""
+    t0 = time.perf_counter()
+    it = iter(loader)
+    first = next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    n_img, n_batches = 0, 1
+    for batch in it:
+        n_img += len(batch)
+        n_batches += 1
+        if max_batches and n_batches >= max_batches:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+    del it, first
+    return t1 - t0, (n_img / (t2 - t1) if n_img else float("nan")), n_batches
+
+
+def _measure(cfgs: dict[str, DataConfig], args, device: torch.device, url_of: dict[str, str]) -> dict[str, Any]:
+    loaders = {name: build_loader(c, grid_size=args.grid, patch_size=args.patch, patch_gap=args.gap, device=device,
+                                  url=url_of.get(name))
+               for name, c in cfgs.items()}
+    rates: dict[str, list[float]] = {n: [] for n in loaders}
+    startup: dict[str, list[float]] = {n: [] for n in loaders}
+    samples = {n: 0 for n in loaders}
+    for r in range(args.rounds):
+        for name, loader in loaders.items():  # alternating A B A B
+            s, rate, nb = _round(loader, args.max_batches, device)
+            rates[name].append(rate)
+            startup[name].append(s)
+            samples[name] += nb * args.batch_size
+            print(f"  round {r + 1}: {name:<8} {rate:8.1f} images/s  ({nb} batches, start-up {s:.2f} s)",
+                  file=sys.stderr)
+    return {"rates": rates, "startup": startup, "loaders": loaders, "samples": samples}
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("lmim bench pipeline: --device cuda but this machine has no CUDA device; use --device cpu.",
+              file=sys.stderr)
+        return 2
+    tmp = None
+    try:
+        if args.url:
+            url = args.url
+            try:
+                read_manifest(url)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"lmim bench pipeline: {e}", file=sys.stderr)
+                return 2
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="lmim-bench-pipe-", dir=args.workdir)
+            url = _synthetic(tmp.name, args.images, tuple(args.image_size), args.shard_samples)
+        manifest = read_manifest(url)
+        common = dict(url=url, batch_size=args.batch_size, num_threads=args.threads, mask=args.mask,
+                      num_visible=args.num_visible)
+        cfgs = {"dali": DataConfig(loader="dali", **common), "baseline": DataConfig(loader="torch", **common)}
+        s3 = None
+        url_of: dict[str, str] = {}
+        if args.s3_loopback:
+            from pipeline.testing_s3 import start_loopback_s3
+            import s3fs
+
+            if "://" in url and not url.startswith("file://"):
+                print("lmim bench pipeline: --s3-loopback uploads a local dataset; give a local path or no URL.",
+                      file=sys.stderr)
+                return 2
+            s3 = start_loopback_s3()
+            fs = s3fs.S3FileSystem(**s3.storage_options, skip_instance_cache=True)
+            fs.mkdir("bench")
+            for name in os.listdir(url):
+                fs.put_file(os.path.join(url, name), f"bench/ds/{name}")
+            url_of["dali_s3"] = "s3://bench/ds"
+            cfgs["dali_s3"] = DataConfig(loader="dali", storage_options=s3.storage_options,
+                                         **{**common, "url": "s3://bench/ds"})
+            s3.clear()
+        res = _measure(cfgs, args, device, url_of)
+        med = {n: statistics.median(v) for n, v in res["rates"].items()}
+        out: dict[str, Any] = {
+            "benchmark": "pipeline", "url": args.url or "synthetic", "device": str(device),
+            "samples": manifest.total_samples, "shards": len(manifest.shards),
+            "image_px": args.grid * (args.patch + args.gap), "batch_size": args.batch_size,
+            "threads": args.threads, "rounds": args.rounds,
+            "dali_images_per_s": round(med["dali"], 1), "baseline_images_per_s": round(med["baseline"], 1),
+            "ratio": round(med["dali"] / med["baseline"], 3),
+            "dali_rounds": [round(x, 1) for x in res["rates"]["dali"]],
+            "baseline_rounds": [round(x, 1) for x in res["rates"]["baseline"]],
+            "dali_startup_s": round(statistics.median(res["startup"]["dali"]), 2),
+            "baseline_startup_s": round(statistics.median(res["startup"]["baseline"]), 2),
+        }
+        streamed = "dali_s3" if s3 is not None else ("dali" if not _local(url) else None)
+        if streamed is not None:
+            ld = res["loaders"][streamed]
+            st = ld.stats
+            n_samples = res["samples"][streamed]
+            requests = (len(s3.gets("/bench/ds/")) if s3 is not None else st["shards_fetched"] + st["retries"])
+            out.update({"stream_images_per_s": round(med[streamed], 1),
+                        "stream_requests_per_sample": round(requests / n_samples, 5),
+                        "stream_bytes_per_sample": round(st["bytes_fetched"] / n_samples, 1),
+                        "stream_bytes_per_sample_stored": round(manifest.total_bytes / manifest.total_samples, 1),
+                        "stream_requests_counted_by": "server log" if s3 is not None else "loader stats"})
+        _table(out)
+        if args.json:
+            print(json.dumps(out))
+        if s3 is not None:
+            s3.stop()
+        return 0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _table(out: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain text
+        for k, v in out.items():
+            print(f"{k:>32}: {v}")
+        return
+    t = Table(title=f"lmim bench pipeline ({out['device']}, {out['samples']} samples, {out['image_px']} px, "
+                    f"batch {out['batch_size']}, {out['threads']} threads/workers, median of {out['rounds']})")
+    t.add_column("loader")
+    t.add_column("images/s", justify="right")
+    t.add_column("rounds", justify="right")
+    t.add_column("start-up s", justify="right")
+    t.add_row("DALI", f"{out['dali_images_per_s']:.1f}", str(out["dali_rounds"]), str(out["dali_startup_s"]))
+    t.add_row("PyTorch baseline (PIL + torchvision, DataLoader)", f"{out['baseline_images_per_s']:.1f}",
+              str(out["baseline_rounds"]), str(out["baseline_startup_s"]))
+    t.add_row("ratio DALI / baseline", f"{out['ratio']:.2f}x", "", "")
+    if "stream_images_per_s" in out:
+        t.add_row("DALI streaming s3://", f"{out['stream_images_per_s']:.1f}", "", "")
+        t.add_row("  requests / sample", str(out["stream_requests_per_sample"]), "", "")
+        t.add_row("  bytes read / sample", f"{out['stream_bytes_per_sample']:.0f} "
+                                           f"(stored: {out['stream_bytes_per_sample_stored']:.0f})", "", "")
+    Console().print(t)
