@@ -68,7 +68,8 @@ def _check_shard(root: str, shard: ShardInfo, classes: list[str] | None, fsspec_
     members: list[tuple[str, int, int]] = []
     samples: dict[str, dict[str, Any]] = {}
     try:
-        with fsspec.open(url, "rb", block_size=8 << 20, **fsspec_opts) as raw:
+        fs, path = fsspec.core.url_to_fs(url, **fsspec_opts)
+        with fs.open(path, "rb", block_size=8 << 20) as raw:
             reader = _HashingReader(raw)
             try:
                 with tarfile.open(fileobj=reader, mode="r|") as tf:
@@ -160,6 +161,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmim verify", description="Check a dataset's shards and indices against its manifest.")
     p.add_argument("dst", metavar="DST", help="dataset root (local folder or URL)")
     add_storage_arguments(p)
+    p.add_argument("--decode", action="store_true",
+                   help="also read every sample with DALI (as the pipeline does) and decode it on the CPU")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
     try:
         args = p.parse_args(argv)
@@ -168,6 +171,10 @@ def main(argv: list[str]) -> int:
         print(f"lmim verify: {e}", file=sys.stderr)
         return 2
     problems = verify_dataset(args.dst, options)
+    if args.decode and not problems:
+        from tools.shard.readback import decode_check
+
+        problems = decode_check(args.dst, options)
     for line in problems:
         print(f"lmim verify: {line}", file=sys.stderr)
     ok = not problems

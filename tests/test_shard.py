@@ -1,0 +1,322 @@
+"""Shard builder: every input kind round-trips through DALI; parts, resume after SIGKILL, errors, verify."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
+from tools.sample_images import write_photo_jpegs
+from tools.shard import BuildError, build_dataset, merge_parts, verify_dataset
+from tools.shard.keys import make_key
+from tools.shard.options import parse_bytes, storage_options_from
+from tools.shard.readback import read_back
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = (64, 48)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers (also used by tests/test_shard_images.py and tests/test_shard_s3.py)
+
+def read_all(root: str, storage_options: dict | None = None) -> dict[str, dict]:
+    """source path -> {data, label, shape, meta, key, ext} for every sample, read and decoded by DALI."""
+    out = {}
+    for s in read_back(root, decode=True, storage_options=storage_options):
+        src = s.meta["source"]
+        assert src not in out, f"sample {src} stored twice"
+        out[src] = {"data": s.data, "label": s.label, "shape": s.shape, "meta": s.meta, "key": s.key, "ext": s.ext}
+    return out
+
+
+def assert_round_trip(root: str, expected: dict[str, tuple[bytes, int | None]], storage_options: dict | None = None):
+    """The dataset verifies, and DALI reads back exactly `expected` (source -> (original bytes, label))."""
+    assert verify_dataset(root, storage_options) == []
+    got = read_all(root, storage_options)
+    assert set(got) == set(expected)
+    for src, (data, label) in expected.items():
+        g = got[src]
+        assert g["data"] == data, f"{src}: stored bytes differ from the original"
+        assert g["label"] == label, src
+        assert g["shape"] == (g["meta"]["height"], g["meta"]["width"], 3), src
+        assert "." not in g["key"] and g["key"] == make_key(src)
+    assert read_manifest(root, storage_options).total_samples == len(expected)
+
+
+def tree_expected(root: Path, labels: bool = True) -> dict[str, tuple[bytes, int | None]]:
+    """source id -> (bytes, label) for every file under root (labels from sorted top-level folders)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    out = {}
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        out[rel] = (p.read_bytes(), classes.index(rel.split("/")[0]) if labels else None)
+    return out
+
+
+def manifest_core(root: str) -> dict:
+    m = json.loads(Path(root, MANIFEST_NAME).read_text())
+    return {"shards": m["shards"], "classes": m["classes"], "total": m["total_samples"]}
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("classes")
+    write_photo_jpegs(root, 18, size=SMALL, num_classes=3, seed=1)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------
+# input kinds
+
+def test_class_folder_tree_round_trip(class_tree, tmp_path):
+    dst = tmp_path / "ds"
+    s = build_dataset(str(class_tree), str(dst), shard_max_samples=5, workers=2, progress=False)
+    assert (s.samples, s.shards, s.classes, s.rejects) == (18, 4, 3, 0)
+    m = read_manifest(str(dst))
+    assert m.classes == ["class_000", "class_001", "class_002"]
+    assert [x.samples for x in m.shards] == [5, 5, 5, 3]
+    assert m.build["source_kind"] == "class-folders"
+    assert_round_trip(str(dst), tree_expected(class_tree))
+    assert (dst / REJECTS_NAME).read_text() == ""
+    # the global shuffle mixes classes across shards (stored order is not the sorted source order)
+    order = [s.meta["source"] for s in read_back(str(dst), decode=False)]
+    assert order != sorted(order)
+
+
+def test_shuffle_is_seeded_and_shards_are_deterministic(class_tree, tmp_path):
+    a = build_dataset(str(class_tree), str(tmp_path / "a"), shard_max_samples=6, seed=3, progress=False)
+    b = build_dataset(str(class_tree), str(tmp_path / "b"), shard_max_samples=6, seed=3, workers=1, progress=False)
+    c = build_dataset(str(class_tree), str(tmp_path / "c"), shard_max_samples=6, seed=4, progress=False)
+    assert a.samples == b.samples == c.samples == 18
+    assert manifest_core(str(tmp_path / "a")) == manifest_core(str(tmp_path / "b"))  # byte-identical shards
+    order = lambda d: [s.meta["source"] for s in read_back(str(tmp_path / d), decode=False)]  # noqa: E731
+    assert order("a") != order("c") and sorted(order("a")) == sorted(order("c"))
+
+
+def test_flat_folder_recursive_unlabelled_with_symlink_loop(tmp_path):
+    src = tmp_path / "flat"
+    write_photo_jpegs(src, 6, size=SMALL, seed=2)
+    write_photo_jpegs(src / "nested" / "deeper", 3, size=SMALL, seed=3)
+    os.symlink("..", src / "nested" / "loop")           # a loop: must not recurse forever
+    (src / ".hidden.jpg").write_bytes(b"junk")            # hidden files are not part of a corpus
+    dst = tmp_path / "ds"
+    s = build_dataset(str(src), str(dst), shard_max_bytes=parse_bytes("20KB"), progress=False)
+    assert s.classes == 0 and s.samples == 9 and s.shards > 1
+    m = read_manifest(str(dst))
+    assert m.classes is None and m.build["source_kind"] == "folder"
+    expected = {k: (v[0], None) for k, v in tree_expected(src, labels=False).items() if "/loop/" not in k
+                and not k.startswith(".")}
+    assert_round_trip(str(dst), expected)
+    # byte limit: every shard with more than one sample stays under it
+    for info in m.shards:
+        assert info.samples == 1 or info.bytes <= parse_bytes("20KB")
+
+
+def test_file_list_with_labels_spaces_and_missing_files(tmp_path):
+    imgs = tmp_path / "imgs"
+    paths = write_photo_jpegs(imgs, 5, size=SMALL, seed=4)
+    spaced = imgs / "with space é.jpg"
+    shutil.copy(paths[0], spaced)
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment line\n"
+                   f"imgs/{paths[1].name} dog\n"
+                   f"imgs/{paths[2].name}\tcat\n"
+                   f"{paths[3]} dog\n"                       # absolute path
+                   f"imgs/{spaced.name}\tcat\n"              # a tab separates a path holding spaces
+                   f"imgs/missing.jpg\tdog\n", encoding="utf-8")
+    dst = tmp_path / "ds"
+    s = build_dataset(str(lst), str(dst), progress=False)
+    assert (s.samples, s.classes, s.rejects) == (4, 2, 1)
+    m = read_manifest(str(dst))
+    assert m.classes == ["cat", "dog"] and m.build["source_kind"] == "file-list"
+    expected = {f"imgs/{paths[1].name}": (paths[1].read_bytes(), 1), f"imgs/{paths[2].name}": (paths[2].read_bytes(), 0),
+                str(paths[3]): (paths[3].read_bytes(), 1), f"imgs/{spaced.name}": (spaced.read_bytes(), 0)}
+    assert_round_trip(str(dst), expected)
+    rejects = [json.loads(x) for x in (dst / REJECTS_NAME).read_text().splitlines()]
+    assert rejects == [{"source": "imgs/missing.jpg", "reason": "unreadable (No such file or directory)"}]
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_tar_archive_of_class_folders(class_tree, tmp_path, suffix):
+    archive = tmp_path / f"corpus{suffix}"
+    with tarfile.open(archive, "w:gz" if suffix.endswith("gz") else "w") as tf:
+        tf.add(class_tree, arcname="train")               # wrapped in one folder, as archives usually are
+    dst = tmp_path / "ds"
+    s = build_dataset(str(archive), str(dst), shard_max_samples=7, progress=False)
+    assert (s.samples, s.classes) == (18, 3)
+    expected = {f"train/{k}": v for k, v in tree_expected(class_tree).items()}
+    assert_round_trip(str(dst), expected)
+    assert read_manifest(str(dst)).classes == ["class_000", "class_001", "class_002"]
+
+
+# ------------------------------------------------------------------------------------------------
+# parts, resume, atomicity
+
+def test_parts_then_merge_equal_one_build(class_tree, tmp_path):
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    build_dataset(str(class_tree), str(whole), shard_max_samples=4, progress=False)
+    p0 = build_dataset(str(class_tree), str(parted), shard_max_samples=4, part=(0, 2), progress=False)
+    assert not p0.complete and not (parted / MANIFEST_NAME).exists()
+    with pytest.raises(BuildError, match=r"2 of 5 shards are not built yet \(shard-000001, shard-000003\)"):
+        merge_parts(str(parted))
+    build_dataset(str(class_tree), str(parted), shard_max_samples=4, part=(1, 2), progress=False)
+    from tools.cli import main
+    assert main(["merge", str(parted)]) == 0
+    assert manifest_core(str(parted)) == manifest_core(str(whole))
+    assert verify_dataset(str(parted)) == []
+
+
+def _sidecars(dst: Path) -> list[Path]:
+    return sorted((dst / "_build" / "shards").glob("*.json")) if (dst / "_build" / "shards").exists() else []
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_build(tmp_path):
+    src = tmp_path / "src"
+    write_photo_jpegs(src, 24, size=SMALL, num_classes=2, seed=5)
+    dst, ref = tmp_path / "ds", tmp_path / "ref"
+    # The real CLI in a child process; the test slows each shard down (0.3 s) so it can kill mid-build.
+    code = ("import sys, time, tools.shard.build as b\n"
+            "orig = b.build_shard\n"
+            "def slow(task):\n    out = orig(task)\n    time.sleep(0.3)\n    return out\n"
+            "b.build_shard = slow\n"
+            "from tools.cli import main\n"
+            f"sys.exit(main(['shard', {str(src)!r}, {str(dst)!r}, '--shard-max-samples', '3', '--workers', '1', '--quiet']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    deadline = time.time() + 60
+    while len(_sidecars(dst)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = len(_sidecars(dst))
+    assert 2 <= done_before < 8 and not (dst / MANIFEST_NAME).exists()
+    with pytest.raises(FileNotFoundError, match="build has not finished"):
+        read_manifest(str(dst))
+    resumed = build_dataset(str(src), str(dst), shard_max_samples=3, workers=2, progress=False)
+    assert resumed.resumed_shards == done_before and resumed.built_shards == 8 - done_before
+    assert resumed.images_read == 24 - 3 * done_before           # no sample processed twice
+    build_dataset(str(src), str(ref), shard_max_samples=3, progress=False)
+    assert manifest_core(str(dst)) == manifest_core(str(ref))
+    assert (dst / REJECTS_NAME).read_text() == (ref / REJECTS_NAME).read_text()
+    assert not list(dst.rglob("*.tmp*"))
+    assert_round_trip(str(dst), tree_expected(src))
+
+
+def test_rerun_of_complete_build_does_nothing_and_other_settings_are_refused(class_tree, tmp_path):
+    dst = tmp_path / "ds"
+    build_dataset(str(class_tree), str(dst), shard_max_samples=5, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
+    again = build_dataset(str(class_tree), str(dst), shard_max_samples=5, progress=False)
+    assert again.built_shards == 0 and again.samples == 18
+    assert before == {p: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
+    with pytest.raises(BuildError, match="already holds a different dataset"):
+        build_dataset(str(class_tree), str(dst), shard_max_samples=6, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad arguments: one sentence, non-zero exit, nothing left behind
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    from tools.cli import main
+    rc = main(argv)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def test_bad_arguments_fail_cleanly(class_tree, tmp_path, capsys):
+    dst = tmp_path / "out" / "ds"
+    rc, err = _cli(["shard", str(tmp_path / "nope"), str(dst)], capsys)
+    assert rc == 2 and "does not exist" in err and err.count("\n") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"x")
+    rc, err = _cli(["shard", str(empty), str(dst)], capsys)
+    assert rc == 2 and "holds no images" in err
+    rc, err = _cli(["shard", str(class_tree), "nosuchscheme://bucket/ds"], capsys)
+    assert rc == 2 and "unknown or unavailable storage scheme 'nosuchscheme'" in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    rc, err = _cli(["shard", str(class_tree), str(blocker / "ds")], capsys)
+    assert rc == 2 and "is a file, not a folder" in err
+    rc, err = _cli(["shard", str(class_tree), str(class_tree)], capsys)
+    assert rc == 2 and "same folder" in err
+    not_a_list = tmp_path / "binary.bin"
+    not_a_list.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    rc, err = _cli(["shard", str(not_a_list), str(dst)], capsys)
+    assert rc == 2 and "neither a tar archive nor a UTF-8 file list" in err
+    with pytest.raises(SystemExit) as e:
+        _cli(["shard", str(class_tree), str(dst), "--part", "3/2"], capsys)
+    assert e.value.code == 2
+    assert not (tmp_path / "out").exists()                 # nothing left behind
+    assert sorted(p.name for p in class_tree.iterdir()) == ["class_000", "class_001", "class_002"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_destination(class_tree, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, err = _cli(["shard", str(class_tree), str(ro / "ds")], capsys)
+        assert rc == 2 and "not writable" in err and not (ro / "ds").exists()
+    finally:
+        ro.chmod(0o700)
+
+
+def test_storage_option_parsing():
+    so = storage_options_from(["client_kwargs.endpoint_url=http://h:9000", "anon=false", "key=AK"], '{"secret": "S"}')
+    assert so == {"secret": "S", "client_kwargs": {"endpoint_url": "http://h:9000"}, "anon": False, "key": "AK"}
+    assert storage_options_from(None, None) is None
+    assert parse_bytes("256MB") == 256 << 20 and parse_bytes("1g") == 1 << 30 and parse_bytes("1000") == 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# verify
+
+def test_verify_names_the_broken_shard(class_tree, tmp_path, capsys):
+    dst = tmp_path / "ds"
+    build_dataset(str(class_tree), str(dst), shard_max_samples=5, progress=False)
+    rc, err = _cli(["verify", str(dst), "--decode"], capsys)
+    assert rc == 0 and "OK, 18 samples in 4 shards" in err
+
+    def broken(mutate) -> tuple[int, str]:
+        bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(dst, bad)
+        mutate(bad)
+        return _cli(["verify", str(bad)], capsys)
+
+    def flip_byte(root):
+        with open(root / "shard-000002.tar", "r+b") as f:
+            f.seek(700)
+            b = f.read(1)
+            f.seek(700)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+    rc, err = broken(flip_byte)
+    assert rc == 1 and "shard shard-000002.tar: sha256 does not match" in err
+    rc, err = broken(lambda r: os.truncate(r / "shard-000001.tar", 4096))
+    assert rc == 1 and "shard shard-000001.tar: size is 4096 bytes" in err
+    rc, err = broken(lambda r: (r / "shard-000003.tar").unlink())
+    assert rc == 1 and "shard shard-000003.tar: missing" in err
+
+    def bad_index(root):
+        p = root / "shard-000000.idx"
+        lines = p.read_text().splitlines()
+        parts = lines[1].split()
+        parts[1] = str(int(parts[1]) + 512)
+        lines[1] = " ".join(parts)
+        p.write_text("\n".join(lines) + "\n")
+
+    rc, err = broken(bad_index)
+    assert rc == 1 and "shard shard-000000.tar: index shard-000000.idx does not match the tar" in err
+    rc, err = broken(lambda r: (r / "shard-000000.idx").unlink())
+    assert rc == 1 and "shard shard-000000.tar: index shard-000000.idx is missing" in err
