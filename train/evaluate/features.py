@@ -176,3 +176,53 @@ def extract_features(
     """
     out = extract(encoder, loader, device, pools=(pool,))
     return out[pool], out["labels"]
+
+
+# ----------------------------------------------------------------------------- datasets
+def encoder_geometry(encoder: torch.nn.Module) -> tuple[int, int]:
+    """(grid_size, patch_size) of a timm ViT: evaluation images are grid * patch px, no gap."""
+    pe = getattr(encoder, "patch_embed", None)
+    if pe is None or getattr(pe, "grid_size", None) is None:
+        raise ValueError("the encoder has no timm patch_embed with a fixed grid; pass a timm VisionTransformer.")
+    grid, patch = pe.grid_size, pe.patch_size
+    if grid[0] != grid[1] or patch[0] != patch[1]:
+        raise ValueError(f"only square grids and patches are supported, got grid {grid} and patch {patch}.")
+    return int(grid[0]), int(patch[0])
+
+
+def dist_place() -> tuple[int, int]:
+    """(rank, world_size) of this process (0, 1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def eval_loader(encoder: torch.nn.Module, url: str, data_cfg=None, *, batch_size: int | None = None,
+                loader: str | None = None, device: torch.device | str | None = None):
+    """The `pipeline` evaluation loader of `url` for this process, in the encoder's geometry.
+
+    Resize + centre crop to grid * patch px, no patch gap, no masks, one ordered pass; each rank
+    reads a disjoint part (torch.distributed's rank/world size when initialised).
+
+    Args:
+        data_cfg: a `pipeline.config.DataConfig` (normalisation, threads, storage options);
+            the default one when None.
+        batch_size, loader: override `data_cfg.batch_size` / `data_cfg.loader` ("dali" | "torch").
+        device: where batches are produced (DALI decodes on "cuda:N").
+    """
+    import dataclasses
+
+    from pipeline import build_loader
+    from pipeline.config import DataConfig
+
+    cfg = data_cfg if data_cfg is not None else DataConfig()
+    changes = {"url": url}
+    if batch_size is not None:
+        changes["batch_size"] = int(batch_size)
+    if loader is not None:
+        changes["loader"] = loader
+    cfg = dataclasses.replace(cfg, **changes)
+    grid, patch = encoder_geometry(encoder)
+    rank, world = dist_place()
+    return build_loader(cfg, grid_size=grid, patch_size=patch, patch_gap=0, train=False, rank=rank,
+                        world_size=world, device=device, seed=0, url=url)

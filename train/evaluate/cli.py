@@ -1,0 +1,239 @@
+"""`lmim eval knn | linear | collapse`: evaluate a checkpoint or an exported encoder.
+
+    lmim eval knn --encoder runs/x/checkpoints/step_001000 --train-url data/train --eval-url data/val
+    lmim eval linear --encoder encoder.safetensors --train-url data/train --eval-url data/val
+    lmim eval collapse --encoder runs/x/checkpoints/step_001000 --url data/val --plot collapse.png
+
+Several processes (each reads a disjoint part of every split; features are gathered):
+    torchrun --nproc-per-node 4 -m train.evaluate.cli knn --encoder ... --train-url ... --eval-url ...
+    accelerate launch -m train.evaluate.cli knn ...
+
+Every number is printed with the protocol it was measured with. With `--json` the last line is
+one JSON object of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import model  # noqa: F401  (torchvision shim before timm)
+from train.evaluate.collapse import PROTOCOL_COLLAPSE, collapse_stats, plot_collapse
+from train.evaluate.features import eval_loader, extract
+from train.evaluate.knn import PROTOCOL_LOO1, knn_loo1, knn_weighted, knn_weighted_protocol
+from train.evaluate.linear import linear_probe, linear_protocol
+
+
+class EvalError(ValueError):
+    """Bad input to `lmim eval`, phrased as one sentence for the user."""
+
+
+# ----------------------------------------------------------------------------- processes
+def _init_distributed() -> torch.device:
+    """Join the process group when launched by torchrun/accelerate (WORLD_SIZE > 1); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _say(*args, **kw) -> None:
+    if _is_main():
+        print(*args, **kw, flush=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_encoder_and_data_cfg(path: str):
+    """(timm ViT in eval mode, DataConfig) for a checkpoint directory or an exported .safetensors.
+
+    A checkpoint directory's `config.yaml` also gives the normalisation the encoder was trained
+    with; an exported file gets the defaults (ImageNet mean/std, as the trainer's default).
+    """
+    from omegaconf import OmegaConf
+
+    from pipeline.config import DataConfig
+    from tools.export import ExportError, load_encoder
+
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"encoder {path} does not exist: pass a checkpoint directory (config.yaml + "
+                        "model.safetensors) or a file written by `lmim export`.")
+    try:
+        encoder = load_encoder(p)
+    except ExportError as exc:
+        raise EvalError(str(exc)) from exc
+    data_cfg = DataConfig()
+    if p.is_dir():
+        raw = OmegaConf.load(p / "config.yaml")
+        if "data" in raw:
+            merged = OmegaConf.merge(OmegaConf.structured(DataConfig), raw.data)
+            data_cfg = OmegaConf.to_object(merged)
+    return encoder, data_cfg
+
+
+def _features(encoder, url: str, data_cfg, args, device, *, token_sim: bool = False) -> dict:
+    if not url:
+        raise EvalError("a dataset URL is missing; see `lmim eval <command> --help`.")
+    loader = eval_loader(encoder, url, data_cfg, batch_size=args.batch_size, loader=args.loader,
+                         device=device if args.loader == "dali" else "cpu")
+    t0 = time.perf_counter()
+    out = extract(encoder, loader, device, pools=(args.pool,), token_sim=token_sim, progress=args.progress)
+    _say(f"  features of {url}: {out[args.pool].shape[0]} images x {out[args.pool].shape[1]} "
+         f"({args.pool}) in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _need_labels(out: dict, url: str) -> None:
+    if out["labels"].numel() == 0:
+        raise EvalError(f"{url} yielded no images.")
+    if int(out["labels"].min()) < 0:
+        raise EvalError(f"{url} has no class labels (build it from a folder tree with class sub-folders).")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_knn(args, encoder, data_cfg, device) -> dict:
+    protocols = ("loo1", "knn20") if args.protocol == "both" else (args.protocol,)
+    if "knn20" in protocols and not args.train_url:
+        raise EvalError("--protocol knn20/both needs --train-url (the labelled memory bank).")
+    ev = _features(encoder, args.eval_url, data_cfg, args, device)
+    _need_labels(ev, args.eval_url)
+    result: dict = {"n_eval": int(ev["labels"].numel())}
+    if "loo1" in protocols:
+        result["knn_loo1"] = knn_loo1(ev[args.pool], ev["labels"], device=device)
+        _say(f"{PROTOCOL_LOO1}: {result['knn_loo1']:.2f} % top-1 ({result['n_eval']} images)")
+    if "knn20" in protocols:
+        tr = _features(encoder, args.train_url, data_cfg, args, device)
+        _need_labels(tr, args.train_url)
+        result["n_train"] = int(tr["labels"].numel())
+        result["knn20"] = knn_weighted(tr[args.pool], tr["labels"], ev[args.pool], ev["labels"],
+                                       k=args.k, T=args.temperature, device=device)
+        _say(f"{knn_weighted_protocol(args.k, args.temperature)}: {result['knn20']:.2f} % top-1 "
+             f"({result['n_train']} train, {result['n_eval']} eval)")
+    return result
+
+
+def cmd_linear(args, encoder, data_cfg, device) -> dict:
+    tr = _features(encoder, args.train_url, data_cfg, args, device)
+    ev = _features(encoder, args.eval_url, data_cfg, args, device)
+    _need_labels(tr, args.train_url)
+    _need_labels(ev, args.eval_url)
+    result: dict = {"n_train": int(tr["labels"].numel()), "n_eval": int(ev["labels"].numel())}
+    # Every rank has the gathered features; the probe is cheap, so rank 0 fits it and the rest wait.
+    acc = torch.tensor([0.0])
+    if _is_main():
+        acc[0] = linear_probe(tr[args.pool], tr["labels"], ev[args.pool], ev["labels"], epochs=args.epochs,
+                              lr=args.lr, weight_decay=args.weight_decay, batch_size=args.probe_batch_size,
+                              device=device, seed=args.seed)
+    if dist.is_initialized():
+        dist.broadcast(acc.to(device), 0)
+    result["linear"] = float(acc[0])
+    _say(f"{linear_protocol(args.epochs)}: {result['linear']:.2f} % top-1 "
+         f"({result['n_train']} train, {result['n_eval']} eval)")
+    return result
+
+
+def cmd_collapse(args, encoder, data_cfg, device) -> dict:
+    out = _features(encoder, args.url, data_cfg, args, device, token_sim=True)
+    if out[args.pool].shape[0] < 2:
+        raise EvalError(f"{args.url} has fewer than 2 images; the cross-image cosine needs at least 2.")
+    stats = collapse_stats(out[args.pool], out["token_sim"])
+    _say(f"{PROTOCOL_COLLAPSE}: {stats['collapse_cos']:.4f}  (about 1.0 = collapsed)")
+    _say(f"within-image patch-token cosine: {stats['token_sim']:.4f}")
+    _say(f"effective rank of pooled features: {stats['effective_rank']:.1f} of {stats['dim']}")
+    if args.plot and _is_main():
+        path = plot_collapse(out[args.pool], args.plot, title=f"{args.encoder} on {args.url}", stats=stats)
+        _say(f"wrote {path}")
+    return stats
+
+
+# ----------------------------------------------------------------------------- parsing
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lmim eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--encoder", required=True, help="checkpoint directory or exported .safetensors")
+        p.add_argument("--pool", choices=("mean_patch", "cls"), default="mean_patch",
+                       help="feature: mean of patch tokens, CLS excluded (default, the paper's) or CLS")
+        p.add_argument("--batch-size", type=int, default=128, help="images per process per batch")
+        p.add_argument("--loader", choices=("dali", "torch"), default="dali",
+                       help="pipeline backend (torch = PIL baseline, no DALI)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last line")
+        p.add_argument("--progress", action="store_true", help="progress bar while extracting features")
+
+    knn = sub.add_parser("knn", help="k-NN: leave-one-out 1-NN on the eval split and/or weighted 20-NN")
+    common(knn)
+    knn.add_argument("--eval-url", required=True, help="labelled evaluation split (the paper's protocol uses only this)")
+    knn.add_argument("--train-url", help="labelled training split: the memory bank of weighted k-NN")
+    knn.add_argument("--protocol", choices=("loo1", "knn20", "both"), default="both")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+
+    lin = sub.add_parser("linear", help="linear probe on frozen features")
+    common(lin)
+    lin.add_argument("--train-url", required=True)
+    lin.add_argument("--eval-url", required=True)
+    lin.add_argument("--epochs", type=int, default=100)
+    lin.add_argument("--lr", type=float, default=1e-2)
+    lin.add_argument("--weight-decay", type=float, default=5e-4)
+    lin.add_argument("--probe-batch-size", type=int, default=256)
+    lin.add_argument("--seed", type=int, default=0)
+
+    col = sub.add_parser("collapse", help="collapse diagnostics (+ a PNG with --plot)")
+    common(col)
+    col.add_argument("--url", required=True, help="dataset to compute the diagnostics on (labels not needed)")
+    col.add_argument("--plot", help="write a PNG: histogram of cross-image cosines, singular value spectrum")
+    return ap
+
+
+COMMANDS = {"knn": cmd_knn, "linear": cmd_linear, "collapse": cmd_collapse}
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "collapse" and args.plot:
+        if not str(args.plot).lower().endswith(".png"):
+            print(f"lmim eval: --plot {args.plot} must end in .png.", file=sys.stderr)
+            return 2
+    from pipeline.errors import DataError
+
+    try:
+        device = _init_distributed()
+        if args.device == "cpu" or (args.device == "auto" and device.type == "cpu"):
+            device = torch.device("cpu")
+        elif args.device == "cuda" and device.type != "cuda":
+            raise EvalError("--device cuda was asked for, but no CUDA device is available.")
+        encoder, data_cfg = load_encoder_and_data_cfg(args.encoder)
+        encoder.to(device)
+        _say(f"lmim eval {args.command}: encoder {args.encoder} ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M "
+             f"params), {dist.get_world_size() if dist.is_initialized() else 1} process(es), {device}")
+        result = COMMANDS[args.command](args, encoder, data_cfg, device)
+        if args.json:
+            _say(json.dumps({"command": args.command, "encoder": args.encoder, **result}))
+    except (EvalError, DataError, FileNotFoundError, ValueError) as exc:
+        print(f"lmim eval {args.command}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
