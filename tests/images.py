@@ -164,3 +164,10 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def _png(w: int, h: int, depth: int, colour_type: int, idat: bytes) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, depth, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def corrupt_png_data(path: Path) -> Path:
+    """A PNG whose chunk structure (and CRCs) is valid but whose IDAT is not a zlib stream:
+    a header check passes it, a decoder fails."""
+    h, w = 32, 48
+    return Path(path).write_bytes(_png(w, h, 8, 2, b"\x78\x9c" + bytes(range(7, 250)))) and Path(path)
