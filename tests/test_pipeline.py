@@ -225,6 +225,22 @@ def test_s3_streaming_whole_shard_reads(dataset, s3_server, s3_bucket):
     assert loader.stats["bytes_fetched"] == m.total_bytes
 
 
+def test_s3_cache_dir_saves_downloads(dataset, s3_server, s3_bucket, tmp_path):
+    url = upload(dataset, s3_bucket, "ds", s3_server)
+    c = cfg(url, storage_options=s3_server.storage_options, cache_dir=str(tmp_path / "cache"),
+            cache_max_bytes=1 << 30)
+    loader = build_loader(c, **GEOM)
+    first = keys_of(epoch(loader))
+    s3_server.clear()
+    second = keys_of(epoch(loader))
+    assert first != second and not s3_server.gets(".tar")  # epoch 2 read every shard from the cache
+    assert loader.stats["cache_hits"] == len(read_manifest(dataset).shards)
+    # A cache smaller than one shard keeps nothing (and never breaks reading).
+    small = build_loader(cfg(url, storage_options=s3_server.storage_options, cache_dir=str(tmp_path / "c2"),
+                             cache_max_bytes=10), **GEOM)
+    assert keys_of(epoch(small)) == first and os.listdir(tmp_path / "c2") == []
+
+
 @pytest.mark.timeout(120)
 def test_s3_network_error_names_shard(dataset, tmp_path):
     from tests.s3server import start_s3_server
@@ -241,8 +257,9 @@ def test_s3_network_error_names_shard(dataset, tmp_path):
     finally:
         server.shutdown()  # the store goes away after the job started
         server.server_close()
-    with pytest.raises(ShardError, match=r"\.tar.*network error"):
+    with pytest.raises(ShardError, match=r"\.tar.*network error after 2 attempts"):
         epoch(loader)
+    assert loader.stats["retries"] == 1
 
 
 @pytest.mark.timeout(120)

@@ -155,6 +155,8 @@ def main(argv: list[str]) -> int:
             "threads": args.threads, "rounds": args.rounds,
             "dali_images_per_s": round(med["dali"], 1), "baseline_images_per_s": round(med["baseline"], 1),
             "ratio": round(med["dali"] / med["baseline"], 3),
+            "ratio_paired_median": round(statistics.median(
+                d / b for d, b in zip(res["rates"]["dali"], res["rates"]["baseline"])), 3),
             "dali_rounds": [round(x, 1) for x in res["rates"]["dali"]],
             "baseline_rounds": [round(x, 1) for x in res["rates"]["baseline"]],
             "dali_startup_s": round(statistics.median(res["startup"]["dali"]), 2),

@@ -1,0 +1,27 @@
+"""`lmim bench pipeline` runs end to end on a tiny synthetic dataset (no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.cli import main
+
+
+@pytest.mark.timeout(300)
+def test_bench_pipeline_json(capsys, tmp_path):
+    rc = main(["bench", "pipeline", "--json", "--images", "24", "--image-size", "64", "48", "--shard-samples", "8",
+               "--batch-size", "4", "--grid", "4", "--patch", "8", "--gap", "2", "--num-visible", "4",
+               "--rounds", "2", "--s3-loopback", "--workdir", str(tmp_path)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ratio"] > 0 and out["dali_images_per_s"] > 0 and out["baseline_images_per_s"] > 0
+    # Whole-shard streaming: one GET per shard (3 shards) plus the manifest, per pass.
+    assert 0 < out["stream_requests_per_sample"] <= 0.5
+    assert out["stream_bytes_per_sample"] > 0
+
+
+def test_bench_pipeline_bad_url(capsys, tmp_path):
+    rc = main(["bench", "pipeline", str(tmp_path / "nothing-here")])
+    assert rc == 2
+    assert "no manifest.json" in capsys.readouterr().err
