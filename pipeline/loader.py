@@ -112,6 +112,8 @@ class Loader:
         self._stream_stats = StreamStats()
         self._skipped_keys: list[str] = []
         self._fetcher: ShardFetcher | None = None
+        self._active = None  # the backend generator of the epoch in progress
+        self._token: object | None = None  # identifies the live iterator
 
     # ------------------------------------------------------------------ public
     def __len__(self) -> int:
@@ -152,22 +154,41 @@ class Loader:
             self.epoch, self._next_batch = self.epoch + 1, 0
 
     def close(self) -> None:
+        """Stop the epoch in progress (its DALI pipeline, prefetch thread, workers) and drop caches."""
+        gen, self._active = self._active, None
+        if gen is not None:
+            gen.close()
         self._meta.clear()
 
     def __iter__(self) -> Iterator[Batch]:
+        # Only the newest iterator is live: starting another one stops the older one's pipeline,
+        # and the older one then ends without touching the position.
+        token = object()
+        self._token = token
+        if self._active is not None:
+            self._active.close()
+            self._active = None
         while True:
             epoch, start = self.epoch, self._next_batch
             if start >= self._num_batches:
                 break
-            shards, samples = self._plan(epoch)
+            gen = self._backend(epoch, start, *self._plan(epoch))
+            self._active = gen
             try:
-                for b, images, keys, labels in self._backend(epoch, start, shards, samples):
+                for b, images, keys, labels in gen:
+                    if self._token is not token:
+                        return
                     self._next_batch = b + 1
                     yield self._batch(epoch, b, images, keys, labels)
             except _Skipped:
                 continue  # a bad sample was excluded: re-plan and continue from the failed batch
+            finally:
+                gen.close()
+                if self._active is gen:
+                    self._active = None
             break
-        self.epoch, self._next_batch = self.epoch + 1, 0
+        if self._token is token and self._next_batch >= self._num_batches:
+            self.epoch, self._next_batch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ plan
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,7 +43,7 @@ class _Batches(IterableDataset):
         return self._cache[sid]
 
     def _one(self, b: int):
-        from PIL import Image
+        from PIL import Image, ImageOps
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
@@ -65,7 +65,8 @@ class _Batches(IterableDataset):
             import io
 
             try:
-                img = Image.open(io.BytesIO(get(i))).convert("RGB")
+                # Upright as displayed, like DALI's decoders and the sizes in the sample's .json.
+                img = ImageOps.exif_transpose(Image.open(io.BytesIO(get(i)))).convert("RGB")
             except Exception as e:  # PIL raises many types for corrupt data
                 return ("error", s, i, meta.keys[i], f"undecodable ({type(e).__name__}: {e})")
             if ld.train:

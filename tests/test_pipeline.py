@@ -167,6 +167,18 @@ def test_resume_mid_epoch_is_exact(dataset, backend):
         assert torch.equal(a.visible, b.visible) and torch.equal(a.target, b.target)
 
 
+def test_new_iterator_continues_where_the_last_stopped(dataset):
+    ref = keys_of(epoch(build_loader(cfg(dataset), **GEOM)))
+    loader = build_loader(cfg(dataset), **GEOM)
+    got = []
+    for n, batch in enumerate(loader):  # a trainer that breaks out of its loop (e.g. to evaluate)
+        got += batch.keys
+        if n == 1:
+            break
+    got += keys_of(epoch(loader))
+    assert got == ref and loader.epoch == 1
+
+
 def test_world_size_change_resumes_next_epoch(dataset):
     run = build_loader(cfg(dataset), **GEOM)
     it = iter(run)
