@@ -11,7 +11,10 @@ class ShardError(DataError):
 
     def __init__(self, shard: str, message: str):
         super().__init__(f"shard {shard}: {message}")
-        self.shard = shard
+        self.shard, self.message = shard, message
+
+    def __reduce__(self):  # survive pickling (DataLoader workers hand errors to the main process)
+        return (type(self), (self.shard, self.message))
 
 
 class SampleError(DataError):
@@ -19,5 +22,7 @@ class SampleError(DataError):
 
     def __init__(self, shard: str, key: str, message: str):
         super().__init__(f"sample {key!r} in shard {shard}: {message}")
-        self.shard = shard
-        self.key = key
+        self.shard, self.key, self.message = shard, key, message
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.key, self.message))

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import model  # noqa: F401  (its torchvision shim must run before torchvision is imported)
-from pipeline.errors import SampleError
+from pipeline.errors import DataError, SampleError
 
 
 class _Batches(IterableDataset):
@@ -90,7 +90,11 @@ class _Batches(IterableDataset):
         torch.set_num_threads(1)  # one decode per worker process: workers are the parallelism
         nb = math.ceil(len(self.shards) / self.loader.batch_size)
         for b in range(self.start + wid, self.start + nb, nw):
-            item = self._one(b)
+            try:
+                item = self._one(b)
+            except DataError as e:  # a shard-level fault: hand it over with its type intact
+                yield ("raise", e)
+                return
             yield item
             if item[0] == "error":
                 return
@@ -105,6 +109,8 @@ def torch_batches(loader, epoch: int, start: int, shards: np.ndarray, samples: n
     it = iter(dl)
     try:
         for item in it:
+            if item[0] == "raise":
+                raise item[1]
             if item[0] == "error":
                 _, sid, idx, key, msg = item
                 err = SampleError(loader.shard_name(sid), key, msg)

@@ -352,11 +352,12 @@ def test_undecodable_sample_skip(corrupt, reader, backend):
 
 
 @pytest.mark.timeout(60)
-def test_missing_shard(dataset, tmp_path):
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_missing_shard(dataset, tmp_path, backend):
     root = copy_dataset(dataset, str(tmp_path / "ds"))
     name = read_manifest(root).shards[1].name
     os.remove(os.path.join(root, name))
-    loader = build_loader(cfg(root, batch_size=8), **GEOM)
+    loader = build_loader(cfg(root, batch_size=8, loader=backend), **GEOM)
     with pytest.raises(ShardError, match=f"{name}.*missing"):
         epoch(loader)
 
