@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest, ShardInfo
 from tools.shard.images import DEFAULT_MAX_PIXELS, Reject, prepare_image
 from tools.shard.plan import Plan, make_plan
-from tools.shard.sources import Corpus, SourceError, SourceItem, open_corpus, read_item
+from tools.shard.sources import Corpus, SourceError, SourceItem, iter_items, open_corpus
 from tools.shard.writer import Destination, TarShardWriter
 
 BUILD_DIR = "_build"
@@ -99,12 +99,12 @@ def _sample_json(item: SourceItem, prepared, source_bytes: int) -> bytes:
     return json.dumps(meta, ensure_ascii=True, separators=(",", ":")).encode()
 
 
-def build_shard(task: dict) -> dict:
-    """Build one shard (in a worker process): read, check, write, index, move into place, sidecar.
+def write_shard(task: dict) -> tuple[dict, str | None, str | None]:
+    """Read, check and write one shard to local temporary files (the CPU-bound part).
 
-    Returns the sidecar dict. One bad input becomes a reject; only destination errors propagate.
+    Returns (sidecar without "info", temporary tar path or None when every input was rejected,
+    index text). One bad input becomes a reject; only destination errors propagate.
     """
-    dest = Destination(task["root"], task["storage_options"])
     name = task["name"]
     tmp_dir = task["tmp_dir"]
     os.makedirs(tmp_dir, exist_ok=True)
@@ -114,11 +114,13 @@ def build_shard(task: dict) -> dict:
     read_bytes = pending_n = pending_b = 0
     opts = task["image_options"]
     try:
-        for item, key in zip(task["items"], task["keys"]):
-            try:
-                data = read_item(item, task["source_options"])
-            except Exception as e:  # unreadable file: a reject, never a failed build
-                rejects.append({"source": item.id, "reason": f"unreadable ({type(e).__name__}: {e})"})
+        keys = {id(it): k for it, k in zip(task["items"], task["keys"])}
+        for item, data in iter_items(task["items"], task["source_options"]):
+            key = keys[id(item)]
+            if isinstance(data, BaseException):  # unreadable file: a reject, never a failed build
+                e = data
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+                rejects.append({"source": item.id, "reason": f"unreadable ({reason})"})
                 continue
             read_bytes += len(data)
             pending_n += 1
@@ -143,22 +145,140 @@ def build_shard(task: dict) -> dict:
     except BaseException:
         writer.abort()
         raise
-    info = None
-    if result.samples:
-        idx_tmp = os.path.join(tmp_dir, f"{name}.idx.tmp")
-        with open(idx_tmp, "w", encoding="utf-8") as f:
-            f.write(result.index_text)
-        # index first, tar second, sidecar last: the sidecar is what marks the shard complete
-        dest.put_file(idx_tmp, f"{name}.idx")
-        dest.put_file(tmp_tar, f"{name}.tar")
-        info = asdict(ShardInfo(name=f"{name}.tar", index=f"{name}.idx", samples=result.samples,
-                                bytes=result.bytes, sha256=result.sha256))
-    else:
-        os.remove(tmp_tar)  # every input of this shard was rejected: no shard at all
-    sidecar = {"shard": task["number"], "fingerprint": task["fingerprint"], "info": info,
+    sidecar = {"shard": task["number"], "fingerprint": task["fingerprint"], "info": None,
                "rejects": rejects, "images_read": len(task["items"]), "bytes_read": read_bytes}
-    dest.write_bytes(f"{SIDECAR_DIR}/{name}.json", json.dumps(sidecar).encode())
+    if not result.samples:
+        os.remove(tmp_tar)  # every input of this shard was rejected: no shard at all
+        return sidecar, None, None
+    sidecar["info"] = asdict(ShardInfo(name=f"{name}.tar", index=f"{name}.idx", samples=result.samples,
+                                       bytes=result.bytes, sha256=result.sha256))
+    return sidecar, tmp_tar, result.index_text
+
+
+def finalize_shard(task: dict, sidecar: dict, tmp_tar: str | None, index_text: str | None) -> dict:
+    """Put a written shard in place (the I/O-bound part): index, then tar, then the sidecar that
+    marks it complete. Local: fsync + rename; remote: upload (a PUT is visible only when complete)."""
+    dest = Destination(task["root"], task["storage_options"])
+    name = task["name"]
+    fsync = task.get("fsync", True)
+    if tmp_tar is not None:
+        idx_tmp = os.path.join(task["tmp_dir"], f"{name}.idx.tmp")
+        with open(idx_tmp, "w", encoding="utf-8") as f:
+            f.write(index_text)
+        dest.put_file(idx_tmp, f"{name}.idx", fsync=fsync)
+        dest.put_file(tmp_tar, f"{name}.tar", fsync=fsync)
+    dest.write_bytes(f"{SIDECAR_DIR}/{name}.json", json.dumps(sidecar).encode(), fsync=fsync)
     return sidecar
+
+
+def build_shard(task: dict) -> dict:
+    """Write and finalize one shard; returns its sidecar."""
+    return finalize_shard(task, *write_shard(task))
+
+
+class _ShardLoop:
+    """One process's share of the work: it writes shard after shard while a background thread puts
+    the previous one in place (fsync/rename or upload), so disk flushes and uploads overlap the
+    CPU work. At most two finished shards wait for that thread (bounded temporary space)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmim-finalize")
+        self.pending: list = []
+        self.results: list[dict] = []
+
+    def run(self, task: dict) -> None:
+        written = write_shard(task)
+        while len(self.pending) >= 2:
+            self.results.append(self.pending.pop(0).result())
+        self.pending.append(self.pool.submit(finalize_shard, task, *written))
+
+    def finish(self) -> list[dict]:
+        try:
+            for fut in self.pending:
+                self.results.append(fut.result())
+        finally:
+            self.pool.shutdown(wait=True)
+        return self.results
+
+
+def _work(tasks: list[dict], claim) -> list[dict]:
+    """Build tasks in this process: all of them, or those won from the shared `claim` counter."""
+    loop = _ShardLoop()
+    try:
+        while True:
+            if claim is None:
+                i = len(loop.results) + len(loop.pending)
+            else:
+                with claim.get_lock():
+                    i = claim.value
+                    claim.value += 1
+            if i >= len(tasks):
+                break
+            loop.run(tasks[i])
+    finally:
+        results = loop.finish()
+    return results
+
+
+def _run_forked(tasks: list[dict], workers: int, counters, result_dir: str) -> list[dict]:
+    """Fork `workers - 1` children; they and this process claim shards from a shared counter.
+
+    Forked children inherit the task list (nothing is pickled) and start in milliseconds; each
+    writes its sidecars as JSON into `result_dir` (or its traceback when it fails).
+    """
+    import traceback
+
+    ctx = mp.get_context("fork")
+    claim = ctx.Value("q", 0)
+    children = []
+    for w in range(1, min(workers, len(tasks))):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            out = os.path.join(result_dir, f"worker-{w}.json")
+            try:
+                _init_worker(counters)
+                res = {"results": _work(tasks, claim)}
+            except BaseException:
+                res = {"error": traceback.format_exc()}
+                code = 1
+            try:
+                with open(out, "w") as f:
+                    json.dump(res, f)
+            finally:
+                os._exit(code)
+        children.append((w, pid))
+    results: list[dict] = []
+    error: BaseException | None = None
+    try:
+        _init_worker(counters)
+        results += _work(tasks, claim)
+    except BaseException as e:  # still reap the children before raising
+        error = e
+        with claim.get_lock():
+            claim.value = len(tasks)  # stop the children after their current shard
+    finally:
+        _init_worker(None)
+    failures = []
+    for w, pid in children:
+        _, status = os.waitpid(pid, 0)
+        out = os.path.join(result_dir, f"worker-{w}.json")
+        try:
+            with open(out) as f:
+                res = json.load(f)
+        except (OSError, ValueError):
+            res = {"error": f"worker process {pid} died (wait status {status}) without a result"}
+        if "error" in res:
+            failures.append(res["error"])
+        else:
+            results += res["results"]
+    if error is not None:
+        raise error
+    if failures:
+        raise RuntimeError("a shard worker failed; re-run the same command to resume:\n" + failures[0])
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +339,8 @@ def build_dataset(src: str, dst: str, *, shard_max_bytes: int | None = 256 << 20
                   workers: int = 2, seed: int = 0, part: tuple[int, int] | None = None, max_side: int | None = None,
                   quality: int = 95, full_decode: bool = False, storage_options: dict | None = None,
                   progress: bool = True, labels: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
-                  prefix: str = DEFAULT_PREFIX, source_storage_options: dict | None = None) -> BuildSummary:
+                  prefix: str = DEFAULT_PREFIX, source_storage_options: dict | None = None,
+                  fsync: bool = True) -> BuildSummary:
     """Build (or finish building) the dataset at `dst` from the corpus at `src`.
 
     Args:
@@ -239,6 +360,9 @@ def build_dataset(src: str, dst: str, *, shard_max_bytes: int | None = 256 << 20
         labels: "auto" | "folders" | "none" (see `tools.shard.sources.open_corpus`).
         max_pixels: images declaring more pixels are rejected as decompression bombs.
         prefix: shard file name prefix.
+        source_storage_options: fsspec options for SRC when they differ from DST's.
+        fsync: flush each local shard to disk before moving it into place (survives power loss,
+            not only a killed process; done in a background thread, so it costs little).
     """
     t0 = time.perf_counter()
     if shard_max_bytes is None and shard_max_samples is None:
@@ -279,7 +403,7 @@ def build_dataset(src: str, dst: str, *, shard_max_bytes: int | None = 256 << 20
             return _summary_from_manifest(done, t0)
         return _run(dest, corpus, plan, build_info, part_i, part_n, workers, progress, src_options, t0,
                     image_options={"max_side": max_side, "quality": quality, "max_pixels": max_pixels,
-                                   "full_decode": full_decode})
+                                   "full_decode": full_decode}, fsync=fsync)
     finally:
         corpus.close()
 
@@ -342,7 +466,8 @@ def _completed(dest: Destination, plan: Plan, prefix: str) -> dict[int, dict]:
 
 
 def _run(dest: Destination, corpus: Corpus, plan: Plan, build_info: dict, part_i: int, part_n: int,
-         workers: int, progress: bool, src_options: dict | None, t0: float, image_options: dict) -> BuildSummary:
+         workers: int, progress: bool, src_options: dict | None, t0: float, image_options: dict,
+         fsync: bool = True) -> BuildSummary:
     prefix = build_info["prefix"]
     mine = [n for n in range(len(plan.shards)) if n % part_n == part_i]
     done = _completed(dest, plan, prefix)
@@ -361,32 +486,34 @@ def _run(dest: Destination, corpus: Corpus, plan: Plan, build_info: dict, part_i
     tasks = [{"number": n, "name": shard_name(prefix, n), "items": [corpus.items[i] for i in plan.shards[n]],
               "keys": [plan.keys[i] for i in plan.shards[n]], "root": dest.url, "storage_options": dest.storage_options,
               "source_options": src_options, "tmp_dir": tmp_dir, "fingerprint": plan.fingerprint,
-              "image_options": image_options} for n in todo]
+              "image_options": image_options, "fsync": fsync} for n in todo]
     total_images = sum(len(t["items"]) for t in tasks)
-    counters = (mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Value("q", 0),
-                mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Value("q", 0))
-    results: list[dict] = []
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     bar = _Progress(total_images, counters, enabled=progress and bool(tasks),
                     desc=f"part {part_i}/{part_n}" if part_n > 1 else "shard")
+    result_dir = tempfile.mkdtemp(prefix="lmim-shard-results-")
     try:
         if workers <= 1 or len(tasks) <= 1:
             _init_worker(counters)
             try:
-                for t in tasks:
-                    results.append(build_shard(t))
+                results = _work(tasks, None)
             finally:
                 _init_worker(None)
-        else:
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        elif sys.platform.startswith("linux"):
+            results = _run_forked(tasks, workers, counters, result_dir)
+        else:  # no fork: a spawn pool, one whole shard (write + finalize) per task
+            ctx = mp.get_context("spawn")
+            results = []
             with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                                      initializer=_init_worker, initargs=(counters,)) as pool:
                 pending = {pool.submit(build_shard, t) for t in tasks}
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        results.append(fut.result())
+                    results += [f.result() for f in finished]
     finally:
         bar.close()
+        shutil.rmtree(result_dir, ignore_errors=True)
         if not dest.local:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"reject images declaring more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not flush local shards to disk before moving them into place (a killed build "
+                        "still resumes correctly; a power loss may not)")
     add_storage_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
@@ -56,7 +59,7 @@ def main(argv: list[str]) -> int:
             args.src, args.dst, shard_max_bytes=args.shard_max_bytes, shard_max_samples=args.shard_max_samples,
             workers=args.workers, seed=args.seed, part=args.part, max_side=args.max_side, quality=args.quality,
             full_decode=args.full_decode, storage_options=options, progress=not args.quiet, labels=args.labels,
-            max_pixels=args.max_pixels, prefix=args.prefix)
+            max_pixels=args.max_pixels, prefix=args.prefix, fsync=not args.no_fsync)
     except BuildError as e:
         print(f"lmim shard: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,27 @@ from typing import Any
 BLOCK = 512
 INDEX_VERSION = "v1.2"
 
+# A ustar header is constant except for the name, size and checksum, so it is assembled from a
+# template (tarfile.TarInfo.tobuf costs ~60 us a member, a third of a sample's whole budget).
+# Fields: mode 644, uid/gid 0, mtime 0, regular file, magic "ustar\0" version "00", no owner names.
+_HEAD_MID = b"0000644\x00" + b"0000000\x00" * 2            # mode, uid, gid (offset 100)
+_HEAD_MTIME = b"00000000000\x00"                             # offset 136
+_HEAD_TAIL = (b"0" + b"\x00" * 100 + b"ustar\x00" + b"00" + b"\x00" * 64 + b"\x00" * 16
+              + b"\x00" * 167)                                # typeflag .. end (offset 156)
+_CHKSUM_CONST = sum(_HEAD_MID) + sum(_HEAD_MTIME) + sum(_HEAD_TAIL) + 8 * 32
+
+
+def tar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte ustar header tarfile writes for a regular file `name` of `size` bytes with the
+    metadata above (checked against `tarfile.TarInfo.tobuf` in the tests)."""
+    if len(name) > 100:
+        raise ValueError(f"member name longer than 100 bytes: {name!r}")
+    if size >= 8 ** 11:
+        raise ValueError(f"member of {size} bytes is too large for a ustar header")
+    size_field = b"%011o\x00" % size
+    chksum = _CHKSUM_CONST + sum(name) + sum(size_field)
+    return b"".join((name.ljust(100, b"\x00"), _HEAD_MID, size_field, _HEAD_MTIME, b"%06o\x00 " % chksum, _HEAD_TAIL))
+
 
 @dataclass
 class ShardResult:
@@ -36,31 +57,43 @@ class TarShardWriter:
 
     def __init__(self, path: str):
         self.path = path
-        self._f = open(path, "wb")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._sha = hashlib.sha256()
         self._pos = 0
         self._lines: list[str] = []
 
     def _write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._sha.update(data)
-        self._pos += len(data)
+        self._writev([data])
+
+    def _writev(self, chunks: list[bytes]) -> None:
+        # one gather-write per sample: no copy of the image into a joined buffer
+        total = sum(len(c) for c in chunks)
+        done = os.writev(self._fd, chunks)
+        while done < total:  # short write (rare): finish the rest from where it stopped
+            rest = b"".join(chunks)[done:]
+            done += os.write(self._fd, rest)
+        for c in chunks:
+            self._sha.update(c)
+        self._pos += total
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Write one sample: `members` is [(ext, data), ...] stored as `{key}.{ext}` in this order."""
         parts = []
+        chunks = []
+        pos = self._pos
         for ext, data in members:
             name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-            parts.append(f"{ext} {self._pos} {len(data)} {name}")
-            self._write(data)
-            pad = -len(data) % BLOCK
+            size = len(data)
+            chunks.append(tar_header(name.encode("ascii"), size))
+            pos += BLOCK
+            parts.append(f"{ext} {pos} {size} {name}")
+            chunks.append(data)
+            pad = -size % BLOCK
             if pad:
-                self._write(b"\0" * pad)
+                chunks.append(b"\0" * pad)
+            pos += size + pad
+        self._writev(chunks)
+        assert self._pos == pos
         self._lines.append(" ".join(parts))
 
     @property
@@ -69,15 +102,15 @@ class TarShardWriter:
 
     def close(self) -> ShardResult:
         self._write(b"\0" * (2 * BLOCK))  # end-of-archive marker
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        os.close(self._fd)
+        self._fd = -1
         index = f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)
         return ShardResult(len(self._lines), self._pos, self._sha.hexdigest(), index)
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
             os.remove(self.path)
         except OSError:
@@ -135,23 +168,30 @@ class Destination:
                 return f.read()
         return self.fs.cat_file(self._p(name))
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a small file atomically."""
+    def write_bytes(self, name: str, data: bytes, fsync: bool = True) -> None:
+        """Write a small file atomically (and durably unless fsync=False)."""
         if self.local:
             path = self._p(name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(self._p(name), data)
 
-    def put_file(self, local_path: str, name: str) -> None:
-        """Move (local) or upload (remote) a finished local file to `name`."""
+    def put_file(self, local_path: str, name: str, fsync: bool = True) -> None:
+        """Move (local; flushed to disk first unless fsync=False) or upload (remote) a finished file."""
         if self.local:
+            if fsync:
+                fd = os.open(local_path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(local_path, self._p(name))
         else:
             self.fs.put_file(local_path, self._p(name))
