@@ -303,3 +303,19 @@ def test_wrong_image_size_is_a_clear_error():
     net = LatentMIM(tiny())
     with pytest.raises(ValueError, match="24 px .* or 16 px"):
         net(torch.randn(2, 3, 20, 20), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("LMIM_TEST_COMPILE"),
+                    reason="torch.compile takes ~1 min on 2 CPU cores; set LMIM_TEST_COMPILE=1 to run")
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    net = LatentMIM(tiny(patch_gap=0))
+    images, vis, tgt = batch(net.cfg, gap=False)
+    compiled = torch.compile(net)
+    eager = net(images, vis, tgt)
+    out = compiled(images, vis, tgt)
+    out["loss"].backward()
+    for k in eager:
+        assert torch.allclose(out[k], eager[k], atol=1e-4, rtol=1e-4), k
+    assert net.encoder.blocks[0].attn.qkv.weight.grad is not None
