@@ -319,3 +319,18 @@ def test_torch_compile_matches_eager():
     for k in eager:
         assert torch.allclose(out[k], eager[k], atol=1e-4, rtol=1e-4), k
     assert net.encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("sees", ["masked", "all"])
+def test_target_sees_only_masked_patches(sees):
+    """target_sees="masked" (the reference): targets do not depend on the visible patches' pixels."""
+    torch.manual_seed(0)
+    net = LatentMIM(tiny(target_sees=sees, patch_gap=0))
+    images, vis, tgt = batch(net.cfg, gap=False)
+    patches = net.patchify(images)
+    changed = patches.clone()
+    changed.scatter_(1, vis.view(*vis.shape, 1, 1, 1).expand(-1, -1, *patches.shape[2:]),
+                     torch.randn(*vis.shape, *patches.shape[2:]))
+    a, b = net._targets(patches, tgt), net._targets(changed, tgt)
+    assert a.shape == (3, tgt.shape[1], 64) and not a.requires_grad
+    assert torch.allclose(a, b) == (sees == "masked")
