@@ -70,8 +70,7 @@ class LatentMIM(nn.Module):
         if cfg.objective in EMA_OBJECTIVES:
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
             self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-
-            self.train(self.training)
+            self.train(self.training)  # puts the target in eval mode
 
     # ----------------------------------------------------------------------------------- helpers
     def train(self, mode: bool = True) -> "LatentMIM":
