@@ -92,6 +92,25 @@ def test_class_folder_tree_round_trip(class_tree, tmp_path):
     assert order != sorted(order)
 
 
+def test_index_equals_dalis_wds2idx_and_headers_equal_tarfiles(class_tree, tmp_path):
+    """The index written while writing is exactly what DALI's own `wds2idx` derives from the tar."""
+    from wds2idx import IndexCreator
+
+    from tools.shard.writer import tar_header
+
+    dst = tmp_path / "ds"
+    build_dataset(str(class_tree), str(dst), shard_max_samples=7, progress=False)
+    for tar in sorted(dst.glob("*.tar")):
+        ref = tmp_path / (tar.stem + ".ref.idx")
+        with IndexCreator(str(tar), str(ref), verbose=False) as ic:
+            ic.create_index()
+        assert tar.with_suffix(".idx").read_text() == ref.read_text()
+    for name, size in [("a.jpg", 0), ("k-0123456789ab.json", 124), ("x" * 100, 8 ** 11 - 1)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        assert tar_header(name.encode(), size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
 def test_shuffle_is_seeded_and_shards_are_deterministic(class_tree, tmp_path):
     a = build_dataset(str(class_tree), str(tmp_path / "a"), shard_max_samples=6, seed=3, progress=False)
     b = build_dataset(str(class_tree), str(tmp_path / "b"), shard_max_samples=6, seed=3, workers=1, progress=False)

@@ -145,3 +145,18 @@ def test_bomb_limit_is_configurable():
     assert prepare_image(data.getvalue()).info.width == 40
     with pytest.raises(Reject, match="decompression bomb"):
         prepare_image(data.getvalue(), max_pixels=1000)
+
+
+def test_shards_whose_inputs_are_all_rejected_are_left_out(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        I.rgb_jpeg(src / f"good{i}.jpg")
+    for i in range(4):
+        I.zero_bytes(src / f"empty{i}.jpg")
+    dst = tmp_path / "ds"
+    s = build_dataset(str(src), str(dst), shard_max_samples=1, progress=False)
+    assert (s.samples, s.shards, s.rejects) == (3, 3, 4)
+    assert verify_dataset(str(dst)) == []
+    assert sorted(read_all(str(dst))) == ["good0.jpg", "good1.jpg", "good2.jpg"]
+    assert len(list(dst.glob("*.tar"))) == 3

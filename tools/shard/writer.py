@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tarfile
 from dataclasses import dataclass
 from typing import Any
@@ -152,15 +153,20 @@ class Destination:
     def url_of(self, name: str) -> str:
         return self._p(name) if self.local else f"{self.url}/{name}"
 
+    def _fresh(self, path: str) -> str:
+        # other processes (workers, other parts) write here: never answer from fsspec's listing cache
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, name: str) -> bool:
         if self.local:
             return os.path.exists(self._p(name))
-        return self.fs.exists(self._p(name))
+        return self.fs.exists(self._fresh(self._p(name)))
 
     def size(self, name: str) -> int:
         if self.local:
             return os.path.getsize(self._p(name))
-        return int(self.fs.size(self._p(name)))
+        return int(self.fs.size(self._fresh(self._p(name))))
 
     def read_bytes(self, name: str) -> bytes:
         if self.local:
@@ -173,7 +179,7 @@ class Destination:
         if self.local:
             path = self._p(name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # parts may share a network folder
             with open(tmp, "wb") as f:
                 f.write(data)
                 if fsync:
@@ -202,7 +208,7 @@ class Destination:
         try:
             if self.local:
                 return sorted(os.listdir(self._p(folder)))
-            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self._p(folder), detail=False))
+            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self._fresh(self._p(folder)), detail=False))
         except FileNotFoundError:
             return []
 
