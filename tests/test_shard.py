@@ -339,3 +339,14 @@ def test_verify_names_the_broken_shard(class_tree, tmp_path, capsys):
     assert rc == 1 and "shard shard-000000.tar: index shard-000000.idx does not match the tar" in err
     rc, err = broken(lambda r: (r / "shard-000000.idx").unlink())
     assert rc == 1 and "shard shard-000000.tar: index shard-000000.idx is missing" in err
+
+
+def test_bench_shard_smoke(capsys):
+    """`lmim bench shard` runs end to end and ends with one JSON object (no timing is asserted)."""
+    from tools.cli import main
+
+    assert main(["bench", "shard", "--n", "24", "--reps", "1", "--shard-mb", "0.5", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    figures = json.loads(last)
+    assert figures["images"] == 24 and figures["ratio"] > 0 and figures["ratio_vs_tar"] > 0
+    assert set(figures["seconds"]) == {"ours", "shardwriter", "tar"}

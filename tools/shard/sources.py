@@ -30,7 +30,7 @@ class SourceError(ValueError):
     """SRC itself is unusable; the message is one sentence for the user."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million items stay a few hundred MB
 class SourceItem:
     id: str                 # path relative to the corpus root (or as written in a list / tar)
     url: str                # where to read it (local path or fsspec URL); for tar members, the tar
