@@ -69,10 +69,12 @@ def collapse_cosine(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def effective_rank(features: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of the normalised singular values of centred features [B, C] (1 .. min(B, C))."""
-    f = features.float()
-    f = f - f.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(f)
+    """RankMe-style effective rank: exp(entropy) of the normalised singular values of the
+    (uncentred) features [B, C]; from 1 (every image maps to one direction: collapse) to min(B, C).
+
+    Not centred on purpose: a collapsed encoder gives near-identical features plus tiny noise,
+    which centring would blow back up to a high rank."""
+    s = torch.linalg.svdvals(features.float())
     p = s / s.sum().clamp_min(1e-12)
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 

@@ -237,6 +237,11 @@ def test_similarity_regulariser_and_metrics():
         torch.stack([F.cosine_similarity(x[b, i], x[b, j], dim=0) for i in range(6) for j in range(6) if i != j]).mean()
         for b in range(2)]).mean()
     assert torch.allclose(mean_token_similarity(x), direct, atol=1e-5)
+    # Effective rank: ~1 for collapsed features (one vector + tiny noise), ~C for isotropic ones.
+    from model.losses import effective_rank
+    collapsed = torch.randn(1, 16).expand(64, -1) + 1e-4 * torch.randn(64, 16)
+    assert effective_rank(collapsed) < 1.05
+    assert effective_rank(torch.randn(256, 16)) > 14
     # Identical images -> collapse_cos 1.
     net.eval()
     same = images[:1].expand(3, -1, -1, -1)
