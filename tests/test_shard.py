@@ -268,6 +268,8 @@ def test_bad_arguments_fail_cleanly(class_tree, tmp_path, capsys):
     assert rc == 2 and "is a file, not a folder" in err
     rc, err = _cli(["shard", str(class_tree), str(class_tree)], capsys)
     assert rc == 2 and "same folder" in err
+    rc, err = _cli(["shard", str(class_tree), str(class_tree / "ds")], capsys)
+    assert rc == 2 and "is inside SRC" in err
     not_a_list = tmp_path / "binary.bin"
     not_a_list.write_bytes(b"\xff\xfe\x00\x81" * 10)
     rc, err = _cli(["shard", str(not_a_list), str(dst)], capsys)

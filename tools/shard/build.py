@@ -378,9 +378,15 @@ def build_dataset(src: str, dst: str, *, shard_max_bytes: int | None = 256 << 20
     part_i, part_n = _parse_part(part)
     src_options = source_storage_options if source_storage_options is not None else storage_options
     dest = _open_destination(dst, storage_options)
-    if dest.local:
-        if os.path.abspath(src.rstrip("/")) == dest.path:
+    if dest.local and "://" not in src:
+        src_abs = os.path.realpath(src.rstrip("/") or "/")
+        dst_real = os.path.realpath(dest.path)
+        if src_abs == dst_real:
             raise BuildError("SRC and DST are the same folder; give DST a new folder")
+        if os.path.isdir(src_abs) and dst_real.startswith(src_abs.rstrip(os.sep) + os.sep):
+            raise BuildError(f"DST {dest.path} is inside SRC {src}: its shards would become part of the "
+                             f"corpus; put DST outside SRC")
+    if dest.local:
         _check_local_writable(dest.path)
     try:
         corpus = open_corpus(src, labels=labels, storage_options=src_options)
@@ -400,6 +406,9 @@ def build_dataset(src: str, dst: str, *, shard_max_bytes: int | None = 256 << 20
                       "planned_samples": len(corpus.items)}
         done = _prepare_destination(dest, plan, corpus, build_info)
         if done is not None:  # the dataset is already complete
+            if progress:
+                print(f"lmim shard: {_scrub_url(dest.url)} is already complete ({done.total_samples} samples in "
+                      f"{len(done.shards)} shards); nothing to do", file=sys.stderr)
             return _summary_from_manifest(done, t0)
         return _run(dest, corpus, plan, build_info, part_i, part_n, workers, progress, src_options, t0,
                     image_options={"max_side": max_side, "quality": quality, "max_pixels": max_pixels,
