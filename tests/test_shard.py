@@ -281,16 +281,22 @@ def test_bad_arguments_fail_cleanly(class_tree, tmp_path, capsys):
     assert sorted(p.name for p in class_tree.iterdir()) == ["class_000", "class_001", "class_002"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_destination(class_tree, tmp_path, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses new entries even to root
+        target = Path("/sys/lmim-test-ds")
+        if not Path("/sys").is_dir():
+            pytest.skip("needs a non-root user or /sys")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "ds"
     try:
-        rc, err = _cli(["shard", str(class_tree), str(ro / "ds")], capsys)
-        assert rc == 2 and "not writable" in err and not (ro / "ds").exists()
+        rc, err = _cli(["shard", str(class_tree), str(target)], capsys)
+        assert rc == 2 and "not writable" in err and not target.exists()
     finally:
-        ro.chmod(0o700)
+        if os.geteuid() != 0:
+            (tmp_path / "ro").chmod(0o700)
 
 
 def test_storage_option_parsing():
