@@ -202,13 +202,14 @@ def test_sigkill_then_rerun_equals_uninterrupted_build(tmp_path):
     src = tmp_path / "src"
     write_photo_jpegs(src, 24, size=SMALL, num_classes=2, seed=5)
     dst, ref = tmp_path / "ds", tmp_path / "ref"
-    # The real CLI in a child process; the test slows each shard down (0.3 s) so it can kill mid-build.
+    # The real CLI in a child process with 2 worker processes; the test slows each shard down
+    # (0.3 s) so that it can kill the build mid-way.
     code = ("import sys, time, tools.shard.build as b\n"
-            "orig = b.build_shard\n"
+            "orig = b.write_shard\n"
             "def slow(task):\n    out = orig(task)\n    time.sleep(0.3)\n    return out\n"
-            "b.build_shard = slow\n"
+            "b.write_shard = slow\n"
             "from tools.cli import main\n"
-            f"sys.exit(main(['shard', {str(src)!r}, {str(dst)!r}, '--shard-max-samples', '3', '--workers', '1', '--quiet']))\n")
+            f"sys.exit(main(['shard', {str(src)!r}, {str(dst)!r}, '--shard-max-samples', '3', '--workers', '2', '--quiet']))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     deadline = time.time() + 60
     while len(_sidecars(dst)) < 2 and time.time() < deadline and proc.poll() is None:
@@ -217,10 +218,13 @@ def test_sigkill_then_rerun_equals_uninterrupted_build(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done_before = len(_sidecars(dst))
+    time.sleep(1.0)  # the worker process died with the build: no shard completes after the kill
+    assert len(_sidecars(dst)) == done_before
     assert 2 <= done_before < 8 and not (dst / MANIFEST_NAME).exists()
     with pytest.raises(FileNotFoundError, match="build has not finished"):
         read_manifest(str(dst))
     resumed = build_dataset(str(src), str(dst), shard_max_samples=3, workers=2, progress=False)
+    assert len(_sidecars(dst)) == 8
     assert resumed.resumed_shards == done_before and resumed.built_shards == 8 - done_before
     assert resumed.images_read == 24 - 3 * done_before           # no sample processed twice
     build_dataset(str(src), str(ref), shard_max_samples=3, progress=False)

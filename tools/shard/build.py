@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -108,7 +109,8 @@ def write_shard(task: dict) -> tuple[dict, str | None, str | None]:
     name = task["name"]
     tmp_dir = task["tmp_dir"]
     os.makedirs(tmp_dir, exist_ok=True)
-    tmp_tar = os.path.join(tmp_dir, f"{name}.tar.tmp")
+    # per-process temporary names: a straggler from a killed run can never rename our file
+    tmp_tar = os.path.join(tmp_dir, f"{name}.tar.tmp-{os.getpid()}")
     writer = TarShardWriter(tmp_tar)
     rejects: list[dict] = []
     read_bytes = pending_n = pending_b = 0
@@ -162,7 +164,7 @@ def finalize_shard(task: dict, sidecar: dict, tmp_tar: str | None, index_text: s
     name = task["name"]
     fsync = task.get("fsync", True)
     if tmp_tar is not None:
-        idx_tmp = os.path.join(task["tmp_dir"], f"{name}.idx.tmp")
+        idx_tmp = os.path.join(task["tmp_dir"], f"{name}.idx.tmp-{os.getpid()}")
         with open(idx_tmp, "w", encoding="utf-8") as f:
             f.write(index_text)
         dest.put_file(idx_tmp, f"{name}.idx", fsync=fsync)
@@ -222,6 +224,20 @@ def _work(tasks: list[dict], claim) -> list[dict]:
     return results
 
 
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this worker when the build process dies: a killed build must not leave
+    workers running that a re-run would race with."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _run_forked(tasks: list[dict], workers: int, counters, result_dir: str) -> list[dict]:
     """Fork `workers - 1` children; they and this process claim shards from a shared counter.
 
@@ -233,9 +249,11 @@ def _run_forked(tasks: list[dict], workers: int, counters, result_dir: str) -> l
     ctx = mp.get_context("fork")
     claim = ctx.Value("q", 0)
     children = []
+    parent = os.getpid()
     for w in range(1, min(workers, len(tasks))):
         pid = os.fork()
         if pid == 0:  # child
+            _die_with_parent(parent)
             code = 0
             out = os.path.join(result_dir, f"worker-{w}.json")
             try:
@@ -484,10 +502,11 @@ def _run(dest: Destination, corpus: Corpus, plan: Plan, build_info: dict, part_i
     if dest.local:
         tmp_dir = os.path.join(dest.path, TMP_DIR)
         os.makedirs(tmp_dir, exist_ok=True)
-        for n in mine:  # leftovers of a killed run of this part (other parts own other names)
-            for ext in ("tar", "idx"):
+        mine_names = {shard_name(prefix, n) for n in mine}
+        for fname in os.listdir(tmp_dir):  # leftovers of a killed run of this part (other parts own other names)
+            if fname.split(".", 1)[0] in mine_names:
                 try:
-                    os.remove(os.path.join(tmp_dir, f"{shard_name(prefix, n)}.{ext}.tmp"))
+                    os.remove(os.path.join(tmp_dir, fname))
                 except FileNotFoundError:
                     pass
     else:
