@@ -230,11 +230,12 @@ class Loader:
                                          stats=self._stream_stats)
         return self._fetcher
 
-    def _sample(self, sid: int, idx: int) -> tuple[bytes, str]:
+    def _sample(self, sid: int, idx: int, loaded: dict[int, Any]) -> tuple[bytes, str]:
         """(encoded image, key) of one sample, read again (only to diagnose a failed batch)."""
         if self.streaming:
-            data = self.fetcher().load(self.manifest.shards[sid])
-            return data.images[idx], data.meta.keys[idx]
+            if sid not in loaded:
+                loaded[sid] = self.fetcher().load(self.manifest.shards[sid])
+            return loaded[sid].images[idx], loaded[sid].meta.keys[idx]
         meta = self.local_meta(sid)
         return read_span(self._local_paths(sid)[0], meta.image_spans[idx]), meta.keys[idx]
 
@@ -249,21 +250,19 @@ class Loader:
 
     def _guard(self, gen, start: int, shards: np.ndarray, samples: np.ndarray):
         """Turn a backend failure into a named error, or skip the undecodable sample (policy)."""
-        b = start
         try:
-            for item in gen:
-                b = item[0] + 1
-                yield item
-        except (ShardError, SampleError) as e:
-            if isinstance(e, SampleError) and self.cfg.on_error == "skip":
+            yield from gen
+        except SampleError as e:
+            if self.cfg.on_error == "skip" and getattr(e, "where", None) is not None:
                 self._skip(e)
             raise
         except _BackendFailure as e:
             failed = e.batch
             lo = (failed - start) * self.batch_size
+            loaded: dict[int, Any] = {}
             for pos in range(lo, min(lo + 3 * self.batch_size, len(shards))):  # the batch, and DALI's prefetch
                 sid, idx = int(shards[pos]), int(samples[pos])
-                data, key = self._sample(sid, idx)
+                data, key = self._sample(sid, idx, loaded)
                 reason = decodable(data)
                 if reason is not None:
                     err = SampleError(self.shard_name(sid), key, f"undecodable ({reason})")
@@ -336,6 +335,7 @@ def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, sa
     device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
     tmp = None
     prefetcher = None
+    pipe = None
     last: list[Any] = []
     state: dict[str, Any] = {}
 
@@ -421,6 +421,11 @@ def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, sa
             labels = np.array([m.labels[int(i)] for m, i in zip(metas, idxs)], np.int64)
             yield start + it, images, keys, labels
     finally:
+        # Break the cycles (pipeline -> source callback -> state -> exception -> this frame) so the
+        # pipeline is destroyed now, in this process, and not later by a forked child's GC.
+        state.clear()
+        last.clear()
+        pipe = None  # noqa: F841
         if prefetcher is not None:
             prefetcher.close()
         if tmp is not None:
