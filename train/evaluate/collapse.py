@@ -6,9 +6,10 @@
   |sum_i u_i|^2 = sum_ij u_i . u_j on unit vectors, so it uses every pair even for 50k images.
 - `token_sim`: mean cosine between the patch tokens of the SAME image, averaged over images
   (high = tokens carry no patch-specific information; the paper's regulariser targets this).
-- `effective_rank`: exp(entropy) of the normalised singular values of the centred pooled
-  features (1 = a single direction; up to min(N, D)). A collapse that keeps the features apart
-  but squeezes them into a few dimensions shows up here, not in `collapse_cos`.
+- `effective_rank`: RankMe-style, exp(entropy) of the normalised singular values of the
+  (uncentred) pooled features, `model.losses.effective_rank`, the same number the trainer logs
+  (1 = a single direction; up to min(N, D)). A collapse that keeps the features apart but
+  squeezes them into a few dimensions shows up here, not in `collapse_cos`.
 """
 from __future__ import annotations
 
@@ -103,8 +104,7 @@ def plot_collapse(pooled: torch.Tensor, path: str | os.PathLike, title: str = ""
         pooled = pooled.float().mean(1)
     stats = stats or collapse_stats(pooled)
     cos = pairwise_cosines(pooled).numpy()
-    centred = pooled.float() - pooled.float().mean(0, keepdim=True)
-    sv = torch.linalg.svdvals(centred)
+    sv = torch.linalg.svdvals(pooled.float())       # uncentred, as `effective_rank`
     sv = (sv / sv.sum().clamp_min(1e-12)).numpy()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
