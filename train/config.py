@@ -247,6 +247,9 @@ def _parse_override(item: str, schema: DictConfig) -> DictConfig:
 
 def _check_values(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express; each fails with one sentence."""
+    # YAML reads a bare `no` as false: `precision=no` on a command line arrives as "False".
+    if str(cfg.precision) in ("False", "false", "fp32", "none"):
+        cfg.precision = "no"
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

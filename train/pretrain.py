@@ -272,7 +272,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         after_step=int(cfg.collapse_guard.after_epochs * steps_per_epoch),
         action=cfg.collapse_guard.action,
     )
-    knn_every = cfg.eval.knn_every_epochs * steps_per_epoch if cfg.data.eval_url else 0
+    # k-NN monitoring (needs a labelled split): every knn_every_epochs epochs, and at the end.
+    knn_on = bool(cfg.data.eval_url)
+    knn_every = cfg.eval.knn_every_epochs * steps_per_epoch
 
     progress = None
     if is_main and cfg.progress:
@@ -402,7 +404,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     totals["t_end"] = time.perf_counter()
                 if state.step % cfg.log_every == 0 or at_end:
                     log_window()
-                if knn_every and (state.step % knn_every == 0 or at_end):
+                if knn_on and ((knn_every and state.step % knn_every == 0) or at_end):
                     # Before any checkpoint of this step, so a resumed run's RNG matches an uninterrupted one.
                     res = knn_evaluate(cfg, accelerator, net.encoder)
                     state.history["knn_top1"] = res["knn_top1"]
