@@ -1,0 +1,139 @@
+"""train/pretrain.py: the loop end to end, exact resume, atomic checkpoints, NaN stop (CPU, tiny)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import COMPLETE_MARKER, latest_checkpoint, list_checkpoints
+from train.config import ConfigError, load_config
+from train.observe import read_metrics
+
+# A ViT small enough for a step in tens of milliseconds: 4x4 grid of 4 px patches, 1 px gap.
+TINY = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.grid_size=4",
+    "model.patch_gap=1", "model.projector_hidden_dim=64", "model.decoder_dim=32", "model.decoder_depth=1",
+    "model.decoder_num_heads=2", "data.num_visible=4", "data.batch_size=8", "device=cpu", "precision=no",
+    "log_with=[]", "progress=false", "plots=false", "log_every=1", "optim.warmup_epochs=1", "epochs=2",
+]
+SYNTHETIC = ["data.loader=synthetic", "synthetic_batches=5"]
+
+
+def _reset_accelerate():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _run(run_dir, *extra):
+    from train.pretrain import run
+
+    _reset_accelerate()
+    cfg = load_config("quickstart", [*TINY, *SYNTHETIC, f"run_dir={run_dir}", *extra])
+    return run(cfg)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def test_end_to_end_synthetic(tmp_path):
+    out = _run(tmp_path / "r", "plots=true", "checkpoint.every_steps=4", "checkpoint.keep=2")
+    assert out["step"] == 10 and out["steps_per_epoch"] == 5
+    losses = _losses(tmp_path / "r")
+    assert sorted(losses) == list(range(1, 11)) and all(math.isfinite(v) for v in losses.values())
+    recs = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    # Schedules as logged: warm-up starts at 0.25 x peak, momentum rises towards 1.
+    peak = 1.5e-3 * 8 / 256
+    assert recs[0]["lr"] == pytest.approx(0.25 * peak)
+    assert recs[-1]["momentum"] > recs[0]["momentum"]
+    for key in ("collapse_cos", "effective_rank", "images_per_s", "data_wait_share"):
+        assert key in recs[-1]
+    # Rotation: steps 4, 8, 10 were saved, the newest two kept, each complete and self-describing.
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [8, 10]
+    ckpt = latest_checkpoint(tmp_path / "r")
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "config.yaml", COMPLETE_MARKER):
+        assert (ckpt / name).is_file(), name
+    assert (tmp_path / "r" / "plots" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "r" / "plots" / "masks.png").stat().st_size > 0
+    # The checkpoint contract: tools.export rebuilds the model from it with plain keys.
+    from tools.export import load_latent_mim
+
+    net = load_latent_mim(ckpt)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert set(saved) == set(net.state_dict()) and not any(k.startswith("module.") for k in saved)
+
+
+def test_stop_then_resume_is_exact(tmp_path):
+    """A run stopped at max_steps and resumed logs exactly the losses of an uninterrupted run."""
+    _run(tmp_path / "a")
+    _run(tmp_path / "b", "max_steps=3", "checkpoint.every_steps=100")
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(newest: step_00000003\); add resume=auto"):
+        _run(tmp_path / "b")
+    out = _run(tmp_path / "b", "resume=auto")
+    assert out["step"] == 10
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(b) == sorted(a)
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    # Same final weights too (online and EMA target).
+    from safetensors.torch import load_file
+
+    wa = load_file(str(latest_checkpoint(tmp_path / "a") / "model.safetensors"))
+    wb = load_file(str(latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_checkpoint_is_ignored(tmp_path):
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=4", "checkpoint.every_steps=2")
+    good = latest_checkpoint(run_dir)
+    assert good.name == "step_00000004"
+    root = run_dir / "checkpoints"
+    # A write cut short before the rename (temp folder) and a step folder without its marker.
+    tmp = root / ".tmp-step_00000006"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    bad = root / "step_00000008"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(run_dir) == good
+    out = _run(run_dir, "resume=auto", "max_steps=6")
+    assert out["step"] == 6
+    assert not tmp.exists()  # the leftover was cleaned up
+    # Resumed from step 4, not from the broken step 8: steps 5 and 6 equal an uninterrupted run's.
+    _run(tmp_path / "ref", "max_steps=6", "checkpoint.every_steps=2")
+    assert _losses(run_dir) == _losses(tmp_path / "ref")
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from model.latent_mim import LatentMIM
+    from train.pretrain import TrainingError
+
+    real_forward = LatentMIM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] >= 5:  # from the 5th step on the loss is nan
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(LatentMIM, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite .* between steps 5 and 5.*last good checkpoint is kept"):
+        _run(tmp_path / "r", "checkpoint.every_steps=4", "log_every=5")
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [4]
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["status"] == "failed"
