@@ -1,0 +1,62 @@
+"""`lmim bench quality`: argument errors, the step-time calibration, and a tiny end-to-end run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools import datasets
+from tools.bench import quality
+from train.config import load_config
+
+needs_fmnist = pytest.mark.skipif(not datasets.fashion_mnist_available(),
+                                  reason="Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+
+
+def test_bad_arguments_say_one_sentence(capsys):
+    assert quality.main(["--methods", "random,bogus"]) == 2
+    assert "unknown method(s) bogus" in capsys.readouterr().err
+    assert quality.main(["--budget-minutes", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+def test_missing_fashion_mnist_is_one_clear_sentence(monkeypatch, tmp_path, capsys):
+    # Stands in for a machine without the Debian package (cannot uninstall it from a test).
+    monkeypatch.setattr(datasets, "fashion_mnist_available", lambda *a, **k: False)
+    assert quality.main(["--work-dir", str(tmp_path / "w"), "--methods", "pixels"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "apt-get install -y dataset-fashion-mnist" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w" / "data").exists()
+
+
+def test_calibration_measures_each_objective():
+    cfg = load_config("quickstart", ["model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+                                     "model.projector_hidden_dim=32", "model.decoder_dim=32", "model.decoder_depth=1",
+                                     "model.decoder_num_heads=2", "data.batch_size=4"])
+    times = quality.calibrate({"lmim": "infonce", "mae": "mae", "naive": "naive_mse"}, cfg, rounds=1, steps=1)
+    assert set(times) == {"lmim", "mae", "naive"}
+    assert all(0 < t < 60 for t in times.values())
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_end_to_end_tiny(tmp_path, capsys):
+    """Data prep -> random init, Latent MIM (a few steps through `lmim pretrain`) and pixels -> JSON."""
+    argv = ["--work-dir", str(tmp_path), "--methods", "random,lmim,pixels", "--budget-minutes", "0.05",
+            "--train-per-class", "13", "--test-per-class", "5", "--json"]
+    assert quality.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert set(res) >= {"random", "lmim", "pixels", "meta"}
+    for m in ("random", "lmim", "pixels"):
+        for k in ("knn_loo1", "knn20", "linear"):
+            assert 0 <= res[m][k] <= 100, (m, k)
+    assert 0 < res["random"]["collapse_cos"] <= 1 and 0 < res["lmim"]["collapse_cos"] <= 1
+    assert "collapse_cos" not in res["pixels"]
+    assert res["lmim"]["steps"] >= 1 and res["random"]["steps"] == 0
+    assert res["meta"]["n_train"] == 130 and res["meta"]["n_test"] == 50
+    assert any("kNN-LOO1" in line for line in out)  # the table names its protocols
+    # The data is reused by a second run (no re-export).
+    assert quality.main(["--work-dir", str(tmp_path), "--methods", "pixels", "--train-per-class", "13",
+                         "--test-per-class", "5"]) == 0
+    assert "reusing" in capsys.readouterr().err

@@ -1,0 +1,228 @@
+"""`lmim bench train`: what the trainer costs on top of the model, and how long it waits for data.
+
+    lmim bench train                       # CPU: data-wait share, quickstart + a small photo config
+    lmim bench train --json                # the same; the last line is one JSON object
+    lmim bench train --device cuda         # GPU: ViT-B/16 steps/s, full trainer vs the bare model step
+
+CPU (the machines everything must run on): the full trainer (`train.pretrain.run`) with the real
+DALI loader against the same trainer fed ideal device-resident batches (`data.loader=synthetic`:
+no decoding, never waits). For each config the runs alternate DALI / ideal for `--repeats`
+rounds and medians are quoted: the share of wall time spent blocked on the loader, and
+`ratio` = DALI images/s / ideal images/s (1.0 = data loading costs nothing).
+- "quickstart": the quickstart preset on Fashion-MNIST (28 px PNGs; digits without the package).
+- "small photos": a small ViT (8 x 8 grid of 8 px patches, 2 px gap: 80 px crops) on 500 x 375
+  real-photo JPEGs, closer to ImageNet's decode cost per pixel.
+
+GPU (`--device cuda`): ViT-B/16 (the reference config, bf16) on device-resident batches, the full
+trainer (config, Accelerate, schedules, EMA, metrics, logging) against a bare loop of the same
+model step (autocast bf16 forward + backward + fused AdamW + EMA). `ratio` = trainer steps/s /
+bare steps/s; 1 - ratio is the trainer's overhead (target: under 5%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main"]
+
+
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; every in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _train(preset: str, overrides: list[str]) -> dict[str, Any]:
+    from train.config import load_config
+    from train.pretrain import run
+
+    _reset_accelerate()
+    cfg = load_config(preset, [
+        "log_with=[]", "progress=false", "plots=false", "checkpoint.every_steps=0", "eval.knn_every_epochs=0",
+        "data.eval_url=null", "checkpoint.keep=1", *overrides,
+    ])
+    summary = run(cfg)
+    if summary["timing"] is None:
+        raise RuntimeError("the run was too short to time; raise --steps.")
+    return summary["timing"]
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+def _quickstart_data(root: Path) -> tuple[str, list[str]]:
+    from train.quickstart import prepare_data
+
+    data = prepare_data(root / "qs", "auto")
+    m, s = data["mean"], data["std"]
+    return data["dataset"], [f"data.url={data['train']}", f"data.mean=[{m},{m},{m}]", f"data.std=[{s},{s},{s}]"]
+
+
+def _photo_data(root: Path, n: int) -> str:
+    from tools.sample_images import write_photo_jpegs
+    from tools.shard import build_dataset
+
+    src, dst = root / "photos-src", root / "photos"
+    write_photo_jpegs(src, n, num_classes=10, seed=0)
+    build_dataset(str(src), str(dst), shard_max_samples=200, workers=2, seed=0, progress=False)
+    return str(dst)
+
+
+_SMALL = [
+    "model.arch=vit_tiny_patch16_224", "model.embed_dim=128", "model.depth=4", "model.num_heads=4",
+    "model.patch_size=8", "model.grid_size=8", "model.patch_gap=2", "model.projector_hidden_dim=512",
+    "model.decoder_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4", "data.num_visible=12",
+    "data.batch_size=64", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]",
+]
+
+
+def _cpu(args) -> dict[str, Any]:
+    results: dict[str, Any] = {"device": "cpu", "threads": torch.get_num_threads(), "configs": {}}
+    with tempfile.TemporaryDirectory(prefix="lmim-bench-train-") as tmp:
+        root = Path(tmp)
+        dataset, qs_data = _quickstart_data(root)
+        photos = _photo_data(root, args.photos)
+        configs = {
+            f"quickstart ({dataset})": ("quickstart", qs_data),
+            "small photos (80 px crops)": ("quickstart", [*_SMALL, f"data.url={photos}"]),
+        }
+        for name, (preset, data_overrides) in configs.items():
+            runs: dict[str, list[dict]] = {"dali": [], "ideal": []}
+            for r in range(args.repeats):
+                for kind in ("dali", "ideal"):  # A B A B: the machine's noise hits both alike
+                    extra = ["data.loader=synthetic", "synthetic_batches=1000"] if kind == "ideal" else ["data.loader=dali"]
+                    t = _train(preset, [*data_overrides, *extra, f"max_steps={args.steps}",
+                                        f"run_dir={root / 'runs' / f'{name}-{kind}-{r}'}".replace(" ", "_")])
+                    runs[kind].append(t)
+            med = {k: {m: statistics.median(t[m] for t in v) for m in ("images_per_s", "data_wait_share", "steps_per_s")}
+                   for k, v in runs.items()}
+            results["configs"][name] = {
+                "dali_images_per_s": med["dali"]["images_per_s"],
+                "dali_data_wait_share": med["dali"]["data_wait_share"],
+                "ideal_images_per_s": med["ideal"]["images_per_s"],
+                "ideal_data_wait_share": med["ideal"]["data_wait_share"],
+                "ratio": med["dali"]["images_per_s"] / med["ideal"]["images_per_s"],
+            }
+    results["ratio"] = min(c["ratio"] for c in results["configs"].values())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+def _bare_steps_per_s(cfg, steps: int, warmup: int) -> float:
+    """The model step alone: no Accelerate, no schedules, no logging; the same batch every step."""
+    from omegaconf import OmegaConf
+
+    from model import LatentMIM
+    from model.masks import make_masks
+
+    dev = torch.device("cuda")
+    m, d = cfg.model, cfg.data
+    torch.manual_seed(0)
+    net = LatentMIM(OmegaConf.to_object(m)).to(dev).train()
+    opt = torch.optim.AdamW(net.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    size = m.grid_size * (m.patch_size + m.patch_gap)
+    images = torch.randn(d.batch_size, 3, size, size, device=dev)
+    visible, target = make_masks(d.mask, d.batch_size, m.grid_size, d.num_visible, device=dev)
+    sim = 0.5 if m.sim_reg_coef > 0 else None
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(images, visible, target, sim_target=sim)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        net.update_target(0.996)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t0)
+
+
+def _gpu(args) -> dict[str, Any]:
+    from train.config import load_config
+
+    if not torch.cuda.is_available():
+        raise SystemExit("lmim bench train: --device cuda needs a CUDA device; none is visible.")
+    overrides = [f"data.batch_size={args.batch_size}", "precision=bf16", "device=cuda"]
+    cfg = load_config("vit_b16_in1k", overrides)
+    trainer, bare = [], []
+    with tempfile.TemporaryDirectory(prefix="lmim-bench-train-") as tmp:
+        for r in range(args.repeats):
+            bare.append(_bare_steps_per_s(cfg, args.steps, warmup=5))
+            torch.cuda.empty_cache()
+            t = _train("vit_b16_in1k", [*overrides, "data.loader=synthetic", "synthetic_batches=100000",
+                                        f"max_steps={args.steps + 3}", "log_every=20", f"run_dir={tmp}/run{r}"])
+            trainer.append(t["steps_per_s"])
+            torch.cuda.empty_cache()
+    t_med, b_med = statistics.median(trainer), statistics.median(bare)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "config": f"vit_b16_in1k, batch {args.batch_size}/GPU, bf16, device-resident batches",
+        "trainer_steps_per_s": t_med,
+        "bare_steps_per_s": b_med,
+        "trainer_images_per_s": t_med * args.batch_size,
+        "overhead": 1.0 - t_med / b_med,
+        "ratio": t_med / b_med,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _print_table(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if "configs" in res:
+        t = Table(title=f"lmim bench train (CPU, {res['threads']} threads): trainer with DALI vs ideal device-resident batches")
+        for col in ("config", "DALI img/s", "DALI data-wait", "ideal img/s", "ideal data-wait", "ratio"):
+            t.add_column(col, justify="right" if col != "config" else "left")
+        for name, c in res["configs"].items():
+            t.add_row(name, f"{c['dali_images_per_s']:.0f}", f"{c['dali_data_wait_share']:.1%}",
+                      f"{c['ideal_images_per_s']:.0f}", f"{c['ideal_data_wait_share']:.1%}", f"{c['ratio']:.2f}")
+    else:
+        t = Table(title=f"lmim bench train ({res['device']}): {res['config']}")
+        for col in ("trainer steps/s", "bare model steps/s", "trainer img/s", "trainer overhead", "ratio"):
+            t.add_column(col, justify="right")
+        t.add_row(f"{res['trainer_steps_per_s']:.2f}", f"{res['bare_steps_per_s']:.2f}",
+                  f"{res['trainer_images_per_s']:.0f}", f"{res['overhead']:.1%}", f"{res['ratio']:.3f}")
+    Console().print(t)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmim bench train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (CPU 25, GPU 50)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are quoted")
+    p.add_argument("--photos", type=int, default=1200, help="CPU: JPEGs in the small-photo dataset")
+    p.add_argument("--batch-size", type=int, default=256, help="GPU: images per step")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 50 if args.device == "cuda" else 25
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    res = _gpu(args) if args.device == "cuda" else _cpu(args)
+    _print_table(res)
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
