@@ -20,6 +20,13 @@ def test_bad_arguments_say_one_sentence(capsys):
     assert "must be positive" in capsys.readouterr().err
 
 
+def test_bad_override_fails_before_any_work(tmp_path, capsys):
+    assert quality.main(["--work-dir", str(tmp_path / "w"), "--set", "model.depthh=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.depthh" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w" / "data").exists()
+
+
 def test_missing_fashion_mnist_is_one_clear_sentence(monkeypatch, tmp_path, capsys):
     # Stands in for a machine without the Debian package (cannot uninstall it from a test).
     monkeypatch.setattr(datasets, "fashion_mnist_available", lambda *a, **k: False)
@@ -43,7 +50,7 @@ def test_calibration_measures_each_objective():
 def test_end_to_end_tiny(tmp_path, capsys):
     """Data prep -> random init, Latent MIM (a few steps through `lmim pretrain`) and pixels -> JSON."""
     argv = ["--work-dir", str(tmp_path), "--methods", "random,lmim,pixels", "--budget-minutes", "0.05",
-            "--train-per-class", "13", "--test-per-class", "5", "--json"]
+            "--train-per-class", "13", "--test-per-class", "5", "--set", "data.num_visible=8", "--json"]
     assert quality.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
@@ -55,6 +62,9 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert "collapse_cos" not in res["pixels"]
     assert res["lmim"]["steps"] >= 1 and res["random"]["steps"] == 0
     assert res["meta"]["n_train"] == 130 and res["meta"]["n_test"] == 50
+    assert res["meta"]["overrides"] == ["data.num_visible=8"]
+    cfg = (tmp_path / "runs" / "lmim" / "config.yaml").read_text()
+    assert "num_visible: 8" in cfg
     assert any("kNN-LOO1" in line for line in out)  # the table names its protocols
     # The data is reused by a second run (no re-export).
     assert quality.main(["--work-dir", str(tmp_path), "--methods", "pixels", "--train-per-class", "13",

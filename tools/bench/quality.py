@@ -26,6 +26,7 @@ of an equal-time comparison. The table lists the steps each one got.
     lmim bench quality --budget-minutes 2    # quicker, noisier
     lmim bench quality --large               # GPU: full 60k / 10k, 10 min per method, bf16
     lmim bench quality --json                # last line: one JSON object keyed by method
+    lmim bench quality --set data.num_visible=8 --methods lmim,mae   # an ablation: any config key
 """
 from __future__ import annotations
 
@@ -290,6 +291,8 @@ def _table(results: dict[str, dict], meta: dict) -> str:
         "tok-sim = mean cosine between patch tokens of the same image; eff-rank = effective rank of pooled features.",
         f"budget {meta['budget_minutes']:g} min of training per method ({meta['setting']}), {meta['machine']}, {meta['date']}.",
     ]
+    if meta.get("overrides"):
+        lines.append(f"config: the {meta['preset']} preset with {' '.join(meta['overrides'])}.")
     return "\n".join(lines)
 
 
@@ -305,6 +308,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=int, default=None, help="training images per class (default 1000; 6000 with --large)")
     p.add_argument("--test-per-class", type=int, default=None, help="test images per class (default 200; 1000 with --large)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="training config override for every trained method (repeatable), e.g. data.num_visible=8 "
+                   "for an ablation; recorded in the JSON's meta")
     return p
 
 
@@ -330,9 +336,11 @@ def main(argv: list[str]) -> int:
             setattr(setting, name, value)
     work = Path(args.work_dir)
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    from train.config import ConfigError
+
     try:
         return _run(args, setting, methods, work)
-    except BenchError as exc:
+    except (BenchError, ConfigError) as exc:
         print(f"lmim bench quality: {exc}", file=sys.stderr)
         return 2
 
@@ -346,8 +354,10 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
     from train.config import effective_batch_size, load_config
 
     t_start = time.perf_counter()
+    load_config(PRESET, [*setting.overrides, *args.overrides])  # a bad --set fails before any work
     urls = prepare_data(work, setting, args.seed)
-    base = [*setting.overrides, f"data.url={urls['train']}", f"seed={args.seed}", "eval.knn_every_epochs=0"]
+    base = [*setting.overrides, f"data.url={urls['train']}", f"seed={args.seed}", "eval.knn_every_epochs=0",
+            *args.overrides]
     cfg = load_config(PRESET, base)
     batch = effective_batch_size(cfg, 1)
     n_train = read_manifest(urls["train"]).total_samples
@@ -393,7 +403,7 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
 
     meta = {
         "setting": setting.name, "budget_minutes": setting.budget_minutes, "n_train": n_train, "n_test": n_test,
-        "preset": PRESET, "batch": batch, "seed": args.seed,
+        "preset": PRESET, "overrides": list(args.overrides), "batch": batch, "seed": args.seed,
         "machine": f"{platform.machine()} {os.cpu_count()} CPU(s)"
                    + (f", {torch.cuda.get_device_name()}" if setting.eval_device == "cuda" else ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -58,10 +58,10 @@ def _train(preset: str, overrides: list[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- CPU
-def _quickstart_data(root: Path) -> tuple[str, list[str]]:
+def _quickstart_data(root: Path, dataset: str) -> tuple[str, list[str]]:
     from train.quickstart import prepare_data
 
-    data = prepare_data(root / "qs", "auto")
+    data = prepare_data(root / "qs", dataset)
     m, s = data["mean"], data["std"]
     return data["dataset"], [f"data.url={data['train']}", f"data.mean=[{m},{m},{m}]", f"data.std=[{s},{s},{s}]"]
 
@@ -88,7 +88,7 @@ def _cpu(args) -> dict[str, Any]:
     results: dict[str, Any] = {"device": "cpu", "threads": torch.get_num_threads(), "configs": {}}
     with tempfile.TemporaryDirectory(prefix="lmim-bench-train-") as tmp:
         root = Path(tmp)
-        dataset, qs_data = _quickstart_data(root)
+        dataset, qs_data = _quickstart_data(root, args.dataset)
         photos = _photo_data(root, args.photos)
         configs = {
             f"quickstart ({dataset})": ("quickstart", qs_data),
@@ -207,6 +207,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (CPU 25, GPU 50)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are quoted")
     p.add_argument("--photos", type=int, default=1200, help="CPU: JPEGs in the small-photo dataset")
+    p.add_argument("--dataset", choices=["auto", "fashion_mnist", "digits"], default="auto",
+                   help="CPU: the quickstart's dataset (auto = Fashion-MNIST when installed)")
     p.add_argument("--batch-size", type=int, default=256, help="GPU: images per step")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = p.parse_args(argv)

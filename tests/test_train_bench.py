@@ -1,0 +1,29 @@
+"""`lmim bench train` runs end to end on the CPU (tiny settings; no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tools.cli import main
+
+
+@pytest.mark.timeout(400)
+def test_bench_train_cpu_json(capsys):
+    rc = main(["bench", "train", "--json", "--dataset", "digits", "--photos", "130", "--steps", "2", "--repeats", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert set(res["configs"]) == {"quickstart (digits)", "small photos (80 px crops)"}
+    for c in res["configs"].values():
+        assert c["dali_images_per_s"] > 0 and c["ideal_images_per_s"] > 0
+        assert 0 <= c["dali_data_wait_share"] <= 1 and 0 <= c["ideal_data_wait_share"] < 1
+    assert res["ratio"] == min(c["ratio"] for c in res["configs"].values())
+    assert any("data-wait" in line for line in out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_train_cuda_without_gpu_says_so():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main(["bench", "train", "--device", "cuda"])
