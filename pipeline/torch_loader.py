@@ -8,7 +8,6 @@ each worker in turn, so batches come out in order and resume is exact here too.
 """
 from __future__ import annotations
 
-import gc
 import math
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import model  # noqa: F401  (its torchvision shim must run before torchvision is imported)
 from pipeline.errors import DataError, SampleError
+from pipeline.forking import fork_safe_gc
 
 
 class _Batches(IterableDataset):
@@ -105,13 +105,10 @@ def torch_batches(loader, epoch: int, start: int, shards: np.ndarray, samples: n
     """Yield (batch index, images, keys, labels) like the DALI backend; raise SampleError on a bad image."""
     ds = _Batches(loader, epoch, start, shards, samples)
     nw = max(0, int(loader.cfg.num_threads))
-    if nw:
-        # Collect cyclic garbage here, not in a forked worker: a DALI pipeline left in a cycle (e.g. by
-        # an exception's traceback) must be destroyed where its threads exist (seen: segfaults).
-        gc.collect()
     dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=loader.device.type == "cuda",
                     persistent_workers=False, multiprocessing_context="fork" if nw else None)
-    it = iter(dl)
+    with fork_safe_gc():  # the workers are forked here; see pipeline/forking.py
+        it = iter(dl)
     try:
         for item in it:
             if item[0] == "raise":

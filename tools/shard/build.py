@@ -25,6 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.forking import fork_safe_gc
 from pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest, ShardInfo
 from tools.shard.images import DEFAULT_MAX_PIXELS, Reject, prepare_image
 from tools.shard.plan import Plan, make_plan
@@ -153,7 +154,7 @@ def write_shard(task: dict) -> tuple[dict, str | None, str | None]:
         os.remove(tmp_tar)  # every input of this shard was rejected: no shard at all
         return sidecar, None, None
     sidecar["info"] = asdict(ShardInfo(name=f"{name}.tar", index=f"{name}.idx", samples=result.samples,
-                                       bytes=result.bytes, sha256=result.sha256))
+                                       bytes=result.bytes, checksum=result.checksum))
     return sidecar, tmp_tar, result.index_text
 
 
@@ -224,16 +225,22 @@ def _work(tasks: list[dict], claim) -> list[dict]:
     return results
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this worker when the build process dies: a killed build must not leave
-    workers running that a re-run would race with."""
+def _prctl():
+    """libc's prctl, resolved in the parent: a forked child then calls it without dlopen/dlsym
+    (the loader's locks may have been held by another thread at fork time)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def _die_with_parent(parent: int, prctl) -> None:
+    """Ask Linux to SIGKILL this worker when the build process dies: a killed build must not leave
+    workers running that a re-run would race with."""
+    if prctl is not None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -249,25 +256,26 @@ def _run_forked(tasks: list[dict], workers: int, counters, result_dir: str) -> l
     ctx = mp.get_context("fork")
     claim = ctx.Value("q", 0)
     children = []
-    parent = os.getpid()
-    for w in range(1, min(workers, len(tasks))):
-        pid = os.fork()
-        if pid == 0:  # child
-            _die_with_parent(parent)
-            code = 0
-            out = os.path.join(result_dir, f"worker-{w}.json")
-            try:
-                _init_worker(counters)
-                res = {"results": _work(tasks, claim)}
-            except BaseException:
-                res = {"error": traceback.format_exc()}
-                code = 1
-            try:
-                with open(out, "w") as f:
-                    json.dump(res, f)
-            finally:
-                os._exit(code)
-        children.append((w, pid))
+    parent, prctl = os.getpid(), _prctl()
+    with fork_safe_gc():  # no child may finalize the parent's objects (DALI pipelines); pipeline/forking.py
+        for w in range(1, min(workers, len(tasks))):
+            pid = os.fork()
+            if pid == 0:  # child
+                _die_with_parent(parent, prctl)
+                code = 0
+                out = os.path.join(result_dir, f"worker-{w}.json")
+                try:
+                    _init_worker(counters)
+                    res = {"results": _work(tasks, claim)}
+                except BaseException:
+                    res = {"error": traceback.format_exc()}
+                    code = 1
+                try:
+                    with open(out, "w") as f:
+                        json.dump(res, f)
+                finally:
+                    os._exit(code)
+            children.append((w, pid))
     results: list[dict] = []
     error: BaseException | None = None
     try:
@@ -590,7 +598,7 @@ def merge_parts(dst: str, *, storage_options: dict | None = None, _dest: Destina
         names = ", ".join(shard_name(prefix, n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise BuildError(f"{len(missing)} of {n_planned} shards are not built yet ({names}); finish every "
                          f"`lmim shard --part i/N` run, then merge again")
-    shards = [ShardInfo(**sides[n]["info"]) for n in range(n_planned) if sides[n].get("info")]
+    shards = [ShardInfo.from_dict(sides[n]["info"]) for n in range(n_planned) if sides[n].get("info")]
     rejects = list(plan_doc.get("listing_rejects", []))
     for n in range(n_planned):
         rejects.extend(sides[n]["rejects"])
