@@ -15,7 +15,7 @@ from typing import Any
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 FORMAT = "lmim-webdataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `checksum` ("algorithm:hex") replaced `sha256`; version 1 still reads
 # The image extensions a sample may carry; DALI's webdataset reader takes them as alternatives.
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 
@@ -28,7 +28,14 @@ class ShardInfo:
     index: str
     samples: int
     bytes: int
-    sha256: str
+    checksum: str   # "xxh3_128:<hex>" (pipeline.checksum); "sha256:<hex>" in version-1 manifests
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShardInfo":
+        d = dict(d)
+        if "checksum" not in d and "sha256" in d:  # written by format version 1
+            d["checksum"] = "sha256:" + d.pop("sha256")
+        return cls(**d)
 
 
 @dataclass
@@ -62,7 +69,7 @@ class Manifest:
             raise ValueError(
                 f"manifest version {data['version']} is newer than this lmim understands ({FORMAT_VERSION}); upgrade lmim"
             )
-        shards = [ShardInfo(**s) for s in data["shards"]]
+        shards = [ShardInfo.from_dict(s) for s in data["shards"]]
         return cls(shards=shards, classes=data.get("classes"), build=data.get("build", {}),
                    format=data["format"], version=int(data["version"]))
 

@@ -2,14 +2,13 @@
 
 Object stores throttle request rates long before bandwidth, so a shard is fetched with a single
 `fs.cat_file` (one GET for S3) instead of one ranged request per sample, checked against the
-manifest's sha256, parsed in memory and handed to the pipeline. A background thread keeps up
+manifest's checksum, parsed in memory and handed to the pipeline. A background thread keeps up
 to `prefetch_shards` parsed shards ready; transient errors are retried with exponential
 back-off; an optional local cache (size-limited, evicting the least recently used shards)
 saves re-downloads in later epochs.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from pipeline.checksum import algorithm_of, checksum_of
 from pipeline.errors import DataError, ShardError
 from pipeline.manifest import ShardInfo, join_url
 from pipeline.shards import ShardData, parse_tar
@@ -79,7 +79,7 @@ class ShardFetcher:
     def _cached(self, info: ShardInfo) -> bytes | None:
         if not self.cache_dir:
             return None
-        path = os.path.join(self.cache_dir, info.sha256 + ".tar")
+        path = os.path.join(self.cache_dir, info.checksum.replace(":", "-") + ".tar")
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -94,7 +94,7 @@ class ShardFetcher:
     def _store(self, info: ShardInfo, data: bytes) -> None:
         if not self.cache_dir or self.cache_max_bytes <= 0 or len(data) > self.cache_max_bytes:
             return
-        path = os.path.join(self.cache_dir, info.sha256 + ".tar")
+        path = os.path.join(self.cache_dir, info.checksum.replace(":", "-") + ".tar")
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -120,7 +120,7 @@ class ShardFetcher:
                     pass
 
     def fetch(self, info: ShardInfo) -> bytes:
-        """The shard's bytes, verified against the manifest (size and sha256)."""
+        """The shard's bytes, verified against the manifest (size and checksum)."""
         data = self._cached(info)
         if data is not None:
             return data
@@ -145,10 +145,10 @@ class ShardFetcher:
         self.stats.add(shards_fetched=1, bytes_fetched=len(data))
         if len(data) != info.bytes:
             raise ShardError(info.name, f"truncated: read {len(data)} bytes, the manifest says {info.bytes}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
-            raise ShardError(info.name, f"checksum mismatch: sha256 {digest[:12]}..., the manifest says "
-                                        f"{info.sha256[:12]}... (the shard changed or is corrupt)")
+        digest = checksum_of(data, algorithm_of(info.checksum))
+        if digest != info.checksum:
+            raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
+                                        f"{info.checksum[:21]}... (the shard changed or is corrupt)")
         self._store(info, data)
         return data
 

@@ -1,7 +1,6 @@
 """The data pipeline end to end on tiny shards: DALI (CPU) and the PyTorch baseline, local and s3://."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from pipeline import Batch, DataError, SampleError, ShardError, build_loader
+from pipeline.checksum import checksum_of
 from pipeline.config import DataConfig
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.order import eval_plan, rank_shards, train_plan
@@ -309,7 +309,7 @@ def _refresh_manifest(root: str) -> None:
     for s in m.shards:
         with open(os.path.join(root, s.name), "rb") as f:
             data = f.read()
-        s.bytes, s.sha256 = len(data), hashlib.sha256(data).hexdigest()
+        s.bytes, s.checksum = len(data), checksum_of(data)
     with open(os.path.join(root, "manifest.json"), "w") as f:
         f.write(m.to_json())
 

@@ -333,7 +333,7 @@ def test_verify_names_the_broken_shard(class_tree, tmp_path, capsys):
             f.write(bytes([b[0] ^ 0xFF]))
 
     rc, err = broken(flip_byte)
-    assert rc == 1 and "shard shard-000002.tar: sha256 does not match" in err
+    assert rc == 1 and "shard shard-000002.tar: checksum does not match" in err
     rc, err = broken(lambda r: os.truncate(r / "shard-000001.tar", 4096))
     assert rc == 1 and "shard shard-000001.tar: size is 4096 bytes" in err
     rc, err = broken(lambda r: (r / "shard-000003.tar").unlink())

@@ -1,7 +1,7 @@
 """`lmim verify DST`: re-read a dataset and check it against its manifest.
 
 Per shard, in one sequential read (so a remote shard costs a few GETs): the tar exists, its size
-and sha256 match the manifest, it parses as a tar, the `.idx` lists exactly its members (same
+and checksum match the manifest, it parses as a tar, the `.idx` lists exactly its members (same
 names, offsets and sizes, grouped per sample as DALI's `wds2idx` groups them) and the manifest's
 sample count, every sample has one image, a `.json` with integer width/height, a `.cls` within
 the class list when the dataset is labelled, and keys are unique across the dataset with no dot.
@@ -9,12 +9,12 @@ the class list when the dataset is labelled, and keys are unique across the data
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tarfile
 from typing import Any
 
+from pipeline.checksum import algorithm_of, format_checksum, hasher_like
 from pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, join_url, read_manifest
 from tools.shard.options import add_storage_arguments, storage_options_from
 
@@ -22,9 +22,9 @@ from tools.shard.options import add_storage_arguments, storage_options_from
 class _HashingReader:
     """A read-only file wrapper that hashes everything read through it (tarfile's stream mode reads it all)."""
 
-    def __init__(self, f):
+    def __init__(self, f, hasher):
         self.f = f
-        self.sha = hashlib.sha256()
+        self.sha = hasher
         self.n = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -70,7 +70,7 @@ def _check_shard(root: str, shard: ShardInfo, classes: list[str] | None, fsspec_
     try:
         fs, path = fsspec.core.url_to_fs(url, **fsspec_opts)
         with fs.open(path, "rb", block_size=8 << 20) as raw:
-            reader = _HashingReader(raw)
+            reader = _HashingReader(raw, hasher_like(shard.checksum))
             try:
                 with tarfile.open(fileobj=reader, mode="r|") as tf:
                     for m in tf:
@@ -90,8 +90,8 @@ def _check_shard(root: str, shard: ShardInfo, classes: list[str] | None, fsspec_
         return [f"{where}: missing ({url} does not exist)"]
     if reader.n != shard.bytes:
         problems.append(f"{where}: size is {reader.n} bytes, the manifest says {shard.bytes}")
-    if reader.sha.hexdigest() != shard.sha256:
-        problems.append(f"{where}: sha256 does not match the manifest (the shard is corrupt or was modified)")
+    if format_checksum(reader.sha, algorithm_of(shard.checksum)) != shard.checksum:
+        problems.append(f"{where}: checksum does not match the manifest (the shard is corrupt or was modified)")
     if len(samples) != shard.samples:
         problems.append(f"{where}: holds {len(samples)} samples, the manifest says {shard.samples}")
     for key, sample in samples.items():

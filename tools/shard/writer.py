@@ -9,12 +9,13 @@ uninterrupted one.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import tarfile
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.checksum import format_checksum, new_hasher
 
 BLOCK = 512
 INDEX_VERSION = "v1.2"
@@ -45,7 +46,7 @@ def tar_header(name: bytes, size: int) -> bytes:
 class ShardResult:
     samples: int
     bytes: int
-    sha256: str
+    checksum: str   # "xxh3_128:<hex>" (pipeline.checksum)
     index_text: str
 
 
@@ -59,7 +60,7 @@ class TarShardWriter:
     def __init__(self, path: str):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._sha = hashlib.sha256()
+        self._sha = new_hasher()
         self._pos = 0
         self._lines: list[str] = []
 
@@ -106,7 +107,7 @@ class TarShardWriter:
         os.close(self._fd)
         self._fd = -1
         index = f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)
-        return ShardResult(len(self._lines), self._pos, self._sha.hexdigest(), index)
+        return ShardResult(len(self._lines), self._pos, format_checksum(self._sha), index)
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -116,14 +117,6 @@ class TarShardWriter:
             os.remove(self.path)
         except OSError:
             pass
-
-
-def sha256_file(path: str, chunk: int = 4 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Destination:
