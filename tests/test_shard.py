@@ -361,4 +361,5 @@ def test_bench_shard_smoke(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     figures = json.loads(last)
     assert figures["images"] == 24 and figures["ratio"] > 0 and figures["ratio_vs_tar"] > 0
-    assert set(figures["seconds"]) == {"ours", "shardwriter", "tar"}
+    assert figures["ratio_vs_tar_no_fsync"] > 0
+    assert set(figures["seconds"]) == {"ours", "ours_no_fsync", "shardwriter", "tar"}
