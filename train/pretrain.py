@@ -371,8 +371,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = sched.lr(state.step)
                 sim_target = sched.sim_target(state.step) if net.cfg.sim_reg_coef > 0 else None
+                # The diagnostics (an SVD that syncs a GPU, token similarities) only for the step
+                # that will be logged; every other step computes just the loss.
+                logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 >= stop_step
                 with accelerator.accumulate(model):
-                    out = model(batch.images, batch.visible, batch.target, sim_target=sim_target)
+                    out = model(batch.images, batch.visible, batch.target, sim_target=sim_target, metrics=logged)
                     accelerator.backward(out["loss"])
                     if accelerator.sync_gradients and opt.clip_grad > 0:
                         accelerator.clip_grad_norm_(model.parameters(), opt.clip_grad)

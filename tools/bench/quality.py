@@ -168,7 +168,7 @@ def calibrate(objectives: dict[str, str], cfg, rounds: int = 3, steps: int = 3,
 
     def step(name: str) -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = nets[name](images, visible, target)
+            out = nets[name](images, visible, target, metrics=False)
         out["loss"].backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)

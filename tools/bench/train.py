@@ -135,7 +135,7 @@ def _bare_steps_per_s(cfg, steps: int, warmup: int) -> float:
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = net(images, visible, target, sim_target=sim)
+            out = net(images, visible, target, sim_target=sim, metrics=False)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
