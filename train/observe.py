@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-__all__ = ["MetricsWriter", "read_metrics", "CollapseGuard", "flatten_for_tracker", "plot_curves", "plot_masks"]
+__all__ = ["MetricsWriter", "read_metrics", "CollapseGuard", "flatten_for_tracker", "plot_curves", "plot_masks",
+           "save_figure"]
 
 
 class MetricsWriter:
@@ -121,6 +123,23 @@ _CURVES = (
 )
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (a temporary name, then a rename: no reader
+    ever sees half a picture), then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def plot_curves(records: list[dict[str, Any]], path: str | Path) -> Path | None:
     """One PNG with a small panel per logged curve (those present in `records`)."""
     import matplotlib
@@ -144,11 +163,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path) -> Path | None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_masks(
@@ -198,8 +213,4 @@ def plot_masks(
                 ax.set_ylabel(title, fontsize=9)
     fig.suptitle(f"masks: {visible.shape[1]} visible / {target.shape[1]} target patches of {grid_size}x{grid_size}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model.losses import effective_rank
+from train.observe import save_figure
 
 PROTOCOL_COLLAPSE = "collapse (mean cross-image cosine of mean-pooled patch latents)"
 
@@ -122,14 +123,4 @@ def plot_collapse(pooled: torch.Tensor, path: str | os.PathLike, title: str = ""
         sup += f"  (within-image token cosine {stats['token_sim']:.3f})"
     fig.suptitle(sup)
     fig.tight_layout()
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path, dpi=100)
