@@ -36,7 +36,6 @@ __all__ = [
     "load_digits_split",
     "export_fashion_mnist",
     "export_digits",
-    "export_small_dataset",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -232,20 +231,3 @@ def export_digits(
     images, labels = load_digits_split(split)
     idx = _select(labels, limit, per_class, seed)
     return _write_tree(dst_dir, images[idx], labels[idx], DIGITS_CLASSES, size, overwrite)
-
-
-def export_small_dataset(
-    dst_dir: str | Path,
-    split: str = "train",
-    limit: int | None = None,
-    per_class: int | None = None,
-    seed: int = 0,
-    *,
-    size: int | None = None,
-    overwrite: bool = False,
-) -> tuple[Path, str]:
-    """Fashion-MNIST when installed, else digits. Returns (folder, "fashion_mnist" | "digits")."""
-    if fashion_mnist_available():
-        return export_fashion_mnist(dst_dir, split, limit, per_class, seed, size=size, overwrite=overwrite), "fashion_mnist"
-    kw = {} if size is None else {"size": size}
-    return export_digits(dst_dir, split, limit, per_class, seed, overwrite=overwrite, **kw), "digits"
