@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from tools.shard.build import BuildError, build_dataset, merge_parts
 from tools.shard.images import DEFAULT_MAX_PIXELS
-from tools.shard.options import add_storage_arguments, parse_bytes, parse_part, storage_options_from
+from tools.shard.options import add_storage_arguments, parse_bytes, parse_part, parse_storage_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,13 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-        options = storage_options_from(args.storage_option, args.storage_options)
-    except argparse.ArgumentTypeError as e:
-        print(f"lmim shard: {e}", file=sys.stderr)
+    parsed = parse_storage_cli(_parser(), argv)
+    if parsed is None:
         return 2
+    args, options = parsed
     try:
         summary = build_dataset(
             args.src, args.dst, shard_max_bytes=args.shard_max_bytes, shard_max_samples=args.shard_max_samples,
@@ -76,12 +73,10 @@ def merge_main(argv: list[str]) -> int:
                                 description="Write manifest.json for a dataset built with `lmim shard --part i/N`.")
     p.add_argument("dst", metavar="DST", help="dataset root given to every part")
     add_storage_arguments(p)
-    try:
-        args = p.parse_args(argv)
-        options = storage_options_from(args.storage_option, args.storage_options)
-    except argparse.ArgumentTypeError as e:
-        print(f"lmim merge: {e}", file=sys.stderr)
+    parsed = parse_storage_cli(p, argv)
+    if parsed is None:
         return 2
+    args, options = parsed
     try:
         manifest = merge_parts(args.dst, storage_options=options)
     except BuildError as e:

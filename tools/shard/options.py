@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -62,3 +63,14 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fsspec storage option (repeatable; dotted keys nest, e.g. "
                              "client_kwargs.endpoint_url=http://host:9000); overrides the AWS environment")
     parser.add_argument("--storage-options", metavar="JSON", help="fsspec storage options as one JSON object")
+
+
+def parse_storage_cli(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, dict | None] | None:
+    """`parser.parse_args(argv)` and the storage options it holds; None, after one sentence on
+    stderr, when they are malformed (the caller exits 2)."""
+    try:
+        args = parser.parse_args(argv)
+        return args, storage_options_from(args.storage_option, args.storage_options)
+    except argparse.ArgumentTypeError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return None

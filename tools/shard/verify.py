@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.checksum import algorithm_of, format_checksum, hasher_like
 from pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, join_url, read_manifest
-from tools.shard.options import add_storage_arguments, storage_options_from
+from tools.shard.options import add_storage_arguments, parse_storage_cli
 
 
 class _HashingReader:
@@ -164,12 +164,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--decode", action="store_true",
                    help="also read every sample with DALI (as the pipeline does) and decode it on the CPU")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
-    try:
-        args = p.parse_args(argv)
-        options = storage_options_from(args.storage_option, args.storage_options)
-    except argparse.ArgumentTypeError as e:
-        print(f"lmim verify: {e}", file=sys.stderr)
+    parsed = parse_storage_cli(p, argv)
+    if parsed is None:
         return 2
+    args, options = parsed
     problems = verify_dataset(args.dst, options)
     if args.decode and not problems:
         from tools.shard.readback import decode_check
