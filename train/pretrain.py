@@ -389,9 +389,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
                 # ---- one optimizer step is complete on every process
                 net.update_target(sched.momentum(state.step))  # once per optimizer step, after the update
-                losses = micro_metrics.pop("loss")
-                step_losses.append(torch.stack(losses[-cfg.grad_accum:]).mean())
-                micro_metrics["loss"] = losses
+                # This step's micro-batch losses (the list starts afresh with the next step).
+                step_losses.append(torch.stack(micro_metrics.pop("loss")).mean())
                 state.step += 1
                 state.images_seen += eff_batch
                 window["images"] += eff_batch
