@@ -27,18 +27,10 @@ TINY = [
 SYNTHETIC = ["data.loader=synthetic", "synthetic_batches=5"]
 
 
-def _reset_accelerate():
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _run(run_dir, *extra):
-    from train.pretrain import run
+    from train.pretrain import reset_accelerate_state, run
 
-    _reset_accelerate()
+    reset_accelerate_state()
     cfg = load_config("quickstart", [*TINY, *SYNTHETIC, f"run_dir={run_dir}", *extra])
     return run(cfg)
 

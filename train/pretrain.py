@@ -58,7 +58,7 @@ from train.config import ConfigError, effective_batch_size, load_config, preset_
 from train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
 from train.schedules import Schedules
 
-__all__ = ["main", "run", "TrainingError", "make_loader", "parse_args"]
+__all__ = ["main", "run", "TrainingError", "make_loader", "parse_args", "reset_accelerate_state"]
 
 
 class TrainingError(RuntimeError):
@@ -173,6 +173,15 @@ def _param_digest(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so that another `run` in the same process (a
+    benchmark's or a test's) starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 # ---------------------------------------------------------------------------------------------- eval

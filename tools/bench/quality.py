@@ -131,13 +131,6 @@ def _pretrain(run_dir: Path, overrides: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "step" in r]
-
-
 def calibrate(objectives: dict[str, str], cfg, rounds: int = 3, steps: int = 3,
               device: torch.device | str = "cpu") -> dict[str, float]:
     """Seconds per optimizer step of each objective, measured in this process, interleaved.
@@ -202,11 +195,12 @@ def train_method(method: str, base: list[str], work: Path, setting: Setting, ste
                                       "checkpoint.keep=1", "progress=false", "log_every=20"],
                      work / "logs" / f"train-{method}.log")
     from train.checkpoint import latest_checkpoint
+    from train.observe import read_metrics
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise BenchError(f"{method} left no checkpoint in {run_dir}; see {work / 'logs'}.")
-    recs = _records(run_dir)
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r]
     last = recs[-1] if recs else {}
     return {"checkpoint": str(ckpt), "steps": max_steps, "epochs": round(max_steps / steps_per_epoch, 2),
             "calib_s_per_step": round(step_s, 3), "train_wall_s": round(wall, 1),

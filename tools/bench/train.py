@@ -34,19 +34,11 @@ import torch
 __all__ = ["main"]
 
 
-def _reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons; every in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _train(preset: str, overrides: list[str]) -> dict[str, Any]:
     from train.config import load_config
-    from train.pretrain import run
+    from train.pretrain import reset_accelerate_state, run
 
-    _reset_accelerate()
+    reset_accelerate_state()
     cfg = load_config(preset, [
         "log_with=[]", "progress=false", "plots=false", "checkpoint.every_steps=0", "eval.knn_every_epochs=0",
         "data.eval_url=null", "checkpoint.keep=1", *overrides,
