@@ -22,6 +22,9 @@ class ModelConfig:
     patch_gap: int = 4             # training crop is grid * (patch + gap) px; 0 disables the gap
     in_chans: int = 3
     drop_path_rate: float = 0.0
+    # Weight init: "reference" (the authors' code: xavier-uniform Linears and patch embedding,
+    # CLS N(0, 0.02); model/init.py says why it is the default) | "timm" (truncated normal 0.02).
+    init: str = "reference"
 
     # Projector: Linear(no bias) -> LN -> GELU, x (layers - 1), then Linear -> LN.
     projector_hidden_dim: int = 4096

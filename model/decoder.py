@@ -13,19 +13,12 @@ import torch.nn.functional as F
 from model import _torchvision_compat  # noqa: F401
 from model.config import ModelConfig
 from model.encoder import sincos_pos_embed
+from model.init import init_linear_
 from model.masks import gather_patches
 
 from timm.layers import LayerNorm, Mlp  # noqa: E402
 from timm.layers.attention import Attention  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
-
-
-def _init_linear(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
 
 class CrossAttention(nn.Module):
@@ -101,7 +94,7 @@ class LatentDecoder(nn.Module):
         )
         self.norm = LayerNorm(d, eps=1e-6)
         self.pred = nn.Linear(d, out_dim)
-        _init_linear(self)
+        init_linear_(self, cfg.init)
         if self.cls_query is not None:
             nn.init.normal_(self.cls_query, std=0.02)
 
@@ -152,7 +145,7 @@ class MAEDecoder(nn.Module):
         ])
         self.norm = LayerNorm(d, eps=1e-6)
         self.pred = nn.Linear(d, pixels_per_patch)
-        _init_linear(self)
+        init_linear_(self, cfg.init)
         nn.init.normal_(self.mask_token, std=0.02)  # MAE's init
 
     def forward(self, memory: torch.Tensor, visible: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

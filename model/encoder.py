@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from model import _torchvision_compat  # noqa: F401  (before timm; see that module)
 from model.config import ModelConfig
+from model.init import init_linear_, reference_init_vit_
 from model.masks import gather_patches
 
 import timm  # noqa: E402
@@ -50,7 +51,8 @@ def sincos_pos_embed(grid_size: int, dim: int, cls_token: bool = True) -> torch.
 
 
 def build_encoder(cfg: ModelConfig) -> VisionTransformer:
-    """A timm ViT per `cfg`, with frozen sin-cos position embeddings (METHOD.md)."""
+    """A timm ViT per `cfg`, initialised per `cfg.init` (model/init.py), with frozen sin-cos
+    position embeddings (METHOD.md)."""
     kw = encoder_kwargs(cfg)
     vit = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate, **kw)
     if not isinstance(vit, VisionTransformer):
@@ -60,6 +62,10 @@ def build_encoder(cfg: ModelConfig) -> VisionTransformer:
             f"model.arch {cfg.arch!r} must have a class token, one pos-embed row per token and no "
             "register tokens (a standard ViT such as vit_base_patch16_224)."
         )
+    if cfg.init == "reference":
+        reference_init_vit_(vit)
+    elif cfg.init != "timm":
+        raise ValueError(f"model.init must be 'reference' or 'timm', got {cfg.init!r}.")
     with torch.no_grad():
         vit.pos_embed.copy_(sincos_pos_embed(cfg.grid_size, vit.embed_dim))
     vit.pos_embed.requires_grad_(False)
@@ -110,7 +116,7 @@ def encode_patches(vit: VisionTransformer, patches: torch.Tensor, idx: torch.Ten
 class Projector(nn.Sequential):
     """METHOD.md projector: [Linear(no bias) -> LN -> GELU] x (layers - 1), Linear(no bias) -> LN."""
 
-    def __init__(self, dim: int, hidden_dim: int, layers: int = 3):
+    def __init__(self, dim: int, hidden_dim: int, layers: int = 3, init: str = "reference"):
         if layers < 1:
             raise ValueError(f"model.projector_layers must be at least 1, got {layers}.")
         mods: list[nn.Module] = []
@@ -120,6 +126,4 @@ class Projector(nn.Sequential):
             in_dim = hidden_dim
         mods += [nn.Linear(in_dim, dim, bias=False), LayerNorm(dim, eps=1e-6)]
         super().__init__(*mods)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+        init_linear_(self, init)

@@ -52,8 +52,9 @@ class LatentMIM(nn.Module):
             raise ValueError(f"model.objective {cfg.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}.")
         if cfg.target_sees not in ("masked", "all"):
             raise ValueError(f"model.target_sees must be 'masked' or 'all', got {cfg.target_sees!r}.")
-        if cfg.patch_gap < 0:
-            raise ValueError(f"model.patch_gap must be >= 0, got {cfg.patch_gap}.")
+        if cfg.patch_gap < 0 or cfg.patch_gap == 1:
+            # Offsets are drawn in 0..gap-1: a gap of 1 never jitters, it only drops pixels.
+            raise ValueError(f"model.patch_gap must be 0 (no gap) or at least 2 (1 cannot jitter), got {cfg.patch_gap}.")
         self.cfg = cfg
         self.encoder = build_encoder(cfg)
         dim = self.encoder.embed_dim
@@ -63,7 +64,7 @@ class LatentMIM(nn.Module):
             self.projector = None
             self.decoder = MAEDecoder(dim, cfg.in_chans * cfg.patch_size**2, cfg)
         else:
-            self.projector = Projector(dim, cfg.projector_hidden_dim, cfg.projector_layers)
+            self.projector = Projector(dim, cfg.projector_hidden_dim, cfg.projector_layers, cfg.init)
             self.decoder = LatentDecoder(dim, dim, cfg)
         self.target_encoder: nn.Module | None = None
         self.target_projector: nn.Module | None = None

@@ -25,7 +25,7 @@ from train.evaluate.linear import linear_probe
 def tiny_cfg() -> ModelConfig:
     # 32 px digits, patch 4 -> an 8 x 8 grid.
     return ModelConfig(arch="vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2, patch_size=4, grid_size=8,
-                       patch_gap=1, projector_hidden_dim=48, projector_layers=2, decoder_dim=32, decoder_depth=1,
+                       patch_gap=0, projector_hidden_dim=48, projector_layers=2, decoder_dim=32, decoder_depth=1,
                        decoder_num_heads=2)
 
 

@@ -17,10 +17,10 @@ from train.checkpoint import COMPLETE_MARKER, latest_checkpoint, list_checkpoint
 from train.config import ConfigError, load_config
 from train.observe import read_metrics
 
-# A ViT small enough for a step in tens of milliseconds: 4x4 grid of 4 px patches, 1 px gap.
+# A ViT small enough for a step in tens of milliseconds: 4x4 grid of 4 px patches, no gap.
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.grid_size=4",
-    "model.patch_gap=1", "model.projector_hidden_dim=64", "model.decoder_dim=32", "model.decoder_depth=1",
+    "model.patch_gap=0", "model.projector_hidden_dim=64", "model.decoder_dim=32", "model.decoder_depth=1",
     "model.decoder_num_heads=2", "data.num_visible=4", "data.batch_size=8", "device=cpu", "precision=no",
     "log_with=[]", "progress=false", "plots=false", "log_every=1", "optim.warmup_epochs=1", "epochs=2",
 ]

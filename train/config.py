@@ -144,6 +144,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("dali", "torch", "synthetic"),
     "model.objective": ("infonce", "norm_l2", "mae", "naive_mse"),
     "model.target_sees": ("masked", "all"),
+    "model.init": ("reference", "timm"),
     "data.mask": ("random", "block", "multiblock"),
 }
 
@@ -266,6 +267,11 @@ def _check_values(cfg: DictConfig) -> None:
         v = OmegaConf.select(cfg, key)
         if not math.isfinite(v) or v < 0:
             raise ConfigError(f"Config key {key!r} must be a finite non-negative number, got {v!r}.")
+    if cfg.model.patch_gap == 1 or cfg.model.patch_gap < 0:
+        raise ConfigError(
+            f"Config key 'model.patch_gap' is {cfg.model.patch_gap}: a gap of 1 cannot jitter (offsets are drawn in "
+            "0..gap-1, so it only drops a row and a column of every cell); use 0 for no gap or 2 or more."
+        )
     n = cfg.model.grid_size ** 2
     if not 0 < cfg.data.num_visible < n:
         raise ConfigError(
