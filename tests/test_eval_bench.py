@@ -18,6 +18,12 @@ def test_bad_arguments_say_one_sentence(capsys):
     assert "unknown method(s) bogus" in capsys.readouterr().err
     assert quality.main(["--budget-minutes", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+    assert quality.main(["--images", "-5"]) == 2
+    assert "--images must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality.main(["--dataset", "imagenet"])
+    with pytest.raises(SystemExit):
+        quality.main(["--equal", "flops"])
 
 
 def test_bad_override_fails_before_any_work(tmp_path, capsys):
@@ -49,7 +55,7 @@ def test_calibration_measures_each_objective():
 @needs_fmnist
 def test_end_to_end_tiny(tmp_path, capsys):
     """Data prep -> random init, Latent MIM (a few steps through `lmim pretrain`) and pixels -> JSON."""
-    argv = ["--work-dir", str(tmp_path), "--methods", "random,lmim,pixels", "--budget-minutes", "0.05",
+    argv = ["--work-dir", str(tmp_path), "--methods", "random,lmim,pixels", "--equal", "time", "--budget-minutes", "0.05",
             "--train-per-class", "13", "--test-per-class", "5", "--set", "data.num_visible=8", "--json"]
     assert quality.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -61,6 +67,8 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert 0 < res["random"]["collapse_cos"] <= 1 and 0 < res["lmim"]["collapse_cos"] <= 1
     assert "collapse_cos" not in res["pixels"]
     assert res["lmim"]["steps"] >= 1 and res["random"]["steps"] == 0
+    assert res["lmim"]["images_seen"] == res["lmim"]["steps"] * res["meta"]["batch"]
+    assert res["meta"]["equal"] == "time" and res["meta"]["dataset"] == "fashion_mnist"
     assert res["meta"]["n_train"] == 130 and res["meta"]["n_test"] == 50
     assert res["meta"]["overrides"] == ["data.num_visible=8"]
     cfg = (tmp_path / "runs" / "lmim" / "config.yaml").read_text()
@@ -70,3 +78,23 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert quality.main(["--work-dir", str(tmp_path), "--methods", "pixels", "--train-per-class", "13",
                          "--test-per-class", "5"]) == 0
     assert "reusing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shapes_equal_images_every_row(tmp_path, capsys):
+    """The shapes data set (generated, needs no package) at equal images: every trained method,
+    the supervised ceiling included, sees exactly the same number of images."""
+    argv = ["--work-dir", str(tmp_path), "--dataset", "shapes", "--equal", "images", "--images", "40",
+            "--train-per-class", "4", "--test-per-class", "3", "--json",
+            "--set", "data.batch_size=8", "--set", "model.depth=1", "--set", "model.projector_hidden_dim=64"]
+    assert quality.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert set(res) >= set(quality.METHODS) | {"ratio", "meta"}
+    seen = {m: res[m]["images_seen"] for m in quality.TRAINED}
+    assert set(seen.values()) == {40}, seen                 # 5 steps of 8 for every trained method
+    assert res["random"]["images_seen"] == 0 and res["pixels"]["images_seen"] == 0
+    assert res["meta"]["n_train"] == 40 and res["meta"]["n_test"] == 30 and res["meta"]["dataset"] == "shapes"
+    for m in quality.METHODS:
+        assert 0 <= res[m]["knn20"] <= 100 and 0 <= res[m]["linear"] <= 100, m
+    assert any(line.startswith("supervised") for line in out)
