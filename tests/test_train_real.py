@@ -19,7 +19,7 @@ from train.checkpoint import latest_checkpoint, list_checkpoints
 from train.observe import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-# 4 x 4 grid of 4 px patches with a 1 px gap: 20 px crops of the 64 x 48 test photos.
+# 4 x 4 grid of 4 px patches, no gap: 16 px crops of the 64 x 48 test photos.
 REAL = [*TINY, "data.loader=dali", "data.num_threads=1", "data.shuffle_buffer=8"]
 
 

@@ -8,7 +8,7 @@ Steps (a few minutes on 2 CPU cores):
    training, 100 per class for testing) when the Debian package `dataset-fashion-mnist` is
    installed, else scikit-learn's hand-written digits, which ship inside its wheel.
 2. Shard both splits with `tools.shard.build_dataset` (the same code as `lmim shard`).
-3. Pretrain a tiny ViT (train/configs/quickstart.yaml: 32 px, 4 px patches, 8 x 8 grid, 1 px
+3. Pretrain a tiny ViT (train/configs/quickstart.yaml: 32 px, 4 px patches, 8 x 8 grid, no
    patch gap) with the real trainer and pipeline.
 4. k-NN accuracy (weighted 20-NN, train split as memory, test split as queries) of the trained
    encoder against the same ViT at its random initialisation (and raw pixels, for scale).
