@@ -155,7 +155,12 @@ def _write_tree(
     size: int | None,
     overwrite: bool,
 ) -> Path:
-    """Write images as `dst/{class}/{class}_{i:05d}.png`, atomically (temp folder, then rename)."""
+    """Write images as `dst/{class}/{class}_{i:05d}.png`, atomically (temp folder, then rename).
+
+    `images` are uint8, grey [N, H, W] or RGB [N, H, W, 3]; every file is written as RGB.
+    """
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, 3], got {images.dtype} {images.shape}.")
     dst = Path(dst_dir)
     if dst.exists():
         if not overwrite:
@@ -167,9 +172,9 @@ def _write_tree(
         for name in class_names:
             (tmp / name).mkdir()
         for i, (img, lbl) in enumerate(zip(images, labels)):
-            pil = Image.fromarray(img, mode="L")
+            pil = Image.fromarray(np.ascontiguousarray(img))   # "L" for [H, W], "RGB" for [H, W, 3]
             if size is not None and size != pil.width:
-                # Bicubic: these are natural-looking grey images; nearest would leave blocky 8x8 digits.
+                # Bicubic: these are natural-looking images; nearest would leave blocky 8x8 digits.
                 pil = pil.resize((size, size), Image.BICUBIC)
             name = class_names[int(lbl)]
             pil.convert("RGB").save(tmp / name / f"{name}_{i:05d}.png", optimize=False)
