@@ -60,7 +60,7 @@ _TEX_SS = 2         # texture samples per pixel side
 _BATCH = 256        # images rendered at once (bounds memory: ~256 x 128 x 128 floats per temporary)
 
 # Shape geometry, as fractions of the image side; a unit shape fits in the unit disc.
-_RADIUS = (0.24, 0.42)       # half-size of the shape
+_RADIUS = (0.26, 0.44)       # half-size of the shape
 _STRETCH = (0.85, 1.18)      # aspect ratio of the (rotated) shape
 _ROTATION = (-np.pi, np.pi)  # rotation of the shape (radians)
 # Texture crop: side of the (rotated) source window as a fraction of the smaller side of the half photo.
@@ -68,14 +68,19 @@ _CROP = (0.15, 0.7)
 # Colour jitter.
 _P_GREY = 0.25
 _GAIN = (0.6, 1.6)           # per-channel gain (log-uniform)
-_CONTRAST = (0.5, 1.4)
+_CONTRAST_BG = (0.2, 0.8)    # texture contrast of the background
+_CONTRAST_FG = (0.0, 0.4)    # texture contrast of the shape (fainter: the outline must stay learnable)
 _LEVEL = (0.2, 0.8)          # background mean level
-_LEVEL_GAP = (0.12, 0.35)    # |shape mean level - background mean level|
+_LEVEL_GAP = (0.25, 0.45)    # |shape mean level - background mean level|
+
+# Lighting: the whole image times 1 + a * (linear ramp from -1/2 to 1/2 along a random direction).
+_LIGHT = (0.4, 1.2)
 
 # Random numbers per image: one row of uniforms, consumed in this order.
 _U_SHAPE = 5                 # centre x, centre y, radius, rotation, stretch
 _U_LAYER = 13                # texture, crop, angle, x, y, grey, hue, gain r/g/b, contrast, level, sign
-_U_TOTAL = _U_SHAPE + 2 * _U_LAYER
+_U_LIGHT = 2                 # amplitude, direction
+_U_TOTAL = _U_SHAPE + 2 * _U_LAYER + _U_LIGHT
 
 
 # ----------------------------------------------------------------------------- textures
@@ -258,7 +263,8 @@ def _render_batch(u: np.ndarray, labels: np.ndarray, split: str, size: int) -> n
     """uint8 [B, size, size, 3] from uniforms u [B, _U_TOTAL] and labels [B] (in runs of equal labels)."""
     b = u.shape[0]
     us = u[:, :_U_SHAPE]
-    ub, uf = u[:, _U_SHAPE:_U_SHAPE + _U_LAYER], u[:, _U_SHAPE + _U_LAYER:]
+    ub, uf = u[:, _U_SHAPE:_U_SHAPE + _U_LAYER], u[:, _U_SHAPE + _U_LAYER:_U_SHAPE + 2 * _U_LAYER]
+    ul = u[:, _U_SHAPE + 2 * _U_LAYER:]
 
     # Shape coverage: the mask at _MASK_SS^2 points per pixel. Shape coordinates (su, sv): image
     # coordinates (side = 1, y down) minus the centre, rotated by theta, divided by the radius and
@@ -287,16 +293,22 @@ def _render_batch(u: np.ndarray, labels: np.ndarray, split: str, size: int) -> n
     level_fg = level_bg + gap
     level_fg = np.where((level_fg < 0.05) | (level_fg > 0.95), level_bg - gap, level_fg)
     layers = []
-    for uu, level in ((ub, level_bg), (uf, level_fg)):
+    for uu, level, contrast_range in ((ub, level_bg, _CONTRAST_BG), (uf, level_fg, _CONTRAST_FG)):
         x = _texture_layer(uu, split, size)
-        contrast = _lerp(uu[:, 10], _CONTRAST)
+        contrast = _lerp(uu[:, 10], contrast_range)
         shift = level - contrast * x.mean(axis=(1, 2, 3))
         x *= contrast.astype(np.float32)[:, None, None, None]
         x += shift.astype(np.float32)[:, None, None, None]
         layers.append(np.clip(x, 0, 1, out=x))
     bg, fg = layers
     img = bg + cover * (fg - bg)
-    return np.rint(img * 255).astype(np.uint8)
+    # Uneven lighting: a smooth multiplicative ramp. Local edges survive it, but it moves every
+    # pixel of the image together, which is what a pixel-space comparison looks at.
+    amp = _lerp(ul[:, 0], _LIGHT)
+    psi = ul[:, 1] * 2 * np.pi
+    ramp = _affine_grid(size, amp * np.cos(psi), amp * np.sin(psi), 1 - 0.5 * amp * (np.cos(psi) + np.sin(psi)))
+    img *= ramp[..., None]
+    return np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 def render_shapes(n_per_class: int, split: str = "train", seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
