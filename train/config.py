@@ -121,8 +121,9 @@ class TrainConfig:
     max_steps: Optional[int] = None    # stop after this many optimizer steps; schedules still span `epochs`
     seed: int = 0
     device: str = "auto"               # "auto" | "cpu" | "cuda"
-    precision: str = "bf16"            # "bf16" | "fp16" | "no" (fp32)
+    precision: str = "auto"            # "auto" (bf16 where the hardware has it, else fp32) | "bf16" | "fp16" | "no" (fp32)
     grad_accum: int = 1
+    threads: Optional[int] = None      # torch intra-op threads; null = the thread budget (cores minus the loader's share)
     compile: bool = False              # torch.compile the model
     log_every: int = 20                # optimizer steps between logged metrics
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # "tensorboard", "wandb"
@@ -139,7 +140,7 @@ class ConfigError(ValueError):
 _CONFIG_DIR = "configs"
 _CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
-    "precision": ("bf16", "fp16", "no"),
+    "precision": ("auto", "bf16", "fp16", "no"),
     "collapse_guard.action": ("warn", "stop"),
     "data.loader": ("dali", "torch", "synthetic"),
     "model.objective": ("infonce", "norm_l2", "mae", "naive_mse"),
@@ -259,6 +260,8 @@ def _check_values(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"Config key {key!r} must be positive, got {OmegaConf.select(cfg, key)!r}.")
+    if cfg.threads is not None and cfg.threads <= 0:
+        raise ConfigError(f"Config key 'threads' must be positive or null (the thread budget), got {cfg.threads!r}.")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"Config key 'max_steps' must be positive or null, got {cfg.max_steps!r}.")
     if cfg.checkpoint.every_steps < 0:

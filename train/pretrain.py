@@ -34,6 +34,7 @@ step, the model/optimizer/scaler, the loader position and the RNG states, all in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ from train.checkpoint import (
     remove_incomplete,
     save_checkpoint,
 )
+from train.hardware import ThreadBudget, available_cores, local_processes, plan_threads, resolve_precision
 from train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
 from train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
 from train.schedules import Schedules
@@ -122,6 +124,7 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
     from pipeline import build_loader
 
     data_cfg = OmegaConf.to_object(d)
+    data_cfg.num_threads = thread_budget(cfg, accelerator).loader_threads
     if batch_size is not None:
         data_cfg.batch_size = batch_size
     return build_loader(
@@ -138,6 +141,17 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
     )
 
 
+def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
+    """Torch and loader threads for this process's share of the machine (cgroup quota and local ranks included)."""
+    cores = max(1, available_cores() // local_processes())
+    plan = plan_threads(cores, int(cfg.data.num_threads), model_on_cpu=accelerator.device.type == "cpu")
+    if cfg.threads is not None:  # the user's torch thread count wins; the loader keeps its share
+        plan = dataclasses.replace(plan, torch_threads=int(cfg.threads),
+                                   reason=plan.reason.split(":")[0] + f": threads={cfg.threads} for the model as configured, "
+                                   f"{plan.loader_threads} for the loader")
+    return plan
+
+
 def _make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration
@@ -147,16 +161,17 @@ def _make_accelerator(cfg: DictConfig):
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto.")
     cpu = cfg.device == "cpu" or not cuda
     if cpu and cfg.precision == "fp16":
-        raise ConfigError("precision=fp16 needs a GPU; on the CPU use precision=bf16 or precision=no.")
+        raise ConfigError("precision=fp16 needs a GPU; on the CPU use precision=auto, bf16 or no.")
+    precision = resolve_precision(cfg.precision, on_cuda=not cpu)
     log_with = list(cfg.log_with)
     if "wandb" in log_with:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("log_with includes 'wandb' but wandb is not installed; `pip install wandb` or drop it.")
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=cfg.precision,
+        mixed_precision=precision.precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=cfg.run_dir, logging_dir=str(Path(cfg.run_dir) / "logs")),
@@ -164,6 +179,7 @@ def _make_accelerator(cfg: DictConfig):
         # waits for them; every trainable parameter is used in each forward pass.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    return accelerator, precision
 
 
 def _param_digest(module: torch.nn.Module) -> str:
@@ -223,8 +239,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from model import LatentMIM
 
-    accelerator = _make_accelerator(cfg)
+    accelerator, precision = _make_accelerator(cfg)
     is_main = accelerator.is_main_process
+    if precision.warning:
+        accelerator.print(f"warning: {precision.warning}")
+    accelerator.print(precision.reason)
+    threads = thread_budget(cfg, accelerator)
+    torch.set_num_threads(threads.torch_threads)
+    accelerator.print(f"threads: {threads.reason}")
     run_dir = Path(cfg.run_dir)
     resume_from = _resolve_resume(cfg)
     if is_main:
@@ -455,6 +477,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "effective_batch": eff_batch,
         "peak_lr": sched.peak_lr,
+        "precision": precision.precision,
+        "threads": {"torch": threads.torch_threads, "loader": threads.loader_threads, "cores": threads.cores},
         "last": last_logged,
         "knn_top1": state.history.get("knn_top1"),
         "timing": _timing_summary(totals, state.step - timing_from, eff_batch),

@@ -20,4 +20,15 @@ def main(argv: list[str]) -> int:
     if argv[0] not in BENCHMARKS:
         print(f"lmim bench: unknown benchmark {argv[0]!r}; choose one of {', '.join(BENCHMARKS)}.", file=sys.stderr)
         return 2
+    if not any(a in ("-h", "--help") for a in argv[1:]):
+        # Figures from different machines must never be compared by accident: name this one first.
+        print(f"machine: {machine_for(argv[1:])}", flush=True)
     return int(importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0)
+
+
+def machine_for(argv: list[str]) -> str:
+    """The machine line for a benchmark run with these arguments (the GPU when it runs on one)."""
+    from train.hardware import describe_machine
+
+    on_gpu = "--large" in argv or any(a == "cuda" or a == "--device=cuda" for a in argv)
+    return describe_machine("cuda" if on_gpu else "cpu")

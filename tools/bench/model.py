@@ -26,6 +26,7 @@ import torch
 
 import model  # noqa: F401  (torchvision shim before timm)
 from model.config import ModelConfig
+from train.hardware import describe_machine
 
 CONFIGS: dict[str, dict] = {
     # A small ViT a 2-core CPU can step a few times a second.
@@ -243,7 +244,7 @@ def main(argv: list[str]) -> int:
         print(f"MFU {achieved / peak:.1%}: {achieved / 1e12:.1f} TFLOP/s of a measured bf16 matmul peak "
               f"of {peak / 1e12:.1f} TFLOP/s ({device_name})")
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, "machine": describe_machine(str(device))}))
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 from pipeline import build_loader
 from pipeline.config import DataConfig
 from pipeline.manifest import read_manifest
+from train.hardware import describe_machine
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -175,7 +176,7 @@ def main(argv: list[str]) -> int:
                         "stream_requests_counted_by": "server log" if s3 is not None else "loader stats"})
         _table(out)
         if args.json:
-            print(json.dumps(out))
+            print(json.dumps({**out, "machine": describe_machine(str(out["device"]))}))
         if s3 is not None:
             s3.stop()
         return 0

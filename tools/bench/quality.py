@@ -44,8 +44,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -57,6 +55,7 @@ from typing import Any
 import torch
 
 import model  # noqa: F401  (torchvision shim before timm)
+from train.hardware import describe_machine
 
 DATASETS = ("fashion_mnist", "shapes")
 METHODS = ("random", "lmim", "mae", "naive", "supervised", "pixels")
@@ -500,8 +499,7 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
         "dataset": args.dataset, "setting": setting.name, "equal": setting.equal, "images": setting.images,
         "budget_minutes": setting.budget_minutes, "n_train": len(train_y), "n_test": len(test_y),
         "preset": PRESET, "overrides": list(args.overrides), "batch": batch, "seed": args.seed,
-        "machine": f"{platform.machine()} {os.cpu_count()} CPU(s)"
-                   + (f", {torch.cuda.get_device_name()}" if setting.eval_device == "cuda" else ""),
+        "machine": describe_machine(setting.eval_device),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "total_s": round(time.perf_counter() - t_start, 1),
     }

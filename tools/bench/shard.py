@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from train.hardware import describe_machine
 
 
 def _files(src: Path) -> list[tuple[Path, int | None]]:
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> int:
               f"(ours takes {1 / ratio_tar:.2f}x the tar time; {1 / ratio_tar_nofsync:.2f}x with --no-fsync)")
         if args.json:
             print(json.dumps({
-                "benchmark": "shard", "images": n, "mb": round(mb, 2), "workers": args.workers, "reps": args.reps,
+                "benchmark": "shard", "machine": describe_machine("cpu"), "images": n, "mb": round(mb, 2), "workers": args.workers, "reps": args.reps,
                 "shard_mb": args.shard_mb, "seconds": {k: round(v, 4) for k, v in med.items()},
                 "all_seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
                 "images_per_s": {k: round(n / v, 1) for k, v in med.items()},

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from train.hardware import describe_machine
 
 __all__ = ["main"]
 
@@ -212,6 +213,7 @@ def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     res = _gpu(args) if args.device == "cuda" else _cpu(args)
+    res["machine"] = describe_machine(args.device)
     _print_table(res)
     if args.json:
         print(json.dumps(res))

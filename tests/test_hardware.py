@@ -1,0 +1,109 @@
+"""The precision and thread choices the trainer makes from the machine's capabilities.
+
+The choice functions are pure (capabilities in, decision out), so every machine kind is tested
+here whatever this machine is; one test runs the trainer to check the choice reaches Accelerate.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, load_config
+from train.hardware import (
+    _cgroup_cpu_limit,
+    available_cores,
+    choose_precision,
+    cpu_has_native_bf16,
+    describe_machine,
+    plan_threads,
+)
+
+ZEN3 = frozenset("fpu sse2 avx avx2 fma".split())                       # no AVX-512
+ZEN4 = frozenset("avx2 avx512f avx512bw avx512vl avx512_bf16".split())  # native bf16
+SKYLAKE = frozenset("avx2 avx512f avx512bw avx512vl avx512dq".split())  # AVX-512 but bf16 emulated
+SAPPHIRE = frozenset("avx2 avx512f avx512_bf16 amx_tile amx_bf16".split())
+GRAVITON3 = frozenset("fp asimd sve bf16".split())
+
+
+@pytest.mark.parametrize("flags, native", [(ZEN3, False), (ZEN4, True), (SKYLAKE, False), (SAPPHIRE, True),
+                                           (GRAVITON3, True), (frozenset(), False)])
+def test_native_bf16_needs_bf16_instructions_not_just_avx512(flags, native):
+    assert cpu_has_native_bf16(flags) is native
+
+
+def test_auto_is_fp32_on_a_cpu_without_native_bf16_and_bf16_with_it():
+    assert choose_precision("auto", on_cuda=False, cpu_bf16=False).precision == "no"
+    assert choose_precision("auto", on_cuda=False, cpu_bf16=True).precision == "bf16"
+    assert "no native bf16" in choose_precision("auto", on_cuda=False, cpu_bf16=False).reason
+
+
+def test_auto_on_a_gpu_follows_its_bf16_support_and_never_picks_fp16():
+    assert choose_precision("auto", on_cuda=True, cuda_bf16=True).precision == "bf16"
+    assert choose_precision("auto", on_cuda=True, cuda_bf16=False).precision == "no"
+
+
+def test_explicit_bf16_is_honoured_but_warned_about_where_it_is_emulated():
+    slow = choose_precision("bf16", on_cuda=False, cpu_bf16=False)
+    assert slow.precision == "bf16" and slow.warning and "precision=auto" in slow.warning
+    assert choose_precision("bf16", on_cuda=False, cpu_bf16=True).warning is None
+    assert choose_precision("bf16", on_cuda=True, cuda_bf16=True).warning is None
+    for p in ("no", "fp16"):
+        assert choose_precision(p, on_cuda=True, cuda_bf16=True).precision == p
+
+
+def test_auto_is_the_default_and_a_valid_choice():
+    assert load_config(None, []).precision == "auto"
+    assert load_config(None, ["precision=fp32"]).precision == "no"
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(None, ["precision=fp8"])
+
+
+@pytest.mark.parametrize("cores, want", [(1, 2), (2, 2), (4, 2), (8, 4), (16, 8), (64, 2)])
+def test_cpu_thread_plan_never_oversubscribes(cores, want):
+    plan = plan_threads(cores, want, model_on_cpu=True)
+    assert plan.torch_threads >= 1 and plan.loader_threads >= 1
+    if cores > 1:
+        assert plan.torch_threads + plan.loader_threads <= cores
+    assert plan.loader_threads <= want
+    assert plan.torch_threads >= plan.loader_threads  # the model is the work on a CPU
+
+
+def test_gpu_thread_plan_gives_the_loader_all_but_one_core():
+    plan = plan_threads(16, 8, model_on_cpu=False)
+    assert (plan.torch_threads, plan.loader_threads) == (1, 8)
+    assert plan_threads(4, 8, model_on_cpu=False).loader_threads == 3
+
+
+def test_cgroup_quota_caps_the_cores(tmp_path: Path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpu_limit(tmp_path) is None
+    assert _cgroup_cpu_limit(tmp_path / "absent") is None
+    assert 1 <= available_cores()
+
+
+def test_describe_machine_names_the_cpu_and_its_bf16():
+    line = describe_machine("cpu")
+    assert line.startswith("CPU ") and "bf16" in line and "cores" in line
+
+
+def test_the_trainer_applies_and_reports_its_precision_and_thread_choice(tmp_path: Path, capsys):
+    import torch
+
+    from tests.test_train import _run
+    from train.hardware import resolve_precision
+
+    before = torch.get_num_threads()
+    try:
+        out = _run(tmp_path / "r", "precision=auto", "threads=1", "epochs=1")
+        assert out["precision"] == resolve_precision("auto", on_cuda=False).precision
+        assert out["threads"]["torch"] == 1 and torch.get_num_threads() == 1
+        assert 1 <= out["threads"]["loader"] <= max(1, out["threads"]["cores"])
+        printed = capsys.readouterr().out
+        assert "precision=auto:" in printed and "threads:" in printed
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads"):
+        load_config(None, ["threads=0"])

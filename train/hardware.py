@@ -1,0 +1,178 @@
+"""What the machine can do: native bf16, the cores this process may use, and one line naming it.
+
+Figures measured on one machine are meaningless on another (bf16 autocast ran 1.37x faster than
+fp32 on an Intel Xeon with AMX and 14x slower on an AMD EPYC without native bf16), so the trainer
+picks its precision from here and every benchmark table prints `describe_machine()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+# CPU flags (as /proc/cpuinfo spells them) that mean bf16 arithmetic in hardware. AVX-512 alone is
+# not enough: oneDNN then emulates bf16 with integer shuffles, slower than fp32.
+_BF16_FLAGS_X86 = ("avx512_bf16", "amx_bf16")
+_BF16_FLAGS_ARM = ("bf16",)  # ARMv8.6 BF16 (Graviton3, Apple M2+ under Linux, Neoverse V1/N2)
+_SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16", "sve")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model name", "Hardware"):
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in (*_BF16_FLAGS_X86, *_BF16_FLAGS_ARM))
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str   # what Accelerate gets: "bf16" | "fp16" | "no"
+    reason: str      # one sentence for the log
+    warning: str | None = None  # set when an explicit choice is known to be slow here
+
+
+# Measured on a 2-core AMD EPYC without native bf16 (docs/BENCHMARKS.md, issue 13): one step of the
+# quickstart-size model under bf16 autocast took 14x as long as in fp32.
+_EMULATED_BF16_COST = "about 14x slower than fp32 in our measurement"
+
+
+def choose_precision(requested: str, *, on_cuda: bool, cuda_bf16: bool = False,
+                     cpu_bf16: bool = False) -> PrecisionChoice:
+    """Resolve `precision` (auto | bf16 | fp16 | no) for the device the run will use.
+
+    auto: bf16 autocast on a GPU that supports it (fp16 never: it needs loss scaling that an
+    unattended default should not risk), on the CPU only with native bf16, fp32 otherwise.
+    """
+    if requested == "auto":
+        if on_cuda:
+            if cuda_bf16:
+                return PrecisionChoice("bf16", "precision=auto: bf16 autocast, the GPU supports bf16")
+            return PrecisionChoice("no", "precision=auto: fp32, the GPU has no bf16 support")
+        if cpu_bf16:
+            return PrecisionChoice("bf16", "precision=auto: bf16 autocast, the CPU has native bf16 (avx512_bf16/amx/bf16)")
+        return PrecisionChoice("no", "precision=auto: fp32, the CPU has no native bf16 (bf16 would be emulated and slow)")
+    label = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[requested]
+    reason = f"precision={requested}: {label}, as configured"
+    if requested == "bf16" and not on_cuda and not cpu_bf16:
+        return PrecisionChoice("bf16", reason, warning=(
+            f"precision=bf16 on a CPU without native bf16 ({cpu_model()}) is emulated, {_EMULATED_BF16_COST}; "
+            "use precision=auto or precision=no."))
+    return PrecisionChoice(requested, reason)
+
+
+def resolve_precision(requested: str, on_cuda: bool) -> PrecisionChoice:
+    """choose_precision with this machine's capabilities."""
+    cuda_bf16 = False
+    if on_cuda:
+        import torch
+
+        cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+    return choose_precision(requested, on_cuda=on_cuda, cuda_bf16=cuda_bf16, cpu_bf16=cpu_has_native_bf16())
+
+
+# ---------------------------------------------------------------------------------------------- cores
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup quota (v2 cpu.max, or v1 cfs quota/period); None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, math.floor(limit)))
+    return max(1, cores)
+
+
+def local_processes() -> int:
+    """Training processes sharing this machine (torchrun/accelerate set LOCAL_WORLD_SIZE)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    cores: int           # this process's share of the machine
+    torch_threads: int   # intra-op threads for the model
+    loader_threads: int  # DALI CPU threads (or DataLoader workers)
+    reason: str
+
+
+def plan_threads(cores: int, loader_threads: int, *, model_on_cpu: bool) -> ThreadBudget:
+    """Split `cores` between the model and the loader so that together they never oversubscribe.
+
+    On a GPU the model needs one CPU thread to launch kernels and the loader gets the rest. On the
+    CPU the model's matmuls want every core, and the loader of a small-image corpus needs a fraction
+    of one: the loader gets `loader_threads` capped at a quarter of the cores (at least 1), the model
+    the remainder (at least 1). Oversubscription is what this prevents: two thread pools spinning
+    on the same cores made a 0.34 s step take 6-9 s in our measurements.
+    """
+    cores = max(1, cores)
+    want = max(1, loader_threads)
+    if not model_on_cpu:
+        loader = max(1, min(want, cores - 1))
+        return ThreadBudget(cores, 1, loader, f"{cores} cores: 1 for the GPU's host thread, {loader} for the loader")
+    if cores == 1:
+        return ThreadBudget(1, 1, 1, "1 core: the model and the loader take turns")
+    loader = max(1, min(want, cores // 4))
+    model = cores  # provisional: measuring cores - loader against cores
+    return ThreadBudget(cores, model, loader, f"{cores} cores: {model} for the model, {loader} for the loader")
+
+
+def describe_machine(device: str = "cpu") -> str:
+    """One line naming the machine a figure came from: the GPU, or the CPU model and its relevant flags."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"GPU {torch.cuda.get_device_name()} (bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
+    flags = cpu_flags()
+    shown = [f for f in _SHOWN_FLAGS if f in flags]
+    bf16 = "native bf16" if cpu_has_native_bf16(flags) else "no native bf16"
+    return f"CPU {cpu_model()}, {available_cores()} cores, {bf16} (flags: {' '.join(shown) or 'none of note'})"
