@@ -32,6 +32,13 @@ CONFIGS: dict[str, dict] = {
     # A small ViT a 2-core CPU can step a few times a second.
     "small": dict(arch="vit_tiny_patch16_224", embed_dim=192, depth=6, num_heads=3, patch_size=8, grid_size=8,
                   patch_gap=2, projector_hidden_dim=768, decoder_dim=128, decoder_depth=2, decoder_num_heads=4),
+    # The reference code's small recipe (the side-by-side in docs/BENCHMARKS.md): 32 px, 4 px
+    # patches, no gap; use with --num-visible 7 --batch-size 128.
+    "ref_small": dict(arch="vit_tiny_patch16_224", embed_dim=192, depth=6, num_heads=3, patch_size=4, grid_size=8,
+                      patch_gap=0, projector_hidden_dim=1024, decoder_dim=128, decoder_depth=2, decoder_num_heads=16),
+    # The quickstart preset's model (train/configs/quickstart.yaml); use with --num-visible 16 --batch-size 128.
+    "quickstart": dict(arch="vit_tiny_patch16_224", embed_dim=96, depth=4, num_heads=3, patch_size=4, grid_size=8,
+                       patch_gap=0, projector_hidden_dim=384, decoder_dim=96, decoder_depth=2, decoder_num_heads=3),
     # For smoke tests of this command.
     "tiny": dict(arch="vit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, patch_size=4, grid_size=4,
                  patch_gap=2, projector_hidden_dim=96, decoder_dim=32, decoder_depth=1, decoder_num_heads=4),
