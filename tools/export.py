@@ -72,7 +72,11 @@ def load_latent_mim(checkpoint_dir: str | os.PathLike, map_location: str | torch
     weights = Path(checkpoint_dir) / "model.safetensors"
     if not weights.is_file():
         raise ExportError(f"{weights} not found: the checkpoint directory is incomplete.")
-    state = {_strip(k): v for k, v in load_file(str(weights), device=str(map_location)).items()}
+    _verify_weights(Path(checkpoint_dir))
+    try:
+        state = {_strip(k): v for k, v in load_file(str(weights), device=str(map_location)).items()}
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header or body
+        raise ExportError(f"{weights} cannot be read ({type(exc).__name__}: {exc}); the checkpoint is damaged.") from None
     net = LatentMIM(cfg)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -81,6 +85,31 @@ def load_latent_mim(checkpoint_dir: str | os.PathLike, map_location: str | torch
             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...); was it written by another version?"
         )
     return net.eval()
+
+
+def _verify_weights(checkpoint_dir: Path) -> None:
+    """Check model.safetensors against the size and sha256 its checkpoint recorded (when it did)."""
+    from train.checkpoint import COMPLETE_MARKER, CheckpointError, verify_checkpoint
+
+    if (checkpoint_dir / COMPLETE_MARKER).is_file():
+        try:
+            verify_checkpoint(checkpoint_dir, only=("model.safetensors", "config.yaml"))
+        except CheckpointError as exc:
+            raise ExportError(str(exc)) from None
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, so equal tensors give equal bytes.
+
+    safetensors keeps `__metadata__` in a hash map whose order changes from one process to the
+    next; the tensor offsets are relative to the end of the header, so only the header moves.
+    """
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
 
 
 def encoder_state_dict(net, which: str = "online") -> dict[str, torch.Tensor]:
@@ -103,6 +132,7 @@ def export_encoder(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, wh
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file(encoder_state_dict(net, which), str(tmp), metadata=meta)
+        _canonical_header(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

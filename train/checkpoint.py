@@ -6,9 +6,10 @@ Layout of a run folder:
         model.safetensors                 LatentMIM state_dict() (online + EMA target), unwrapped keys
         optimizer.bin, scaler.pt          AdamW state, fp16 loss scaler (Accelerate)
         random_states_{rank}.pkl          python / numpy / torch / cuda RNG of every process (Accelerate)
-        custom_checkpoint_{i}.pkl         registered objects: the trainer state, every rank's loader position
+        trainer_state.json                the trainer's counters (TrainState)
+        loader_state.json                 every rank's data loader position
         config.yaml                       the full resolved config (tools.export reads its `model:` section)
-        complete.json                     written last: step, processes, time
+        complete.json                     written last: step, processes, time, size + sha256 of every file
     run_dir/checkpoints/.tmp-step_...    a checkpoint being written (or one interrupted mid-write)
 
 Writing goes to `.tmp-step_N` and is renamed to `step_N` only when every process has finished
@@ -17,11 +18,19 @@ a half-written `step_*`. `latest_checkpoint` only trusts `step_*` folders that h
 `complete.json`, so a run killed at any moment resumes from the newest checkpoint that was
 finished. Deleting an old checkpoint renames it away first for the same reason.
 
+Reading a checkpoint never runs code from it: the weights are safetensors, the trainer and loader
+states JSON, and the optimizer and RNG files go through `torch.load(weights_only=True)` (Accelerate's
+loader, which allows only tensors, containers and numpy's RNG state). Every file is checked against
+the size and sha256 recorded in `complete.json` before anything is loaded, so a damaged checkpoint
+is refused with one sentence (and `resume=auto` falls back to the previous one) instead of being
+half-loaded.
+
 The run folder must be on a file system every process sees (a shared volume on multi-node runs),
 since process 0 writes the model/optimizer and every process writes its own RNG state.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,6 +45,9 @@ import torch.distributed as dist
 
 __all__ = [
     "COMPLETE_MARKER",
+    "CheckpointError",
+    "load_checkpoint",
+    "verify_checkpoint",
     "TrainState",
     "RankedState",
     "checkpoints_dir",
@@ -49,6 +61,11 @@ __all__ = [
 ]
 
 COMPLETE_MARKER = "complete.json"
+_STATE_FILES = ("trainer_state", "loader_state")  # JSON, in this order; legacy: custom_checkpoint_{0,1}.pkl
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, phrased as one sentence for the user."""
 _NAME = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
@@ -171,7 +188,23 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: str, keep: int) -> Path:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: str, keep: int,
+                    states: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint atomically and rotate old ones. Call on every process.
 
     Args:
@@ -180,6 +213,9 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
         step: optimizer steps done.
         config_yaml: the resolved config, written as `config.yaml` in the checkpoint.
         keep: how many complete checkpoints to keep (the newest).
+        states: objects with state_dict() returning JSON-able data, saved as `{name}.json`
+            (`trainer_state`, `loader_state`); state_dict() is called on every process (it may
+            be a collective) and process 0 writes the file.
 
     Returns:
         The final checkpoint folder.
@@ -193,16 +229,17 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    gathered = {name: obj.state_dict() for name, obj in (states or {}).items()}
     if accelerator.is_main_process:
         (tmp / "config.yaml").write_text(config_yaml)
+        for name, value in gathered.items():
+            _write_json(tmp / f"{name}.json", value)
     # Every process's files (its RNG state) must be on disk before the marker declares the folder whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"step": step, "num_processes": accelerator.num_processes, "time": time.time()}
-        with open(tmp / COMPLETE_MARKER, "w") as f:
-            json.dump(marker, f)
-            f.flush()
-            os.fsync(f.fileno())
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+        marker = {"step": step, "num_processes": accelerator.num_processes, "time": time.time(), "files": files}
+        _write_json(tmp / COMPLETE_MARKER, marker)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run ending where it started)
             _discard(final)
@@ -237,3 +274,68 @@ def install_unwrapped_model_hooks(accelerator) -> None:
 
 def read_marker(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / COMPLETE_MARKER).read_text())
+
+
+def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> None:
+    """Check every file of a complete checkpoint against the sizes and sha256 in its marker.
+
+    Args:
+        only: check these files alone (e.g. the weights, for an export); default all.
+
+    Raises:
+        CheckpointError: a file is missing, has another size or other bytes than when it was written.
+    """
+    path = Path(path)
+    try:
+        marker = read_marker(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {COMPLETE_MARKER} ({err}).") from None
+    for name, want in marker.get("files", {}).items():  # checkpoints older than the digests: no list
+        if only is not None and name not in only:
+            continue
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}.")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, {want['bytes']} were written.")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is damaged: the bytes of {name} changed since it was written.")
+
+
+def _read_state(path: Path, index: int, name: str) -> Any:
+    """A saved state: `{name}.json`, or (checkpoints of earlier versions) the pickle Accelerate wrote,
+    read with weights_only=True so that it cannot run code."""
+    f = path / f"{name}.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    legacy = path / f"custom_checkpoint_{index}.pkl"
+    if legacy.is_file():
+        import torch
+
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise CheckpointError(f"checkpoint {path} has no {name}.json.")
+
+
+def load_checkpoint(accelerator, path: str | Path, states: dict[str, Any]) -> None:
+    """Load a checkpoint written by save_checkpoint into the prepared model/optimizer and `states`.
+
+    Nothing in the folder can run code (see the module docstring); every file is verified first.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged or cannot be read (one sentence naming it).
+    """
+    import pickle
+
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        saved = {name: _read_state(path, i, name) for i, name in enumerate(states)}
+        accelerator.load_state(str(path))
+        for name, obj in states.items():
+            obj.load_state_dict(saved[name])
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {first[:300]}).") from err

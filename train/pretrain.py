@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
     RankedState,
     TrainState,
     install_unwrapped_model_hooks,
@@ -150,6 +153,39 @@ def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
                                    reason=plan.reason.split(":")[0] + f": threads={cfg.threads} for the model as configured, "
                                    f"{plan.loader_threads} for the loader")
     return plan
+
+
+def _write_status(run_dir: Path, status: str, step: int) -> None:
+    """status.json, replaced atomically: a reader sees the old status or the new one, never a torn file."""
+    tmp = run_dir / f".status.json.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps({"status": status, "step": step}) + "\n")
+        os.replace(tmp, run_dir / "status.json")
+    except OSError:  # e.g. the disk is full: keep the previous status rather than a truncated one
+        tmp.unlink(missing_ok=True)
+
+
+def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, Any]) -> Path:
+    """Load `first`; with resume=auto, fall back to older complete checkpoints when it is damaged.
+
+    Raises:
+        CheckpointError: no candidate could be loaded (one sentence naming the newest's problem).
+    """
+    candidates = [first]
+    if cfg.resume == "auto":
+        candidates += [p for _, p in reversed(list_checkpoints(cfg.run_dir)) if p != first]
+    errors: list[CheckpointError] = []
+    for path in candidates:
+        try:
+            load_checkpoint(accelerator, path, states)
+            return path
+        except CheckpointError as err:
+            errors.append(err)
+            if path is not candidates[-1]:
+                accelerator.print(f"warning: {err} Trying the previous checkpoint.")
+    if len(errors) == 1:
+        raise errors[0]
+    raise CheckpointError(f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded; the newest: {errors[0]}")
 
 
 def _make_accelerator(cfg: DictConfig):
@@ -286,11 +322,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     state = TrainState(world_size=accelerator.num_processes)
     install_unwrapped_model_hooks(accelerator)
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(RankedState(loader, accelerator.process_index, accelerator.num_processes))
+    # Saved as JSON next to the weights (never pickled), in this order (see train.checkpoint).
+    saved_states = {"trainer_state": state,
+                    "loader_state": RankedState(loader, accelerator.process_index, accelerator.num_processes)}
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        resumed = _load_resume(cfg, accelerator, resume_from, saved_states)
+        accelerator.print(f"resumed from {resumed} at step {state.step}")
 
     accelerator.init_trackers(cfg.name, config=flatten_for_tracker(OmegaConf.to_container(cfg, resolve=True)))
     metrics_log = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
@@ -447,12 +484,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 every = cfg.checkpoint.every_steps
                 if (every and state.step % every == 0) or at_end:
                     log_window()  # never checkpoint weights that came from a non-finite loss
-                    last_ckpt = save_checkpoint(accelerator, run_dir, state.step, config_yaml, cfg.checkpoint.keep)
+                    last_ckpt = save_checkpoint(accelerator, run_dir, state.step, config_yaml, cfg.checkpoint.keep,
+                                                states=saved_states)
                 if at_end:
                     done = True
                     break
-    except TrainingError:
-        status = "failed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except BaseException:
+        status = "failed"  # whatever stopped the run, it did not complete (status.json must not say so)
         raise
     finally:
         if progress is not None:
@@ -468,7 +509,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if sample_batch is not None:
                 plot_masks(*sample_batch, cfg.model.grid_size, cfg.data.mean, cfg.data.std, run_dir / "plots" / "masks.png")
         if is_main:
-            (run_dir / "status.json").write_text(json.dumps({"status": status, "step": state.step}) + "\n")
+            _write_status(run_dir, status, state.step)
 
     return {
         "run_dir": str(run_dir),
@@ -517,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         print(f"lmim pretrain: {err}", file=sys.stderr)
         return 1
+    except CheckpointError as err:
+        print(f"lmim pretrain: {err} Point resume= at another checkpoint, or move the damaged one away.", file=sys.stderr)
+        return 3
     print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
     return 0
 

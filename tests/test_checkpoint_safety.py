@@ -1,0 +1,131 @@
+"""Checkpoints that cannot hurt: nothing in one runs code, damage is found before loading, resume=auto
+falls back past a damaged newest checkpoint, and exports are byte-reproducible."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import _losses, _run
+from train.checkpoint import COMPLETE_MARKER, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Payload:
+    """Unpickling this writes a file: the proof that a loader executed code from a checkpoint."""
+
+    def __init__(self, proof: Path):
+        self.proof = proof
+
+    def __reduce__(self):
+        return (Path.write_text, (self.proof, "pwned"))
+
+
+def _write_crafted_pickle(path: Path, proof: Path, rehash: bool = True) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({"step": _Payload(proof)}, f)
+    if rehash:  # an attacker rewrites the marker too, so the digests match the crafted file
+        ckpt = path.parent
+        marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
+        from train.checkpoint import _sha256
+
+        marker.setdefault("files", {})[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        (ckpt / COMPLETE_MARKER).write_text(json.dumps(marker))
+
+
+def test_checkpoint_states_are_json_and_every_file_is_digested(tmp_path):
+    _run(tmp_path / "r", "max_steps=3", "checkpoint.every_steps=100")
+    ckpt = latest_checkpoint(tmp_path / "r")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((ckpt / "loader_state.json").read_text())["world_size"] == 1
+    assert not list(ckpt.glob("custom_checkpoint_*.pkl"))
+    files = json.loads((ckpt / COMPLETE_MARKER).read_text())["files"]
+    assert {"model.safetensors", "optimizer.bin", "config.yaml", "trainer_state.json"} <= set(files)
+    verify_checkpoint(ckpt)
+    data = bytearray((ckpt / "optimizer.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    (ckpt / "optimizer.bin").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="the bytes of optimizer.bin changed"):
+        verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_resuming_never_executes_code_from_a_checkpoint(tmp_path, target):
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=3", "checkpoint.every_steps=100")
+    ckpt = latest_checkpoint(run_dir)
+    proof = tmp_path / "proof.txt"
+    if target == "custom_checkpoint_0.pkl":  # how earlier versions stored the trainer state
+        (ckpt / "trainer_state.json").unlink()
+        marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
+        del marker["files"]["trainer_state.json"]
+        (ckpt / COMPLETE_MARKER).write_text(json.dumps(marker))
+    _write_crafted_pickle(ckpt / target, proof)
+    try:
+        _run(run_dir, "resume=auto", "max_steps=4")
+    except CheckpointError as err:
+        assert str(ckpt) in str(err)
+    assert not proof.exists(), f"loading {target} ran code from the checkpoint"
+
+
+def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=3")
+    newest = latest_checkpoint(run_dir)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk or a cut copy
+    out = _run(run_dir, "resume=auto")
+    assert out["step"] == 10
+    printed = capsys.readouterr().out
+    assert "step_00000006 is damaged: model.safetensors has 1000 bytes" in printed
+    assert "resumed from" in printed and "step_00000004" in printed
+    # Resumed exactly from step 4: every later loss equals an uninterrupted run's.
+    _run(tmp_path / "ref")
+    ref, got = _losses(tmp_path / "ref"), _losses(run_dir)
+    assert all(got[s] == ref[s] for s in ref)
+
+
+def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=4", "checkpoint.every_steps=2")
+    for _, ckpt in list_checkpoints(run_dir):
+        (ckpt / "optimizer.bin").write_bytes(b"")
+    from tests.test_train import SYNTHETIC, TINY
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "train.pretrain", "--config", "quickstart", *TINY, *SYNTHETIC,
+                           f"run_dir={run_dir}", "resume=auto"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmim pretrain: none of the 2 checkpoints") and "optimizer.bin has 0 bytes" in last
+    assert "Traceback" not in proc.stderr
+
+
+def _export(ckpt: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tools.cli", "export", str(ckpt), str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_export_is_byte_reproducible_and_refuses_a_damaged_checkpoint(tmp_path):
+    _run(tmp_path / "r", "max_steps=2", "checkpoint.every_steps=100")
+    ckpt = latest_checkpoint(tmp_path / "r")
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for out in outs:  # two processes: safetensors' metadata order used to differ between them
+        proc = _export(ckpt, out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    from tools.export import load_encoder
+
+    assert sum(p.numel() for p in load_encoder(outs[0]).parameters()) > 0
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    proc = _export(ckpt, tmp_path / "c.safetensors")
+    assert proc.returncode == 2 and "model.safetensors has" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "c.safetensors").exists()
