@@ -6,6 +6,18 @@ class DataError(RuntimeError):
     """Base class: the dataset cannot be read as promised."""
 
 
+class DatasetNotFound(DataError, FileNotFoundError):
+    """No dataset (no manifest.json) at the URL; also a FileNotFoundError for callers that catch that."""
+
+
+class NotADataset(DataError, ValueError):
+    """Something is at the URL, but it is not an lmim dataset this version can read."""
+
+
+class DatasetTooSmall(DataError, ValueError):
+    """The dataset holds fewer samples than one batch per rank."""
+
+
 class ShardError(DataError):
     """A whole shard is unusable: missing, truncated, a bad index, a checksum mismatch, a network error."""
 

@@ -34,7 +34,7 @@ import torch
 
 from pipeline.batch import Batch
 from pipeline.config import DataConfig
-from pipeline.errors import DataError, SampleError, ShardError
+from pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError
 from pipeline.manifest import Manifest, join_url, read_manifest
 from pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
 from pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
@@ -100,7 +100,7 @@ class Loader:
             check_ranks(len(self.counts), world_size, rank)
             self._num_batches = (total // world_size) // cfg.batch_size
             if self._num_batches == 0:
-                raise ValueError(f"batch size {cfg.batch_size} x {world_size} rank(s) is larger than the dataset "
+                raise DatasetTooSmall(f"batch size {cfg.batch_size} x {world_size} rank(s) is larger than the dataset "
                                  f"({total} samples at {self.url}): lower data.batch_size.")
         else:
             n = len(eval_plan(self.counts, world_size, rank)[0])

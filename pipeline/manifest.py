@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.errors import DatasetNotFound, NotADataset
+
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 FORMAT = "lmim-webdataset"
@@ -62,11 +64,14 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise NotADataset(f"{MANIFEST_NAME} is not valid JSON ({err}); rebuild the dataset with `lmim shard`") from None
         if data.get("format") != FORMAT:
-            raise ValueError(f"not an lmim dataset manifest (format={data.get('format')!r}, expected {FORMAT!r})")
+            raise NotADataset(f"not an lmim dataset manifest (format={data.get('format')!r}, expected {FORMAT!r})")
         if int(data.get("version", 0)) > FORMAT_VERSION:
-            raise ValueError(
+            raise NotADataset(
                 f"manifest version {data['version']} is newer than this lmim understands ({FORMAT_VERSION}); upgrade lmim"
             )
         shards = [ShardInfo.from_dict(s) for s in data["shards"]]
@@ -88,7 +93,7 @@ def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> M
         with fsspec.open(url, "rt", **(storage_options or {})) as f:
             return Manifest.from_json(f.read())
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise DatasetNotFound(
             f"no {MANIFEST_NAME} at {root}: it is not an lmim dataset, or its build has not finished "
             f"(run `lmim shard SRC {root}` to build or finish it)"
         ) from None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.errors import DataError
 from train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -147,12 +149,27 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
 def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
     """Torch and loader threads for this process's share of the machine (cgroup quota and local ranks included)."""
     cores = max(1, available_cores() // local_processes())
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:  # the user's (or torchrun's) explicit cap on this process
+        cores = min(cores, int(omp))
     plan = plan_threads(cores, int(cfg.data.num_threads), model_on_cpu=accelerator.device.type == "cpu")
     if cfg.threads is not None:  # the user's torch thread count wins; the loader keeps its share
         plan = dataclasses.replace(plan, torch_threads=int(cfg.threads),
                                    reason=plan.reason.split(":")[0] + f": threads={cfg.threads} for the model as configured, "
                                    f"{plan.loader_threads} for the loader")
     return plan
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(run_dir)  # leftovers of a write that was interrupted; never resumed from
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise
+        raise ConfigError(f"run_dir {str(run_dir)!r} cannot be written ({err.strerror or err}): "
+                          "choose a writable folder with run_dir=PATH.") from None
 
 
 def _write_status(run_dir: Path, status: str, step: int) -> None:
@@ -285,11 +302,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accelerator.print(f"threads: {threads.reason}")
     run_dir = Path(cfg.run_dir)
     resume_from = _resolve_resume(cfg)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(run_dir)  # leftovers of a write that was interrupted; never resumed from
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     config_yaml = to_yaml(cfg)
 
     # The same seed on every process for the initial weights (DDP also broadcasts rank 0's), then a
@@ -306,6 +318,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"The dataset gives {micro_per_epoch} batches per process per epoch, fewer than grad_accum={cfg.grad_accum}; "
             "lower data.batch_size or grad_accum."
         )
+    # Only now, with the data readable, does the run folder get written: a start that fails on its
+    # data or config leaves nothing behind (no config.yaml that looks like a run).
+    if is_main:
+        _prepare_run_dir(cfg, run_dir)
+    accelerator.wait_for_everyone()
     eff_batch = effective_batch_size(cfg, accelerator.num_processes)
     sched = Schedules.from_config(cfg, steps_per_epoch, eff_batch)
     stop_step = sched.total_steps if cfg.max_steps is None else min(sched.total_steps, int(cfg.max_steps))
@@ -541,6 +558,24 @@ def _timing_summary(totals: dict, steps: int, eff_batch: int) -> dict[str, float
     }
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if text else type(err).__name__
+
+
+def _storage_sentence(err: OSError, args) -> str:
+    """One sentence for a storage failure: what, where, and what to do."""
+    where = err.filename or "the run folder"
+    if err.errno == errno.ENOSPC:
+        return (f"no space left on the device holding {where}: free some space, then rerun with resume=auto "
+                "(the last complete checkpoint is intact).")
+    if isinstance(err, PermissionError):
+        return (f"access to {where} was refused ({_one_line(err)}): for s3:// URLs check the credentials "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and the bucket policy; for local paths, "
+                "the permissions.")
+    return f"storage error on {where} ({type(err).__name__}: {_one_line(err)}); check the path or the endpoint and retry."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides = list(args.overrides)
@@ -561,6 +596,15 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"lmim pretrain: {err} Point resume= at another checkpoint, or move the damaged one away.", file=sys.stderr)
         return 3
+    except DataError as err:
+        print(f"lmim pretrain: the data cannot be read: {_one_line(err)}", file=sys.stderr)
+        return 4
+    except OSError as err:
+        print(f"lmim pretrain: {_storage_sentence(err, args)}", file=sys.stderr)
+        return 5
+    except KeyboardInterrupt:
+        print("lmim pretrain: interrupted; resume with resume=auto (the last complete checkpoint is kept).", file=sys.stderr)
+        return 130
     print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
     return 0
 
