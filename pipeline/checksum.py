@@ -50,6 +50,14 @@ def checksum_of(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
     return format_checksum(h, algorithm)
 
 
+def checksum_of_file(path: str, algorithm: str = DEFAULT_ALGORITHM, block: int = 4 << 20) -> str:
+    h = new_hasher(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return format_checksum(h, algorithm)
+
+
 def hasher_like(checksum: str) -> Hasher:
     """A fresh hasher of the algorithm `checksum` was made with (to check data against it)."""
     return new_hasher(algorithm_of(checksum))

@@ -25,7 +25,9 @@ class DataConfig:
     cache_max_bytes: int = 0               # 0 = no cache kept beyond the prefetch window
     shuffle_buffer: int = 1024             # in-stream shuffle buffer (samples)
     on_error: str = "skip"                 # undecodable sample: "skip" (count it) | "raise"
-    max_retries: int = 5                   # remote reads: retries with exponential back-off
+    verify_local: bool = True              # local shards: check each one's checksum once per process, before first use
+    retry_budget_s: float = 600.0          # remote reads: keep retrying a failing shard this long (object stores throttle for minutes)
+    max_retries: Optional[int] = None      # remote reads: also stop after this many retries (null: the time budget alone)
 
     # Augmentation (METHOD.md): RandomResizedCrop, bicubic, horizontal flip, ImageNet mean/std.
     crop_scale: tuple[float, float] = (0.2, 1.0)

@@ -34,6 +34,7 @@ import torch
 
 from pipeline.batch import Batch
 from pipeline.config import DataConfig
+from pipeline.checksum import algorithm_of, checksum_of_file
 from pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError
 from pipeline.manifest import Manifest, join_url, read_manifest
 from pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
@@ -220,12 +221,22 @@ class Loader:
             if os.path.getsize(tar) != info.bytes:
                 raise ShardError(info.name, f"truncated or changed: {os.path.getsize(tar)} bytes on disk, the manifest "
                                             f"says {info.bytes} (rebuild it with `lmim shard`)")
+            # One integrity policy for both paths: remote shards are checked on every fetch, local
+            # ones once per process before their first use (XXH3 hashes at tens of GB/s, so this
+            # costs one extra read of the shard, not a decode).
+            if self.cfg.verify_local and info.checksum:
+                digest = checksum_of_file(tar, algorithm_of(info.checksum))
+                if digest != info.checksum:
+                    raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
+                                                f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
+                                                "with `lmim shard`, or check it with `lmim verify`)")
             self._meta[sid] = meta
         return meta
 
     def fetcher(self) -> ShardFetcher:
         if self._fetcher is None:
-            self._fetcher = ShardFetcher(self.url, self.cfg.storage_options, max_retries=self.cfg.max_retries,
+            self._fetcher = ShardFetcher(self.url, self.cfg.storage_options, retry_budget_s=self.cfg.retry_budget_s,
+                                         max_retries=self.cfg.max_retries,
                                          cache_dir=self.cfg.cache_dir, cache_max_bytes=self.cfg.cache_max_bytes,
                                          stats=self._stream_stats)
         return self._fetcher

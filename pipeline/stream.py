@@ -4,7 +4,7 @@ Object stores throttle request rates long before bandwidth, so a shard is fetche
 `fs.cat_file` (one GET for S3) instead of one ranged request per sample, checked against the
 manifest's checksum, parsed in memory and handed to the pipeline. A background thread keeps up
 to `prefetch_shards` parsed shards ready; transient errors are retried with exponential
-back-off; an optional local cache (size-limited, evicting the least recently used shards)
+back-off and jitter for up to `data.retry_budget_s` (10 minutes by default); an optional local cache (size-limited, evicting the least recently used shards)
 saves re-downloads in later epochs.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,18 +56,31 @@ def default_storage_options(url: str, storage_options: dict[str, Any]) -> dict[s
     return opts
 
 
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Seconds to wait after failed attempt `attempt` (1, 2, ...): exponential, capped, with jitter.
+
+    base * 2^(attempt-1) capped at `cap_s`, then a uniform draw from its upper half, so that many
+    ranks throttled together do not retry in lockstep, and the wait still grows.
+    """
+    d = min(cap_s, base_s * 2 ** (attempt - 1))
+    return rng.uniform(d / 2, d)
+
+
 class ShardFetcher:
     """Fetch whole shards through fsspec with retries, a checksum check and an optional cache."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any], *, max_retries: int = 5,
-                 backoff_s: float = 0.2, cache_dir: str | None = None, cache_max_bytes: int = 0,
-                 stats: StreamStats | None = None):
+    def __init__(self, root: str, storage_options: dict[str, Any], *, retry_budget_s: float = 600.0,
+                 max_retries: int | None = None, backoff_s: float = 0.5, backoff_max_s: float = 30.0,
+                 cache_dir: str | None = None, cache_max_bytes: int = 0, stats: StreamStats | None = None):
         import fsspec
 
         self.root = root
         self.fs, self.base = fsspec.core.url_to_fs(root, **default_storage_options(root, storage_options))
+        self.retry_budget_s = retry_budget_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        # Jitter from a private generator: the global `random` is training state (checkpointed).
+        self._jitter = random.Random()
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
         self.stats = stats or StreamStats()
@@ -125,8 +139,10 @@ class ShardFetcher:
         if data is not None:
             return data
         path = self._path(info.name)
-        delay = self.backoff_s
-        for attempt in range(self.max_retries + 1):
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 data = self.fs.cat_file(path)
                 break
@@ -134,21 +150,26 @@ class ShardFetcher:
                 raise ShardError(info.name, f"missing: {join_url(self.root, info.name)} does not exist "
                                             "(the dataset is incomplete; re-run `lmim shard`)") from None
             except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
-                if attempt == self.max_retries:
-                    raise ShardError(info.name, f"network error after {attempt + 1} attempts reading "
-                                                f"{join_url(self.root, info.name)}: {type(e).__name__}: {e}") from e
+                elapsed = time.monotonic() - start
+                delay = backoff_delay(attempt, self.backoff_s, self.backoff_max_s, self._jitter)
+                out_of_retries = self.max_retries is not None and attempt > self.max_retries
+                if out_of_retries or elapsed + delay > self.retry_budget_s:
+                    raise ShardError(info.name, f"network error after {attempt} attempts over {elapsed:.0f} s "
+                                                f"(retry budget {self.retry_budget_s:g} s, data.retry_budget_s) reading "
+                                                f"{join_url(self.root, info.name)}: {type(e).__name__}: {e}; when the "
+                                                "store answers again, continue with resume=auto") from e
                 self.stats.add(retries=1)
-                log.warning("reading %s failed (%s); retry %d/%d in %.1f s", info.name, e, attempt + 1,
-                            self.max_retries, delay)
+                log.warning("reading %s failed (%s); retry %d in %.1f s (%.0f of %g s budget used)", info.name, e,
+                            attempt, delay, elapsed, self.retry_budget_s)
                 time.sleep(delay)
-                delay *= 2
         self.stats.add(shards_fetched=1, bytes_fetched=len(data))
         if len(data) != info.bytes:
             raise ShardError(info.name, f"truncated: read {len(data)} bytes, the manifest says {info.bytes}")
         digest = checksum_of(data, algorithm_of(info.checksum))
         if digest != info.checksum:
             raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
-                                        f"{info.checksum[:21]}... (the shard changed or is corrupt)")
+                                        f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
+                                        "with `lmim shard`, or check it with `lmim verify`)")
         self._store(info, data)
         return data
 

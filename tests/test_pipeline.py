@@ -254,7 +254,7 @@ def test_s3_cache_dir_saves_downloads(dataset, s3_server, s3_bucket, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_s3_network_error_names_shard(dataset, tmp_path):
+def test_s3_network_error_names_shard(dataset, tmp_path, s3_server):  # s3_server: the AWS_* test env
     from tests.s3server import start_s3_server
 
     import boto3
@@ -272,6 +272,50 @@ def test_s3_network_error_names_shard(dataset, tmp_path):
     with pytest.raises(ShardError, match=r"\.tar.*network error after 2 attempts"):
         epoch(loader)
     assert loader.stats["retries"] == 1
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
+    import random
+
+    from pipeline.stream import backoff_delay
+
+    rng = random.Random(0)
+    for attempt in range(1, 12):
+        d = min(30.0, 0.5 * 2 ** (attempt - 1))
+        draws = [backoff_delay(attempt, 0.5, 30.0, rng) for _ in range(50)]
+        assert all(d / 2 <= x <= d for x in draws)
+        assert max(draws) - min(draws) > 0  # jittered: ranks throttled together do not retry in lockstep
+    # About 10 minutes of retrying at the default budget: dozens of attempts, not 6 in 12 s.
+    total, n = 0.0, 0
+    while total < 600:
+        n += 1
+        total += backoff_delay(n, 0.5, 30.0, rng)
+    assert n > 20
+
+
+@pytest.mark.timeout(120)
+def test_s3_outage_is_retried_for_the_time_budget_then_one_sentence(dataset, s3_server):
+    import time
+
+    import boto3
+
+    from tests.s3server import start_s3_server
+
+    info, server = start_s3_server()
+    try:
+        boto3.client("s3", endpoint_url=info.endpoint_url, aws_access_key_id="t", aws_secret_access_key="t",
+                     region_name="us-east-1").create_bucket(Bucket="budget")
+        opts = {"client_kwargs": {"endpoint_url": info.endpoint_url}, "key": "t", "secret": "t"}
+        url = upload(dataset, "budget", "ds", info)
+        loader = build_loader(cfg(url, storage_options=opts, max_retries=None, retry_budget_s=3.0), **GEOM)
+    finally:
+        server.shutdown()
+        server.server_close()
+    t0 = time.monotonic()
+    with pytest.raises(ShardError, match=r"network error after \d+ attempts over \d+ s \(retry budget 3 s.*resume=auto"):
+        epoch(loader)
+    assert 1.0 < time.monotonic() - t0 < 60
+    assert loader.stats["retries"] >= 2
 
 
 @pytest.mark.timeout(120)
@@ -391,3 +435,20 @@ def test_bad_config(dataset):
         build_loader(cfg(dataset, batch_size=1000), **GEOM)
     with pytest.raises(ValueError, match="reader"):
         build_loader(cfg("s3://bucket/x", reader="dali"), **GEOM)
+
+
+def test_local_shards_are_checked_against_their_checksum_like_remote_ones(dataset, tmp_path):
+    """A local shard whose bytes changed but still decode is refused, as the same shard from S3 is."""
+    import shutil
+
+    from pipeline.manifest import read_manifest
+
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset, ds)
+    shard = ds / read_manifest(str(ds)).shards[0].name
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01  # inside the tar's closing zero blocks: every sample still reads and decodes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"checksum mismatch.*rebuild it with `lmim shard`"):
+        epoch(build_loader(cfg(str(ds)), **GEOM))
+    assert len(epoch(build_loader(cfg(str(ds), verify_local=False), **GEOM))) > 0  # the documented opt-out

@@ -260,6 +260,10 @@ def _check_values(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"Config key {key!r} must be positive, got {OmegaConf.select(cfg, key)!r}.")
+    if not math.isfinite(cfg.data.retry_budget_s) or cfg.data.retry_budget_s < 0:
+        raise ConfigError(f"Config key 'data.retry_budget_s' must be a finite number of seconds >= 0, got {cfg.data.retry_budget_s!r}.")
+    if cfg.data.max_retries is not None and cfg.data.max_retries < 0:
+        raise ConfigError(f"Config key 'data.max_retries' must be >= 0 or null (the time budget alone), got {cfg.data.max_retries!r}.")
     if cfg.threads is not None and cfg.threads <= 0:
         raise ConfigError(f"Config key 'threads' must be positive or null (the thread budget), got {cfg.threads!r}.")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
