@@ -29,6 +29,10 @@ class ShardError(DataError):
         return (type(self), (self.shard, self.message))
 
 
+class StoreUnreachable(ShardError):
+    """The object store did not answer within the retry budget (network, outage, throttling)."""
+
+
 class SampleError(DataError):
     """One sample cannot be decoded (raised when `on_error="raise"`)."""
 

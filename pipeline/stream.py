@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from pipeline.checksum import algorithm_of, checksum_of
-from pipeline.errors import DataError, ShardError
+from pipeline.errors import DataError, ShardError, StoreUnreachable
 from pipeline.manifest import ShardInfo, join_url
 from pipeline.shards import ShardData, parse_tar
 
@@ -154,7 +154,7 @@ class ShardFetcher:
                 delay = backoff_delay(attempt, self.backoff_s, self.backoff_max_s, self._jitter)
                 out_of_retries = self.max_retries is not None and attempt > self.max_retries
                 if out_of_retries or elapsed + delay > self.retry_budget_s:
-                    raise ShardError(info.name, f"network error after {attempt} attempts over {elapsed:.0f} s "
+                    raise StoreUnreachable(info.name, f"network error after {attempt} attempts over {elapsed:.0f} s "
                                                 f"(retry budget {self.retry_budget_s:g} s, data.retry_budget_s) reading "
                                                 f"{join_url(self.root, info.name)}: {type(e).__name__}: {e}; when the "
                                                 "store answers again, continue with resume=auto") from e

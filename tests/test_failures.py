@@ -65,3 +65,82 @@ def test_an_unwritable_run_dir_is_a_config_error(small_dataset, tmp_path):
     proc = _pretrain(f"data.url={small_dataset}", f"run_dir={blocker / 'run'}")
     assert proc.returncode == 2
     assert "cannot be written" in _one_sentence(proc) and "run_dir=PATH" in proc.stderr
+
+
+def _classify_cases():
+    import errno
+
+    from pipeline.errors import DatasetNotFound, ShardError, StoreUnreachable
+    from train.checkpoint import CheckpointError
+    from train.config import ConfigError
+    from train.pretrain import TrainingError
+
+    return [
+        (TrainingError("The loss became non-finite"), 1, "diverged"),
+        (ConfigError("Config key 'x' ..."), 2, "config"),
+        (CheckpointError("checkpoint /r/step_1 is damaged"), 3, "checkpoint"),
+        (DatasetNotFound("no manifest.json at /d"), 4, "data"),
+        (ShardError("s-000.tar", "checksum mismatch"), 4, "data"),
+        (StoreUnreachable("s-000.tar", "network error after 9 attempts"), 5, "storage"),
+        (PermissionError("Forbidden"), 5, "storage"),
+        (ConnectionResetError("reset by peer"), 5, "storage"),
+        (OSError(errno.ENOSPC, "No space left on device", "/runs/r/checkpoints/.tmp-step_8/optimizer.bin"), 6, "disk"),
+        (PermissionError(errno.EACCES, "Permission denied", "/runs/r/metrics.jsonl"), 6, "disk"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (ZeroDivisionError("division by zero"), 70, "bug"),
+    ]
+
+
+@pytest.mark.parametrize("err, code, kind", _classify_cases(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v))
+def test_every_failure_class_has_its_own_exit_code_and_one_sentence(err, code, kind):
+    from train.failures import classify
+
+    f = classify(err)
+    assert (f.code, f.kind) == (code, kind)
+    assert "\n" not in f.sentence and f.sentence
+    if kind == "disk" and getattr(err, "filename", None):
+        assert err.filename in f.sentence  # the full disk names the path
+    if kind == "storage" and isinstance(err, PermissionError):
+        assert "credentials" in f.sentence
+
+
+def test_status_json_says_why_a_run_failed_and_where_its_last_checkpoint_is(tmp_path, monkeypatch):
+    import json
+
+    from model.latent_mim import LatentMIM
+    from tests.test_train import _run
+    from train.pretrain import TrainingError
+
+    real_forward = LatentMIM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] >= 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(LatentMIM, "forward", poisoned)
+    with pytest.raises(TrainingError):
+        _run(tmp_path / "r", "checkpoint.every_steps=4", "log_every=5")
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["status"] == "failed" and status["kind"] == "diverged" and status["exit_code"] == 1
+    assert "non-finite" in status["message"] and status["last_checkpoint"].endswith("step_00000004")
+    assert not list((tmp_path / "r").glob(".status.json.tmp-*"))
+
+
+def test_debug_prints_the_traceback_and_the_log_keeps_it(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=1", "checkpoint.every_steps=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = next((run_dir / "checkpoints").iterdir())
+    (ckpt / "model.safetensors").write_bytes(b"")
+    proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "resume=auto", "max_steps=2")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "traceback: " in _one_sentence(proc) and (run_dir / "logs" / "error.log").is_file()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LMIM_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-m", "train.pretrain", "--config", "quickstart", *TINY, "data.loader=dali",
+                           "data.num_threads=1", f"data.url={small_dataset}", f"run_dir={run_dir}", "resume=auto"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 3 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr

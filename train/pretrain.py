@@ -42,13 +42,13 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import DataError
 from train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -60,6 +60,7 @@ from train.checkpoint import (
     remove_incomplete,
     save_checkpoint,
 )
+from train.failures import Failure, classify
 from train.hardware import ThreadBudget, available_cores, local_processes, plan_threads, resolve_precision
 from train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
 from train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
@@ -82,6 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", default=None, help=f"preset ({', '.join(preset_names())}) or a YAML file")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in run_dir) or a checkpoint folder")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true",
+                   help="also print the traceback of a failure (LMIM_DEBUG=1 does the same; it is always in run_dir/logs/error.log)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=3e-4 data.url=s3://b/p")
     return p.parse_args(argv)
 
@@ -172,11 +175,18 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                           "choose a writable folder with run_dir=PATH.") from None
 
 
-def _write_status(run_dir: Path, status: str, step: int) -> None:
-    """status.json, replaced atomically: a reader sees the old status or the new one, never a torn file."""
+def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None, checkpoint: Path | None) -> None:
+    """status.json, replaced atomically: a reader sees the old status or the new one, never a torn file.
+
+    {"status": running|completed|failed|interrupted, "step", "last_checkpoint", and on failure
+    "kind" (config|data|storage|disk|checkpoint|diverged|interrupted|bug), "message", "exit_code"}.
+    """
+    record: dict[str, Any] = {"status": status, "step": step, "last_checkpoint": str(checkpoint) if checkpoint else None}
+    if failure is not None:
+        record.update(kind=failure.kind, message=failure.sentence, exit_code=failure.code)
     tmp = run_dir / f".status.json.tmp-{os.getpid()}"
     try:
-        tmp.write_text(json.dumps({"status": status, "step": step}) + "\n")
+        tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, run_dir / "status.json")
     except OSError:  # e.g. the disk is full: keep the previous status rather than a truncated one
         tmp.unlink(missing_ok=True)
@@ -433,7 +443,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         step_losses, micro_metrics = [], {}
         window.update(t0=time.perf_counter(), wait=0.0, images=0)
 
-    status = "completed"
+    status, failure = "completed", None
+    if is_main:
+        _write_status(run_dir, "running", state.step, None, resume_from)
     try:
         done = state.step >= stop_step
         while not done:
@@ -506,11 +518,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 if at_end:
                     done = True
                     break
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    except BaseException:
-        status = "failed"  # whatever stopped the run, it did not complete (status.json must not say so)
+    except BaseException as err:
+        # Whatever stopped the run, status.json must say it did not complete, and why.
+        failure = classify(err)
+        status = "interrupted" if failure.kind == "interrupted" else "failed"
         raise
     finally:
         if progress is not None:
@@ -526,7 +537,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if sample_batch is not None:
                 plot_masks(*sample_batch, cfg.model.grid_size, cfg.data.mean, cfg.data.std, run_dir / "plots" / "masks.png")
         if is_main:
-            _write_status(run_dir, status, state.step)
+            _write_status(run_dir, status, state.step, failure, latest_checkpoint(run_dir))
 
     return {
         "run_dir": str(run_dir),
@@ -558,55 +569,43 @@ def _timing_summary(totals: dict, steps: int, eff_batch: int) -> dict[str, float
     }
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if text else type(err).__name__
-
-
-def _storage_sentence(err: OSError, args) -> str:
-    """One sentence for a storage failure: what, where, and what to do."""
-    where = err.filename or "the run folder"
-    if err.errno == errno.ENOSPC:
-        return (f"no space left on the device holding {where}: free some space, then rerun with resume=auto "
-                "(the last complete checkpoint is intact).")
-    if isinstance(err, PermissionError):
-        return (f"access to {where} was refused ({_one_line(err)}): for s3:// URLs check the credentials "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and the bucket policy; for local paths, "
-                "the permissions.")
-    return f"storage error on {where} ({type(err).__name__}: {_one_line(err)}); check the path or the endpoint and retry."
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"resume={args.resume}")
+    cfg = None
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         summary = run(cfg)
-    except ConfigError as err:
-        print(f"lmim pretrain: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"lmim pretrain: {err}", file=sys.stderr)
-        return 1
-    except CheckpointError as err:
-        print(f"lmim pretrain: {err} Point resume= at another checkpoint, or move the damaged one away.", file=sys.stderr)
-        return 3
-    except DataError as err:
-        print(f"lmim pretrain: the data cannot be read: {_one_line(err)}", file=sys.stderr)
-        return 4
-    except OSError as err:
-        print(f"lmim pretrain: {_storage_sentence(err, args)}", file=sys.stderr)
-        return 5
-    except KeyboardInterrupt:
-        print("lmim pretrain: interrupted; resume with resume=auto (the last complete checkpoint is kept).", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as err:
+        failure = classify(err)
+        log_file = _log_traceback(cfg, err)
+        if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
+            traceback.print_exception(err, file=sys.stderr)
+        where = f" (traceback: {log_file})" if log_file and failure.expected else ""
+        print(f"lmim pretrain: {failure.sentence}{where}", file=sys.stderr)
+        return failure.code
     print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
     return 0
+
+
+def _log_traceback(cfg: DictConfig | None, err: BaseException) -> Path | None:
+    """Append the traceback to run_dir/logs/error.log when the run folder exists (never create it)."""
+    if cfg is None or not cfg.run_dir or not Path(cfg.run_dir).is_dir():
+        return None
+    path = Path(cfg.run_dir) / "logs" / "error.log"
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {type(err).__name__}\n")
+            traceback.print_exception(err, file=f)
+        return path
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""Every expected way a training run ends badly, as one sentence and one exit code.
+
+`classify` is the single place that maps an exception to what the user reads; `lmim pretrain`
+prints its sentence and exits with its code, and `status.json` records its kind and sentence, so
+a scheduler, a person and a script all see the same thing.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from pipeline.errors import DataError, StoreUnreachable
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+
+# Exit codes, documented in docs/TRAINING.md ("When things go wrong").
+EXIT_DIVERGED = 1      # the loss guard or the collapse guard stopped the run
+EXIT_CONFIG = 2        # a bad setting (including an unwritable run_dir)
+EXIT_CHECKPOINT = 3    # no checkpoint could be loaded
+EXIT_DATA = 4          # the dataset cannot be used as promised
+EXIT_STORAGE = 5       # the object store is unreachable or refuses access
+EXIT_DISK = 6          # the local disk is full, read-only or not writable
+EXIT_INTERRUPTED = 130
+EXIT_UNEXPECTED = 70   # a bug: the traceback is the message
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: int
+    kind: str       # "diverged" | "config" | "checkpoint" | "data" | "storage" | "disk" | "interrupted" | "bug"
+    sentence: str
+    expected: bool = True
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _is_remote(name: str) -> bool:
+    return "://" in name and not name.startswith("file://")
+
+
+def classify(err: BaseException) -> Failure:
+    """What the user reads for `err`: one sentence naming the thing and what to do."""
+    from train.pretrain import TrainingError  # the trainer's own error; pretrain imports this module
+
+    if isinstance(err, KeyboardInterrupt):
+        return Failure(EXIT_INTERRUPTED, "interrupted",
+                       "interrupted; continue with resume=auto (the last complete checkpoint is kept).")
+    if isinstance(err, TrainingError):
+        return Failure(EXIT_DIVERGED, "diverged", _one_line(err))
+    if isinstance(err, ConfigError):
+        return Failure(EXIT_CONFIG, "config", _one_line(err))
+    if isinstance(err, CheckpointError):
+        return Failure(EXIT_CHECKPOINT, "checkpoint",
+                       f"{_one_line(err)} Point resume= at another checkpoint, or move the damaged one away.")
+    if isinstance(err, StoreUnreachable):
+        return Failure(EXIT_STORAGE, "storage", f"the data store cannot be reached: {_one_line(err)}")
+    if isinstance(err, DataError):
+        return Failure(EXIT_DATA, "data", f"the data cannot be read: {_one_line(err)}")
+    if isinstance(err, OSError):
+        where = str(err.filename) if err.filename else "the run folder"
+        if err.errno in _DISK_ERRNOS:
+            return Failure(EXIT_DISK, "disk",
+                           f"cannot write {where} ({err.strerror}): free some space or fix the disk, then rerun "
+                           "with resume=auto (the last complete checkpoint is intact).")
+        if isinstance(err, PermissionError) and (not err.filename or _is_remote(where)):
+            return Failure(EXIT_STORAGE, "storage",
+                           f"the data store refused access ({_one_line(err)}): check the credentials "
+                           "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or data.storage_options) "
+                           "and the bucket policy.")
+        if isinstance(err, PermissionError):
+            return Failure(EXIT_DISK, "disk", f"permission denied on {where}: fix its permissions or choose another path.")
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return Failure(EXIT_STORAGE, "storage",
+                           f"the data store cannot be reached ({_one_line(err)}): check the endpoint and the network, "
+                           "then rerun with resume=auto.")
+        return Failure(EXIT_DISK, "disk", f"I/O error on {where} ({type(err).__name__}: {_one_line(err)}).")
+    return Failure(EXIT_UNEXPECTED, "bug", f"unexpected {type(err).__name__}: {_one_line(err)} (a bug; please report "
+                   "it with the traceback in run_dir/logs/error.log)", expected=False)
