@@ -105,6 +105,36 @@ def _measure(cfgs: dict[str, DataConfig], args, device: torch.device, url_of: di
     return {"rates": rates, "startup": startup, "loaders": loaders, "samples": samples}
 
 
+def _checksum_cost(url: str, manifest) -> dict[str, float]:
+    """What the integrity check adds per local shard: read time vs hash time (data.verify_local).
+
+    Each shard is read twice (the second read, from the page cache, is timed: the cheapest a
+    read gets, so the share is an upper bound) and hashed with its manifest's algorithm.
+    """
+    from pipeline.checksum import algorithm_of, checksum_of
+    from pipeline.manifest import join_url
+
+    read_s, hash_s, total = 0.0, 0.0, 0
+    for info in manifest.shards:
+        path = join_url(url, info.name)
+        with open(path, "rb") as f:
+            f.read()
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            data = f.read()
+        t1 = time.perf_counter()
+        ok = checksum_of(data, algorithm_of(info.checksum)) == info.checksum
+        t2 = time.perf_counter()
+        if not ok:
+            raise ValueError(f"shard {info.name} does not match its checksum; run `lmim verify {url}`")
+        read_s, hash_s, total = read_s + (t1 - t0), hash_s + (t2 - t1), total + len(data)
+    n = len(manifest.shards)
+    return {"checksum_algorithm": algorithm_of(manifest.shards[0].checksum),
+            "checksum_ms_per_shard": round(hash_s / n * 1e3, 2), "read_ms_per_shard": round(read_s / n * 1e3, 2),
+            "checksum_share_of_read": round(hash_s / max(read_s, 1e-9), 3),
+            "checksum_gb_per_s": round(total / max(hash_s, 1e-9) / 1e9, 2)}
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     device = torch.device(args.device)
@@ -147,6 +177,7 @@ def main(argv: list[str]) -> int:
             cfgs["dali_s3"] = DataConfig(loader="dali", storage_options=s3.storage_options,
                                          **{**common, "url": "s3://bench/ds"})
             s3.clear()
+        checksum = _checksum_cost(url, manifest) if _local(url) else {}
         res = _measure(cfgs, args, device, url_of)
         med = {n: statistics.median(v) for n, v in res["rates"].items()}
         out: dict[str, Any] = {
@@ -162,6 +193,7 @@ def main(argv: list[str]) -> int:
             "baseline_rounds": [round(x, 1) for x in res["rates"]["baseline"]],
             "dali_startup_s": round(statistics.median(res["startup"]["dali"]), 2),
             "baseline_startup_s": round(statistics.median(res["startup"]["baseline"]), 2),
+            **checksum,
         }
         streamed = "dali_s3" if s3 is not None else ("dali" if not _local(url) else None)
         if streamed is not None:
@@ -207,6 +239,9 @@ def _table(out: dict[str, Any]) -> None:
     t.add_row("PyTorch baseline (PIL + torchvision, DataLoader)", f"{out['baseline_images_per_s']:.1f}",
               str(out["baseline_rounds"]), str(out["baseline_startup_s"]))
     t.add_row("ratio DALI / baseline", f"{out['ratio']:.2f}x", "", "")
+    if "checksum_ms_per_shard" in out:
+        t.add_row(f"integrity check per shard ({out['checksum_algorithm']}, ms)", f"{out['checksum_ms_per_shard']:.2f}",
+                  f"{out['checksum_share_of_read']:.0%} of a cached read ({out['read_ms_per_shard']:.2f} ms)", "")
     if "stream_images_per_s" in out:
         t.add_row("DALI streaming s3://", f"{out['stream_images_per_s']:.1f}", "", "")
         t.add_row("  requests / sample", str(out["stream_requests_per_sample"]), "", "")
