@@ -144,3 +144,26 @@ def test_debug_prints_the_traceback_and_the_log_keeps_it(small_dataset, tmp_path
                            "data.num_threads=1", f"data.url={small_dataset}", f"run_dir={run_dir}", "resume=auto"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 3 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
+
+
+def test_every_lmim_command_turns_an_expected_failure_into_one_sentence(tmp_path, monkeypatch, capsys):
+    """The CLI's safety net: a full disk under the shard builder is a sentence naming the path, exit 6."""
+    import errno
+
+    import tools.shard.cli as shard_cli
+    from tools.cli import main
+
+    def full_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "shard-000003.tar"))
+
+    monkeypatch.setattr(shard_cli, "main", full_disk)  # the disk cannot be filled for real in a test
+    assert main(["shard", "src", str(tmp_path / "out")]) == 6
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmim shard: cannot write") and "shard-000003.tar" in err and "\n" not in err
+
+    def bug(argv):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(shard_cli, "main", bug)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        main(["shard", "src", "dst"])

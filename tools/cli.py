@@ -42,7 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _, func_name = target.partition(":")
     module = importlib.import_module(module_name)
     func = getattr(module, func_name or "main")
-    result = func(rest)
+    try:
+        result = func(rest)
+    except (Exception, KeyboardInterrupt) as err:
+        # The safety net under every sub-command: an expected failure it did not phrase itself
+        # (a full disk under the shard builder, refused credentials, Ctrl-C) still ends as one
+        # sentence with the documented exit code; anything else is a bug and keeps its traceback.
+        import os
+
+        from train.failures import classify
+
+        failure = classify(err)
+        if not failure.expected or os.environ.get("LMIM_DEBUG"):
+            raise
+        print(f"lmim {name}: {failure.sentence}", file=sys.stderr)
+        return failure.code
     return int(result or 0)
 
 
