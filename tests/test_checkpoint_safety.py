@@ -129,3 +129,23 @@ def test_export_is_byte_reproducible_and_refuses_a_damaged_checkpoint(tmp_path):
     proc = _export(ckpt, tmp_path / "c.safetensors")
     assert proc.returncode == 2 and "model.safetensors has" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_rng_states_round_trip_through_json(tmp_path):
+    """Every RNG the trainer draws from is restored from the checkpoint's JSON (exact resume)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from train.checkpoint import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    saved = json.loads(json.dumps(rng_state()))  # through text, as on disk
+    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), torch.randint(0, 10**6, (1,)).item())
+    set_rng_state(saved)
+    again = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), torch.randint(0, 10**6, (1,)).item())
+    assert first == again
+    _run(tmp_path / "r", "max_steps=2", "checkpoint.every_steps=100")
+    ckpt = latest_checkpoint(tmp_path / "r")
+    assert (ckpt / "rng_state_0.json").is_file() and not (ckpt / "random_states_0.pkl").exists()

@@ -54,7 +54,7 @@ def test_end_to_end_synthetic(tmp_path):
     # Rotation: steps 4, 8, 10 were saved, the newest two kept, each complete and self-describing.
     assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [8, 10]
     ckpt = latest_checkpoint(tmp_path / "r")
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "config.yaml", COMPLETE_MARKER):
+    for name in ("model.safetensors", "optimizer.bin", "rng_state_0.json", "config.yaml", COMPLETE_MARKER):
         assert (ckpt / name).is_file(), name
     assert (tmp_path / "r" / "plots" / "curves.png").stat().st_size > 0
     assert (tmp_path / "r" / "plots" / "masks.png").stat().st_size > 0

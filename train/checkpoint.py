@@ -5,7 +5,7 @@ Layout of a run folder:
     run_dir/checkpoints/step_00001000/   complete checkpoints, newest kept `keep` of them
         model.safetensors                 LatentMIM state_dict() (online + EMA target), unwrapped keys
         optimizer.bin, scaler.pt          AdamW state, fp16 loss scaler (Accelerate)
-        random_states_{rank}.pkl          python / numpy / torch / cuda RNG of every process (Accelerate)
+        rng_state_{rank}.json             python / numpy / torch / cuda RNG of every process
         trainer_state.json                the trainer's counters (TrainState)
         loader_state.json                 every rank's data loader position
         config.yaml                       the full resolved config (tools.export reads its `model:` section)
@@ -19,8 +19,10 @@ a half-written `step_*`. `latest_checkpoint` only trusts `step_*` folders that h
 finished. Deleting an old checkpoint renames it away first for the same reason.
 
 Reading a checkpoint never runs code from it: the weights are safetensors, the trainer and loader
-states JSON, and the optimizer and RNG files go through `torch.load(weights_only=True)` (Accelerate's
-loader, which allows only tensors, containers and numpy's RNG state). Every file is checked against
+states and every process's RNG states JSON, and the optimizer file goes through
+`torch.load(weights_only=True)` (Accelerate's loader: tensors and containers only). Accelerate's
+own RNG pickle is replaced by the JSON file as it is written; one left in an older checkpoint is
+read by Accelerate with weights_only=True too, and the JSON, when present, wins. Every file is checked against
 the size and sha256 recorded in `complete.json` before anything is loaded, so a damaged checkpoint
 is refused with one sentence (and `resume=auto` falls back to the previous one) instead of being
 half-loaded.
@@ -188,6 +190,44 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON-able data (python, numpy, torch CPU and CUDA)."""
+    import base64
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    b64 = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode()  # noqa: E731
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import base64
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    tensor = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -229,6 +269,10 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # Every process: its RNG as JSON in place of Accelerate's pickle (loading must not unpickle).
+    rank = accelerator.process_index
+    _write_json(tmp / f"rng_state_{rank}.json", rng_state())
+    (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
     gathered = {name: obj.state_dict() for name, obj in (states or {}).items()}
     if accelerator.is_main_process:
         (tmp / "config.yaml").write_text(config_yaml)
@@ -331,7 +375,11 @@ def load_checkpoint(accelerator, path: str | Path, states: dict[str, Any]) -> No
     verify_checkpoint(path)
     try:
         saved = {name: _read_state(path, i, name) for i, name in enumerate(states)}
+        rng_file = path / f"rng_state_{accelerator.process_index}.json"
+        rng = json.loads(rng_file.read_text()) if rng_file.is_file() else None
         accelerator.load_state(str(path))
+        if rng is not None:
+            set_rng_state(rng)
         for name, obj in states.items():
             obj.load_state_dict(saved[name])
     except CheckpointError:
