@@ -39,7 +39,7 @@ from pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError
 from pipeline.manifest import Manifest, join_url, read_manifest
 from pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
 from pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
-from pipeline.stream import Prefetcher, ShardFetcher, StreamStats
+from pipeline.stream import Prefetcher, ShardFetcher, StreamStats, read_manifest_retrying
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,9 @@ class Loader:
             raise ValueError(f"data.reader='dali' reads local shards only; {self.url} is remote: use "
                              "data.reader='stream' (or 'auto').")
         self.streaming = cfg.reader == "stream" or (cfg.reader == "auto" and not self.local)
-        self.manifest: Manifest = read_manifest(self.url, cfg.storage_options)
+        self.manifest: Manifest = (read_manifest(self.url, cfg.storage_options) if is_local(self.url) else
+                                   read_manifest_retrying(self.url, cfg.storage_options,
+                                                          retry_budget_s=cfg.retry_budget_s, max_retries=cfg.max_retries))
         self.counts = [s.samples for s in self.manifest.shards]
         self.has_labels = self.manifest.classes is not None
         self.batch_size = cfg.batch_size

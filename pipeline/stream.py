@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline.checksum import algorithm_of, checksum_of
 from pipeline.errors import DataError, ShardError, StoreUnreachable
-from pipeline.manifest import ShardInfo, join_url
+from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, join_url, read_manifest
 from pipeline.shards import ShardData, parse_tar
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,31 @@ def default_storage_options(url: str, storage_options: dict[str, Any]) -> dict[s
         opts["config_kwargs"] = ck
         opts.setdefault("skip_instance_cache", True)  # a fresh client per process/thread: fork safety
     return opts
+
+
+def read_manifest_retrying(root: str, storage_options: dict[str, Any], *, retry_budget_s: float = 600.0,
+                           max_retries: int | None = None, backoff_s: float = 0.5,
+                           backoff_max_s: float = 30.0) -> Manifest:
+    """read_manifest for a remote dataset, with the shard reads' timeouts and retry budget."""
+    opts = default_storage_options(root, storage_options)
+    rng = random.Random()
+    start, attempt = time.monotonic(), 0
+    while True:
+        attempt += 1
+        try:
+            return read_manifest(root, opts)
+        except (DataError, PermissionError):
+            raise  # no dataset there, not a dataset, or refused credentials: waiting will not help
+        except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
+            elapsed = time.monotonic() - start
+            delay = backoff_delay(attempt, backoff_s, backoff_max_s, rng)
+            if (max_retries is not None and attempt > max_retries) or elapsed + delay > retry_budget_s:
+                raise StoreUnreachable(MANIFEST_NAME, f"network error after {attempt} attempts over {elapsed:.0f} s "
+                                                      f"(retry budget {retry_budget_s:g} s, data.retry_budget_s) "
+                                                      f"reading {join_url(root, MANIFEST_NAME)}: {type(e).__name__}: "
+                                                      f"{e}; when the store answers again, continue with resume=auto") from e
+            log.warning("reading %s failed (%s); retry %d in %.1f s", join_url(root, MANIFEST_NAME), e, attempt, delay)
+            time.sleep(delay)
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -149,6 +174,8 @@ class ShardFetcher:
             except FileNotFoundError:
                 raise ShardError(info.name, f"missing: {join_url(self.root, info.name)} does not exist "
                                             "(the dataset is incomplete; re-run `lmim shard`)") from None
+            except PermissionError:
+                raise  # refused credentials do not get better by waiting: one sentence now (exit code 5)
             except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
                 elapsed = time.monotonic() - start
                 delay = backoff_delay(attempt, self.backoff_s, self.backoff_max_s, self._jitter)

@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as err:
         failure = classify(err)
         log_file = _log_traceback(cfg, err)
+        _record_failed_start(cfg, failure)
         if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
             traceback.print_exception(err, file=sys.stderr)
         where = f" (traceback: {log_file})" if log_file and failure.expected else ""
@@ -591,6 +592,22 @@ def main(argv: list[str] | None = None) -> int:
         return failure.code
     print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
     return 0
+
+
+def _record_failed_start(cfg: DictConfig | None, failure: Failure) -> None:
+    """A run folder that already has a status.json (a resumed run that failed before its loop)
+    must not keep saying `completed`: record the failure, keeping its step."""
+    if cfg is None or not cfg.run_dir:
+        return
+    run_dir = Path(cfg.run_dir)
+    try:
+        old = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return  # no status yet: a failed start leaves nothing behind
+    if old.get("status") in ("failed", "interrupted") and old.get("kind") == failure.kind:
+        return  # run() already recorded this failure
+    status = "interrupted" if failure.kind == "interrupted" else "failed"
+    _write_status(run_dir, status, int(old.get("step", 0)), failure, latest_checkpoint(run_dir))
 
 
 def _log_traceback(cfg: DictConfig | None, err: BaseException) -> Path | None:
