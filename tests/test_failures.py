@@ -107,21 +107,10 @@ def test_every_failure_class_has_its_own_exit_code_and_one_sentence(err, code, k
 def test_status_json_says_why_a_run_failed_and_where_its_last_checkpoint_is(tmp_path, monkeypatch):
     import json
 
-    from model.latent_mim import LatentMIM
-    from tests.test_train import _run
+    from tests.test_train import _run, poison_loss
     from train.pretrain import TrainingError
 
-    real_forward = LatentMIM.forward
-    calls = {"n": 0}
-
-    def poisoned(self, *a, **kw):
-        out = real_forward(self, *a, **kw)
-        calls["n"] += 1
-        if calls["n"] >= 5:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(LatentMIM, "forward", poisoned)
+    poison_loss(monkeypatch, from_step=5)
     with pytest.raises(TrainingError):
         _run(tmp_path / "r", "checkpoint.every_steps=4", "log_every=5")
     status = json.loads((tmp_path / "r" / "status.json").read_text())

@@ -54,6 +54,19 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
 
 
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Same losses at every step and bit-identical final weights (online and EMA target)."""
+    assert _losses(run_dir) == _losses(reference)
+    a, b = _weights(run_dir), _weights(reference)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _resume_when_the_store_is_back(proxy: FaultProxy, run_dir: Path, url: str) -> None:
+    proxy.down_after, proxy.down = None, False
+    proc = _train(run_dir, url, proxy.endpoint_url, "resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _upstream(s3_server) -> tuple[str, int]:
     u = urlparse(s3_server.endpoint_url)
     return u.hostname, u.port
@@ -77,9 +90,7 @@ def test_training_through_network_faults_equals_the_fault_free_run(remote, s3_se
     assert proc.returncode == 0, proc.stderr[-3000:]
     faults = {k: v for k, v in proxy.counts.items() if k not in ("ok", "refused")}
     assert sum(faults.values()) >= 3 and sum(1 for v in faults.values() if v) >= 2, proxy.counts
-    assert _losses(tmp_path / "r") == _losses(clean_run)
-    a, b = _weights(tmp_path / "r"), _weights(clean_run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(tmp_path / "r", clean_run)
 
 
 @pytest.mark.timeout(600)
@@ -99,14 +110,10 @@ def test_an_outage_past_the_budget_stops_cleanly_and_resumes_exactly(remote, s3_
         assert status["status"] == "failed" and status["kind"] == "storage" and status["exit_code"] == 5
         assert status["last_checkpoint"].endswith("step_00000002")
         # The store is back: the run continues from its last checkpoint to the fault-free result.
-        proxy.down = False
-        proc = _train(run_dir, remote, proxy.endpoint_url, "resume=auto")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _resume_when_the_store_is_back(proxy, run_dir, remote)
     finally:
         proxy.close()
-    assert _losses(run_dir) == _losses(clean_run)
-    a, b = _weights(run_dir), _weights(clean_run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(run_dir, clean_run)
 
 
 @pytest.mark.timeout(600)
@@ -120,11 +127,7 @@ def test_an_outage_in_the_middle_of_an_epoch_stops_cleanly_and_resumes_exactly(r
         assert "network error after" in proc.stderr and "shard-" in proc.stderr
         status = json.loads((run_dir / "status.json").read_text())
         assert status["kind"] == "storage" and 2 <= status["step"] < 10 and status["last_checkpoint"]
-        proxy.down_after, proxy.down = None, False
-        proc = _train(run_dir, remote, proxy.endpoint_url, "resume=auto")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _resume_when_the_store_is_back(proxy, run_dir, remote)
     finally:
         proxy.close()
-    assert _losses(run_dir) == _losses(clean_run)
-    a, b = _weights(run_dir), _weights(clean_run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(run_dir, clean_run)

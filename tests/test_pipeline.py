@@ -253,22 +253,27 @@ def test_s3_cache_dir_saves_downloads(dataset, s3_server, s3_bucket, tmp_path):
     assert keys_of(epoch(small)) == first and os.listdir(tmp_path / "c2") == []
 
 
-@pytest.mark.timeout(120)
-def test_s3_network_error_names_shard(dataset, tmp_path, s3_server):  # s3_server: the AWS_* test env
-    from tests.s3server import start_s3_server
-
+def _loader_of_a_store_that_went_away(dataset: str, bucket: str, **data_kw):
+    """A loader built against a loopback S3 store that is shut down right after (an outage mid-job)."""
     import boto3
+
+    from tests.s3server import start_s3_server
 
     info, server = start_s3_server()
     try:
         boto3.client("s3", endpoint_url=info.endpoint_url, aws_access_key_id="t", aws_secret_access_key="t",
-                     region_name="us-east-1").create_bucket(Bucket="net")
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
         opts = {"client_kwargs": {"endpoint_url": info.endpoint_url}, "key": "t", "secret": "t"}
-        url = upload(dataset, "net", "ds", info)
-        loader = build_loader(cfg(url, storage_options=opts), **GEOM)
+        url = upload(dataset, bucket, "ds", info)
+        return build_loader(cfg(url, storage_options=opts, **data_kw), **GEOM)
     finally:
         server.shutdown()  # the store goes away after the job started
         server.server_close()
+
+
+@pytest.mark.timeout(120)
+def test_s3_network_error_names_shard(dataset, tmp_path, s3_server):  # s3_server: the AWS_* test env
+    loader = _loader_of_a_store_that_went_away(dataset, "net")
     with pytest.raises(ShardError, match=r"\.tar.*network error after 2 attempts"):
         epoch(loader)
     assert loader.stats["retries"] == 1
@@ -297,20 +302,7 @@ def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
 def test_s3_outage_is_retried_for_the_time_budget_then_one_sentence(dataset, s3_server):
     import time
 
-    import boto3
-
-    from tests.s3server import start_s3_server
-
-    info, server = start_s3_server()
-    try:
-        boto3.client("s3", endpoint_url=info.endpoint_url, aws_access_key_id="t", aws_secret_access_key="t",
-                     region_name="us-east-1").create_bucket(Bucket="budget")
-        opts = {"client_kwargs": {"endpoint_url": info.endpoint_url}, "key": "t", "secret": "t"}
-        url = upload(dataset, "budget", "ds", info)
-        loader = build_loader(cfg(url, storage_options=opts, max_retries=None, retry_budget_s=3.0), **GEOM)
-    finally:
-        server.shutdown()
-        server.server_close()
+    loader = _loader_of_a_store_that_went_away(dataset, "budget", max_retries=None, retry_budget_s=3.0)
     t0 = time.monotonic()
     with pytest.raises(ShardError, match=r"network error after \d+ attempts over \d+ s \(retry budget 3 s.*resume=auto"):
         epoch(loader)

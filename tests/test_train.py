@@ -109,9 +109,9 @@ def test_interrupted_checkpoint_is_ignored(tmp_path):
     assert _losses(run_dir) == _losses(tmp_path / "ref")
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+def poison_loss(monkeypatch, from_step: int) -> None:
+    """Make the loss nan from the `from_step`-th forward pass on (a divergence, on demand)."""
     from model.latent_mim import LatentMIM
-    from train.pretrain import TrainingError
 
     real_forward = LatentMIM.forward
     calls = {"n": 0}
@@ -119,11 +119,17 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     def poisoned(self, *a, **kw):
         out = real_forward(self, *a, **kw)
         calls["n"] += 1
-        if calls["n"] >= 5:  # from the 5th step on the loss is nan
+        if calls["n"] >= from_step:
             out["loss"] = out["loss"] * float("nan")
         return out
 
     monkeypatch.setattr(LatentMIM, "forward", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from train.pretrain import TrainingError
+
+    poison_loss(monkeypatch, from_step=5)
     with pytest.raises(TrainingError, match=r"non-finite .* between steps 5 and 5.*last good checkpoint is kept"):
         _run(tmp_path / "r", "checkpoint.every_steps=4", "log_every=5")
     assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [4]
