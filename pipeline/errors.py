@@ -18,6 +18,10 @@ class DatasetTooSmall(DataError, ValueError):
     """The dataset holds fewer samples than one batch per rank."""
 
 
+class NoReadableSamples(DataError, ValueError):
+    """A rank has nothing left to read (every shard it was given is empty or was skipped)."""
+
+
 class ShardError(DataError):
     """A whole shard is unusable: missing, truncated, a bad index, a checksum mismatch, a network error."""
 

@@ -35,7 +35,7 @@ import torch
 from pipeline.batch import Batch
 from pipeline.config import DataConfig
 from pipeline.checksum import algorithm_of, checksum_of_file
-from pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError
+from pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError, StoreUnreachable
 from pipeline.manifest import Manifest, join_url, read_manifest
 from pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
 from pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
@@ -114,6 +114,7 @@ class Loader:
         self._meta: dict[int, ShardMeta] = {}
         self._stream_stats = StreamStats()
         self._skipped_keys: list[str] = []
+        self._bad_shards: list[int] = []  # shards found unreadable and skipped (data.on_error=skip)
         self._fetcher: ShardFetcher | None = None
         self._active = None  # the backend generator of the epoch in progress
         self._token: object | None = None  # identifies the live iterator
@@ -127,6 +128,7 @@ class Loader:
         """Counters: samples skipped as undecodable (and their keys), and streaming I/O."""
         s = self._stream_stats
         return {"skipped": len(self._skipped_keys), "skipped_keys": list(self._skipped_keys),
+                "skipped_shards": [self.shard_name(s) for s in self._bad_shards],
                 "shards_fetched": s.shards_fetched, "bytes_fetched": s.bytes_fetched, "retries": s.retries,
                 "cache_hits": s.cache_hits}
 
@@ -134,7 +136,8 @@ class Loader:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self._next_batch, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
                 "train": self.train, "num_samples": sum(self.counts), "num_shards": len(self.counts),
-                "bad": sorted([int(s), int(i)] for s, i in self._bad), "skipped_keys": list(self._skipped_keys)}
+                "bad": sorted([int(s), int(i)] for s, i in self._bad), "skipped_keys": list(self._skipped_keys),
+                "bad_shards": list(self._bad_shards)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("version", 0)) != STATE_VERSION:
@@ -144,6 +147,7 @@ class Loader:
         same_data = (state["num_samples"], state["num_shards"]) == (sum(self.counts), len(self.counts))
         self._bad = {(int(s), int(i)) for s, i in state.get("bad", [])} if same_data else set()
         self._skipped_keys = list(state.get("skipped_keys", [])) if same_data else []
+        self._bad_shards = [int(s) for s in state.get("bad_shards", [])] if same_data else []
         same = (same_data and state["world_size"] == self.world_size and state["rank"] == self.rank
                 and state["batch_size"] == self.batch_size and state["seed"] == self.seed
                 and state["train"] == self.train)
@@ -196,7 +200,8 @@ class Loader:
     # ------------------------------------------------------------------ plan
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self.train:
-            shards, samples = train_plan(self.counts, self.world_size, self.rank, self.seed, epoch, self._bad)
+            shards, samples = train_plan(self.counts, self.world_size, self.rank, self.seed, epoch, self._bad,
+                                         self._bad_shards)
             n = self._num_batches * self.batch_size  # drop_last
             return shards[:n], samples[:n]
         return eval_plan(self.counts, self.world_size, self.rank)
@@ -269,6 +274,14 @@ class Loader:
             if self.cfg.on_error == "skip" and getattr(e, "where", None) is not None:
                 self._skip(e)
             raise
+        except StoreUnreachable:
+            raise  # an outage is not a bad shard: stop, and resume when the store is back
+        except ShardError as e:
+            # One policy, local and remote: data.on_error=skip leaves the whole shard out (named
+            # in the log, counted, saved in the loader state) and re-plans from the failed batch.
+            if self.cfg.on_error == "skip" and self.train:
+                self._skip_shard(e)
+            raise
         except _BackendFailure as e:
             failed = e.batch
             lo = (failed - start) * self.batch_size
@@ -290,6 +303,15 @@ class Loader:
             close = getattr(gen, "close", None)
             if close is not None:
                 close()
+
+    def _skip_shard(self, err: ShardError) -> None:
+        sid = next((i for i, s in enumerate(self.manifest.shards) if s.name == err.shard), None)
+        if sid is None or sid in self._bad_shards:
+            return
+        self._bad_shards.append(sid)
+        self._meta.pop(sid, None)
+        log.warning("skipping shard %s (data.on_error=skip; %d shard(s) skipped so far)", err, len(self._bad_shards))
+        raise _Skipped()
 
     def _skip(self, err: SampleError) -> None:
         sid, idx = err.where

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.errors import NoReadableSamples
+
 # Distinct streams of randomness derived from the same user seed.
 _SHARD_ORDER, _SAMPLE_ORDER, _CROP, _MASK = 1, 2, 3, 4
 
@@ -60,8 +62,15 @@ def train_plan(
     seed: int,
     epoch: int,
     excluded: Iterable[tuple[int, int]] = (),
+    excluded_shards: Iterable[int] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(shard ids, sample ids within the shard) of length `sum(counts) // world_size`."""
+    """(shard ids, sample ids within the shard) of length `sum(counts) // world_size`.
+
+    `excluded` (shard, sample) pairs and whole `excluded_shards` (found unreadable, skipped by
+    data.on_error=skip) are left out; the rank's remaining stream wraps to keep its length, so
+    every rank still gets the same number of batches.
+    """
+    skip_shards = {int(s) for s in excluded_shards}
     n = samples_per_rank(int(sum(counts)), world_size)
     bad: dict[int, set[int]] = {}
     for s, i in excluded:
@@ -69,6 +78,8 @@ def train_plan(
     shard_parts, sample_parts = [], []
     for s in rank_shards(len(counts), world_size, rank, seed, epoch):
         s = int(s)
+        if s in skip_shards:
+            continue
         perm = np.random.default_rng(derive_seed(seed, _SAMPLE_ORDER, epoch, s)).permutation(int(counts[s]))
         if s in bad:
             perm = perm[~np.isin(perm, list(bad[s]))]
@@ -77,7 +88,8 @@ def train_plan(
     shards = np.concatenate(shard_parts) if shard_parts else np.zeros(0, np.int64)
     samples = np.concatenate(sample_parts) if sample_parts else np.zeros(0, np.int64)
     if len(shards) == 0:
-        raise ValueError(f"rank {rank} has no readable samples in epoch {epoch} (all its shards are empty or skipped).")
+        raise NoReadableSamples(f"rank {rank} has no readable samples in epoch {epoch} (all its shards are empty or "
+                                "skipped as unreadable); repair the dataset (`lmim verify`) or use fewer ranks.")
     if len(shards) < n:  # wrap: repeat this rank's own stream from its start
         reps = math.ceil(n / len(shards))
         shards, samples = np.tile(shards, reps), np.tile(samples, reps)

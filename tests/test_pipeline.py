@@ -307,7 +307,7 @@ def test_s3_outage_is_retried_for_the_time_budget_then_one_sentence(dataset, s3_
     with pytest.raises(ShardError, match=r"network error after \d+ attempts over \d+ s \(retry budget 3 s.*resume=auto"):
         epoch(loader)
     assert 1.0 < time.monotonic() - t0 < 60
-    assert loader.stats["retries"] >= 2
+    assert loader.stats["retries"] >= 1  # it waited and tried again before giving up (more on a fast machine)
 
 
 @pytest.mark.timeout(120)
@@ -315,12 +315,16 @@ def test_s3_missing_shard(dataset, s3_server, s3_bucket):
     import s3fs
 
     url = upload(dataset, s3_bucket, "ds", s3_server)
-    loader = build_loader(cfg(url, storage_options=s3_server.storage_options), **GEOM)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url}, skip_instance_cache=True)
     name = read_manifest(dataset).shards[2].name
     fs.rm(f"{s3_bucket}/ds/{name}")
+    loader = build_loader(cfg(url, storage_options=s3_server.storage_options, on_error="raise"), **GEOM)
     with pytest.raises(ShardError, match=f"{name}.*missing"):
         epoch(loader)
+    # The default policy, the same as for a local shard: skip it, name it, keep the epoch's length.
+    loader = build_loader(cfg(url, storage_options=s3_server.storage_options), **GEOM)
+    batches = epoch(loader)
+    assert len(batches) == len(loader) and loader.stats["skipped_shards"] == [name]
 
 
 # ---------------------------------------------------------------------- faults
@@ -393,7 +397,7 @@ def test_missing_shard(dataset, tmp_path, backend):
     root = copy_dataset(dataset, str(tmp_path / "ds"))
     name = read_manifest(root).shards[1].name
     os.remove(os.path.join(root, name))
-    loader = build_loader(cfg(root, batch_size=8, loader=backend), **GEOM)
+    loader = build_loader(cfg(root, batch_size=8, loader=backend, on_error="raise"), **GEOM)
     with pytest.raises(ShardError, match=f"{name}.*missing"):
         epoch(loader)
 
@@ -406,7 +410,7 @@ def test_truncated_shard(dataset, tmp_path, reader):
     path = os.path.join(root, s.name)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    loader = build_loader(cfg(root, reader=reader), **GEOM)
+    loader = build_loader(cfg(root, reader=reader, on_error="raise"), **GEOM)
     with pytest.raises(ShardError, match=f"{s.name}.*truncated"):
         epoch(loader)
 
@@ -417,7 +421,7 @@ def test_bad_index(dataset, tmp_path):
     s = read_manifest(root).shards[3]
     with open(os.path.join(root, s.index), "w") as f:
         f.write("this is not an index\n")
-    loader = build_loader(cfg(root), **GEOM)
+    loader = build_loader(cfg(root, on_error="raise"), **GEOM)
     with pytest.raises(ShardError, match=f"{s.name}.*bad index"):
         epoch(loader)
 
@@ -442,5 +446,28 @@ def test_local_shards_are_checked_against_their_checksum_like_remote_ones(datase
     data[-10] ^= 0x01  # inside the tar's closing zero blocks: every sample still reads and decodes
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"checksum mismatch.*rebuild it with `lmim shard`"):
-        epoch(build_loader(cfg(str(ds)), **GEOM))
+        epoch(build_loader(cfg(str(ds), on_error="raise"), **GEOM))
     assert len(epoch(build_loader(cfg(str(ds), verify_local=False), **GEOM))) > 0  # the documented opt-out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_bad_shard_is_skipped_by_default_named_counted_and_remembered(dataset, tmp_path, backend):
+    """data.on_error=skip: the shard is left out, the epoch keeps its length, and a resumed loader
+    (its state) skips it too without reading it again."""
+    from pipeline.manifest import read_manifest
+
+    root = copy_dataset(dataset, str(tmp_path / "ds"))
+    bad = read_manifest(root).shards[1]
+    with open(os.path.join(root, bad.name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(root, bad.name)) // 2)
+    loader = build_loader(cfg(root, batch_size=8, loader=backend), **GEOM)
+    batches = epoch(loader)
+    assert len(batches) == len(loader)
+    assert loader.stats["skipped_shards"] == [bad.name]
+    assert not set(keys_of(batches)) & set(_keys_in_shard(dataset, bad.index))
+    state = loader.state_dict()
+    again = build_loader(cfg(root, batch_size=8, loader=backend), **GEOM)
+    again.load_state_dict(state)
+    assert again.stats["skipped_shards"] == [bad.name]
+    assert not set(keys_of(epoch(again))) & set(_keys_in_shard(dataset, bad.index))
