@@ -24,7 +24,7 @@ class DataConfig:
     cache_dir: Optional[str] = None        # remote streaming: optional local shard cache
     cache_max_bytes: int = 0               # 0 = no cache kept beyond the prefetch window
     shuffle_buffer: int = 1024             # in-stream shuffle buffer (samples)
-    on_error: str = "skip"                 # undecodable sample: "skip" (count it) | "raise"
+    on_error: str = "skip"                 # undecodable sample or unreadable shard: "skip" (name and count it) | "raise"
     verify_local: bool = True              # local shards: check each one's checksum once per process, before first use
     retry_budget_s: float = 600.0          # remote reads: keep retrying a failing shard this long (object stores throttle for minutes)
     max_retries: Optional[int] = None      # remote reads: also stop after this many retries (null: the time budget alone)
