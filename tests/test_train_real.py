@@ -46,7 +46,24 @@ def test_real_shards_end_to_end_with_knn(shards, tmp_path):
     assert len(knn) == 2 and all(0 <= v <= 100 for v in knn)          # after epochs 1 and 2
     assert out["knn_top1"] == knn[-1]
     assert all(0 <= r["data_wait_share"] <= 1 for r in recs if "data_wait_share" in r)
+    last = [r for r in recs if "loss" in r][-1]
+    assert last["data_skipped_shards"] == 0 and last["data_skipped_samples"] == 0  # logged with the loss
     assert (tmp_path / "r" / "plots" / "masks.png").stat().st_size > 0
+
+
+def test_a_truncated_shard_is_skipped_and_the_log_counts_it(shards, tmp_path):
+    import shutil
+
+    from pipeline.manifest import read_manifest
+
+    ds = tmp_path / "ds"
+    shutil.copytree(shards, ds)
+    bad = ds / read_manifest(str(ds)).shards[2].name
+    bad.write_bytes(bad.read_bytes()[:1000])
+    out = _run(tmp_path / "r", *REAL[len(TINY):], f"data.url={ds}", "data.loader=dali")
+    assert out["step"] == 10  # every epoch keeps its length: the other shards wrap
+    recs = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    assert recs[-1]["data_skipped_shards"] == 1
 
 
 @pytest.mark.timeout(300)

@@ -175,6 +175,14 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                           "choose a writable folder with run_dir=PATH.") from None
 
 
+def _skip_counts(loader) -> dict[str, int]:
+    """How much data this process skipped so far (data.on_error=skip), for the metrics log."""
+    stats = getattr(loader, "stats", None)
+    if not isinstance(stats, dict):
+        return {}
+    return {"data_skipped_samples": int(stats.get("skipped", 0)), "data_skipped_shards": len(stats.get("skipped_shards", []))}
+
+
 def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None, checkpoint: Path | None) -> None:
     """status.json, replaced atomically: a reader sees the old status or the new one, never a torn file.
 
@@ -422,6 +430,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             **sched.at(state.step - 1),
             "images_per_s": window["images"] / elapsed,
             "data_wait_share": window["wait"] / elapsed,
+            **_skip_counts(loader),
         }
         accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
         metrics_log.write(record)
