@@ -75,7 +75,9 @@ def test_stream_reader_and_verify_catch_a_changed_shard(dataset, tmp_path, capsy
     shard = read_manifest(bad).shards[1].name
     _flip_byte(os.path.join(bad, shard))  # same size: only the checksum can tell
     with pytest.raises(ShardError, match=rf"{shard}.*checksum mismatch"):
-        list(build_loader(cfg(bad, reader="stream"), **GEOM))
+        list(build_loader(cfg(bad, reader="stream", on_error="raise"), **GEOM))
+    skipping = build_loader(cfg(bad, reader="stream"), **GEOM)  # the default policy: leave it out, say so
+    assert len(list(skipping)) == len(skipping) and skipping.stats["skipped_shards"] == [shard]
     capsys.readouterr()
     assert main(["verify", bad]) == 1
     assert f"shard {shard}: checksum does not match" in capsys.readouterr().err

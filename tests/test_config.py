@@ -64,7 +64,7 @@ def test_overrides_types_and_file_path(tmp_path):
         (["epochs=ten"], "'epochs' must be an integer, got 'ten'"),
         (["data.batch_size=1.5"], "'data.batch_size' must be an integer"),
         (["progress=maybe"], "'progress' must be true or false"),
-        (["precision=fp8"], "'precision' must be one of bf16, fp16, no"),
+        (["precision=fp8"], "'precision' must be one of auto, bf16, fp16, no"),
         (["epochs"], "is not of the form key=value"),
         (["data.num_visible=64"], "'data.num_visible' must be between 1 and 63"),
         (["grad_accum=0"], "'grad_accum' must be positive"),
