@@ -39,7 +39,8 @@ from pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError,
 from pipeline.manifest import Manifest, join_url, read_manifest
 from pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
 from pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
-from pipeline.stream import Prefetcher, ShardFetcher, StreamStats, read_manifest_retrying
+from pipeline.stream import (Prefetcher, RetryPolicy, ShardFetcher, StreamStats, read_manifest_retrying,
+                             verify_shard_checksum)
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,9 @@ class Loader:
             raise ValueError(f"data.reader='dali' reads local shards only; {self.url} is remote: use "
                              "data.reader='stream' (or 'auto').")
         self.streaming = cfg.reader == "stream" or (cfg.reader == "auto" and not self.local)
-        self.manifest: Manifest = (read_manifest(self.url, cfg.storage_options) if is_local(self.url) else
-                                   read_manifest_retrying(self.url, cfg.storage_options,
-                                                          retry_budget_s=cfg.retry_budget_s, max_retries=cfg.max_retries))
+        self.retry = RetryPolicy(budget_s=cfg.retry_budget_s, max_retries=cfg.max_retries)
+        self.manifest: Manifest = (read_manifest(self.url, cfg.storage_options) if self.local else
+                                   read_manifest_retrying(self.url, cfg.storage_options, self.retry))
         self.counts = [s.samples for s in self.manifest.shards]
         self.has_labels = self.manifest.classes is not None
         self.batch_size = cfg.batch_size
@@ -232,18 +233,13 @@ class Loader:
             # ones once per process before their first use (XXH3 hashes at tens of GB/s, so this
             # costs one extra read of the shard, not a decode).
             if self.cfg.verify_local and info.checksum:
-                digest = checksum_of_file(tar, algorithm_of(info.checksum))
-                if digest != info.checksum:
-                    raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
-                                                f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
-                                                "with `lmim shard`, or check it with `lmim verify`)")
+                verify_shard_checksum(info, checksum_of_file(tar, algorithm_of(info.checksum)))
             self._meta[sid] = meta
         return meta
 
     def fetcher(self) -> ShardFetcher:
         if self._fetcher is None:
-            self._fetcher = ShardFetcher(self.url, self.cfg.storage_options, retry_budget_s=self.cfg.retry_budget_s,
-                                         max_retries=self.cfg.max_retries,
+            self._fetcher = ShardFetcher(self.url, self.cfg.storage_options, retry=self.retry,
                                          cache_dir=self.cfg.cache_dir, cache_max_bytes=self.cfg.cache_max_bytes,
                                          stats=self._stream_stats)
         return self._fetcher

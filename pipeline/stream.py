@@ -56,29 +56,56 @@ def default_storage_options(url: str, storage_options: dict[str, Any]) -> dict[s
     return opts
 
 
-def read_manifest_retrying(root: str, storage_options: dict[str, Any], *, retry_budget_s: float = 600.0,
-                           max_retries: int | None = None, backoff_s: float = 0.5,
-                           backoff_max_s: float = 30.0) -> Manifest:
-    """read_manifest for a remote dataset, with the shard reads' timeouts and retry budget."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a remote read keeps trying: a time budget, exponential back-off with jitter."""
+
+    budget_s: float = 600.0
+    max_retries: int | None = None   # also stop after this many retries (None: the budget alone)
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    def call(self, read: Callable[[], Any], name: str, url: str, on_retry: Callable[[], None] | None = None) -> Any:
+        """read(), retried on network errors; StoreUnreachable once the budget is spent.
+
+        Errors that waiting cannot mend go straight through: a missing object, data that is not
+        what it should be, refused credentials.
+        """
+        rng = random.Random()  # private: the global `random` is training state (checkpointed)
+        start, attempt = time.monotonic(), 0
+        while True:
+            attempt += 1
+            try:
+                return read()
+            except (FileNotFoundError, DataError, PermissionError):
+                raise
+            except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
+                elapsed = time.monotonic() - start
+                delay = backoff_delay(attempt, self.backoff_s, self.backoff_max_s, rng)
+                if (self.max_retries is not None and attempt > self.max_retries) or elapsed + delay > self.budget_s:
+                    raise StoreUnreachable(name, f"network error after {attempt} attempts over {elapsed:.0f} s "
+                                                 f"(retry budget {self.budget_s:g} s, data.retry_budget_s) reading "
+                                                 f"{url}: {type(e).__name__}: {e}; when the store answers again, "
+                                                 "continue with resume=auto") from e
+                if on_retry is not None:
+                    on_retry()
+                log.warning("reading %s failed (%s); retry %d in %.1f s (%.0f of %g s budget used)", url, e,
+                            attempt, delay, elapsed, self.budget_s)
+                time.sleep(delay)
+
+
+def read_manifest_retrying(root: str, storage_options: dict[str, Any], retry: RetryPolicy) -> Manifest:
+    """read_manifest for a remote dataset, with the shard reads' timeouts and retry policy."""
     opts = default_storage_options(root, storage_options)
-    rng = random.Random()
-    start, attempt = time.monotonic(), 0
-    while True:
-        attempt += 1
-        try:
-            return read_manifest(root, opts)
-        except (DataError, PermissionError):
-            raise  # no dataset there, not a dataset, or refused credentials: waiting will not help
-        except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
-            elapsed = time.monotonic() - start
-            delay = backoff_delay(attempt, backoff_s, backoff_max_s, rng)
-            if (max_retries is not None and attempt > max_retries) or elapsed + delay > retry_budget_s:
-                raise StoreUnreachable(MANIFEST_NAME, f"network error after {attempt} attempts over {elapsed:.0f} s "
-                                                      f"(retry budget {retry_budget_s:g} s, data.retry_budget_s) "
-                                                      f"reading {join_url(root, MANIFEST_NAME)}: {type(e).__name__}: "
-                                                      f"{e}; when the store answers again, continue with resume=auto") from e
-            log.warning("reading %s failed (%s); retry %d in %.1f s", join_url(root, MANIFEST_NAME), e, attempt, delay)
-            time.sleep(delay)
+    return retry.call(lambda: read_manifest(root, opts), MANIFEST_NAME, join_url(root, MANIFEST_NAME))
+
+
+def verify_shard_checksum(info: ShardInfo, digest: str) -> None:
+    """The one integrity check, local and remote: `digest` (of the shard's bytes) must be the manifest's."""
+    if digest != info.checksum:
+        raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
+                                    f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
+                                    "with `lmim shard`, or check it with `lmim verify`)")
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -94,18 +121,13 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random)
 class ShardFetcher:
     """Fetch whole shards through fsspec with retries, a checksum check and an optional cache."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any], *, retry_budget_s: float = 600.0,
-                 max_retries: int | None = None, backoff_s: float = 0.5, backoff_max_s: float = 30.0,
+    def __init__(self, root: str, storage_options: dict[str, Any], *, retry: RetryPolicy = RetryPolicy(),
                  cache_dir: str | None = None, cache_max_bytes: int = 0, stats: StreamStats | None = None):
         import fsspec
 
         self.root = root
         self.fs, self.base = fsspec.core.url_to_fs(root, **default_storage_options(root, storage_options))
-        self.retry_budget_s = retry_budget_s
-        self.max_retries = max_retries
-        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
-        # Jitter from a private generator: the global `random` is training state (checkpointed).
-        self._jitter = random.Random()
+        self.retry = retry
         self.cache_dir = cache_dir
         self.cache_max_bytes = cache_max_bytes
         self.stats = stats or StreamStats()
@@ -163,40 +185,17 @@ class ShardFetcher:
         data = self._cached(info)
         if data is not None:
             return data
-        path = self._path(info.name)
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                data = self.fs.cat_file(path)
-                break
-            except FileNotFoundError:
-                raise ShardError(info.name, f"missing: {join_url(self.root, info.name)} does not exist "
-                                            "(the dataset is incomplete; re-run `lmim shard`)") from None
-            except PermissionError:
-                raise  # refused credentials do not get better by waiting: one sentence now (exit code 5)
-            except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
-                elapsed = time.monotonic() - start
-                delay = backoff_delay(attempt, self.backoff_s, self.backoff_max_s, self._jitter)
-                out_of_retries = self.max_retries is not None and attempt > self.max_retries
-                if out_of_retries or elapsed + delay > self.retry_budget_s:
-                    raise StoreUnreachable(info.name, f"network error after {attempt} attempts over {elapsed:.0f} s "
-                                                f"(retry budget {self.retry_budget_s:g} s, data.retry_budget_s) reading "
-                                                f"{join_url(self.root, info.name)}: {type(e).__name__}: {e}; when the "
-                                                "store answers again, continue with resume=auto") from e
-                self.stats.add(retries=1)
-                log.warning("reading %s failed (%s); retry %d in %.1f s (%.0f of %g s budget used)", info.name, e,
-                            attempt, delay, elapsed, self.retry_budget_s)
-                time.sleep(delay)
+        url = join_url(self.root, info.name)
+        try:
+            data = self.retry.call(lambda: self.fs.cat_file(self._path(info.name)), info.name, url,
+                                   on_retry=lambda: self.stats.add(retries=1))
+        except FileNotFoundError:
+            raise ShardError(info.name, f"missing: {url} does not exist "
+                                        "(the dataset is incomplete; re-run `lmim shard`)") from None
         self.stats.add(shards_fetched=1, bytes_fetched=len(data))
         if len(data) != info.bytes:
             raise ShardError(info.name, f"truncated: read {len(data)} bytes, the manifest says {info.bytes}")
-        digest = checksum_of(data, algorithm_of(info.checksum))
-        if digest != info.checksum:
-            raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
-                                        f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
-                                        "with `lmim shard`, or check it with `lmim verify`)")
+        verify_shard_checksum(info, checksum_of(data, algorithm_of(info.checksum)))
         self._store(info, data)
         return data
 

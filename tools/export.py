@@ -88,7 +88,7 @@ def load_latent_mim(checkpoint_dir: str | os.PathLike, map_location: str | torch
 
 
 def _verify_weights(checkpoint_dir: Path) -> None:
-    """Check model.safetensors against the size and sha256 its checkpoint recorded (when it did)."""
+    """Check model.safetensors against the size and checksum its checkpoint recorded (when it did)."""
     from train.checkpoint import COMPLETE_MARKER, CheckpointError, verify_checkpoint
 
     if (checkpoint_dir / COMPLETE_MARKER).is_file():

@@ -9,7 +9,7 @@ Layout of a run folder:
         trainer_state.json                the trainer's counters (TrainState)
         loader_state.json                 every rank's data loader position
         config.yaml                       the full resolved config (tools.export reads its `model:` section)
-        complete.json                     written last: step, processes, time, size + sha256 of every file
+        complete.json                     written last: step, processes, time, size + checksum of every file
     run_dir/checkpoints/.tmp-step_...    a checkpoint being written (or one interrupted mid-write)
 
 Writing goes to `.tmp-step_N` and is renamed to `step_N` only when every process has finished
@@ -23,7 +23,7 @@ states and every process's RNG states JSON, and the optimizer file goes through
 `torch.load(weights_only=True)` (Accelerate's loader: tensors and containers only). Accelerate's
 own RNG pickle is replaced by the JSON file as it is written; one left in an older checkpoint is
 read by Accelerate with weights_only=True too, and the JSON, when present, wins. Every file is checked against
-the size and sha256 recorded in `complete.json` before anything is loaded, so a damaged checkpoint
+the size and checksum (XXH3, as shards) recorded in `complete.json` before anything is loaded, so a damaged checkpoint
 is refused with one sentence (and `resume=auto` falls back to the previous one) instead of being
 half-loaded.
 
@@ -32,7 +32,6 @@ since process 0 writes the model/optimizer and every process writes its own RNG 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from pipeline.checksum import algorithm_of, checksum_of_file
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -63,14 +64,13 @@ __all__ = [
 ]
 
 COMPLETE_MARKER = "complete.json"
-_STATE_FILES = ("trainer_state", "loader_state")  # JSON, in this order; legacy: custom_checkpoint_{0,1}.pkl
+_NAME = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, phrased as one sentence for the user."""
-_NAME = re.compile(r"^step_(\d{8,})$")
-_TMP_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
 
 
 @dataclass
@@ -228,14 +228,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
@@ -281,7 +273,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
     # Every process's files (its RNG state) must be on disk before the marker declares the folder whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: {"bytes": p.stat().st_size, "checksum": checksum_of_file(str(p))}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
         marker = {"step": step, "num_processes": accelerator.num_processes, "time": time.time(), "files": files}
         _write_json(tmp / COMPLETE_MARKER, marker)
         _fsync_dir(tmp)
@@ -321,7 +314,7 @@ def read_marker(path: str | Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> None:
-    """Check every file of a complete checkpoint against the sizes and sha256 in its marker.
+    """Check every file of a complete checkpoint against the sizes and checksums in its marker.
 
     Args:
         only: check these files alone (e.g. the weights, for an export); default all.
@@ -343,7 +336,7 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
         size = f.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, {want['bytes']} were written.")
-        if _sha256(f) != want["sha256"]:
+        if checksum_of_file(str(f), algorithm_of(want["checksum"])) != want["checksum"]:
             raise CheckpointError(f"checkpoint {path} is damaged: the bytes of {name} changed since it was written.")
 
 

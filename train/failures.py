@@ -26,12 +26,21 @@ EXIT_UNEXPECTED = 70   # a bug: the traceback is the message
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
+class TrainingError(RuntimeError):
+    """The run stopped for a reason the user must act on (non-finite loss, collapse with action=stop)."""
+
+
 @dataclass(frozen=True)
 class Failure:
     code: int
     kind: str       # "diverged" | "config" | "checkpoint" | "data" | "storage" | "disk" | "interrupted" | "bug"
     sentence: str
     expected: bool = True
+
+    @property
+    def status(self) -> str:
+        """What status.json says of a run that ended this way."""
+        return "interrupted" if self.kind == "interrupted" else "failed"
 
 
 def _one_line(err: BaseException) -> str:
@@ -45,8 +54,6 @@ def _is_remote(name: str) -> bool:
 
 def classify(err: BaseException) -> Failure:
     """What the user reads for `err`: one sentence naming the thing and what to do."""
-    from train.pretrain import TrainingError  # the trainer's own error; pretrain imports this module
-
     if isinstance(err, KeyboardInterrupt):
         return Failure(EXIT_INTERRUPTED, "interrupted",
                        "interrupted; continue with resume=auto (the last complete checkpoint is kept).")

@@ -136,6 +136,16 @@ def local_processes() -> int:
         return 1
 
 
+def process_cores() -> int:
+    """This process's share of the cores: available_cores() over the node's training processes,
+    capped by OMP_NUM_THREADS when the user (or torchrun) set it."""
+    cores = max(1, available_cores() // local_processes())
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        cores = min(cores, int(omp))
+    return cores
+
+
 @dataclass(frozen=True)
 class ThreadBudget:
     cores: int           # this process's share of the machine

@@ -51,26 +51,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.checkpoint import (
     CheckpointError,
-    load_checkpoint,
     RankedState,
     TrainState,
     install_unwrapped_model_hooks,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     remove_incomplete,
     save_checkpoint,
 )
-from train.failures import Failure, classify
-from train.hardware import ThreadBudget, available_cores, local_processes, plan_threads, resolve_precision
 from train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
+from train.failures import Failure, TrainingError, classify
+from train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
 from train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
 from train.schedules import Schedules
 
 __all__ = ["main", "run", "TrainingError", "make_loader", "parse_args", "reset_accelerate_state"]
-
-
-class TrainingError(RuntimeError):
-    """The run stopped for a reason the user must act on (non-finite loss, collapse with action=stop)."""
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -151,11 +147,7 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
 
 def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
     """Torch and loader threads for this process's share of the machine (cgroup quota and local ranks included)."""
-    cores = max(1, available_cores() // local_processes())
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:  # the user's (or torchrun's) explicit cap on this process
-        cores = min(cores, int(omp))
-    plan = plan_threads(cores, int(cfg.data.num_threads), model_on_cpu=accelerator.device.type == "cpu")
+    plan = plan_threads(process_cores(), int(cfg.data.num_threads), model_on_cpu=accelerator.device.type == "cpu")
     if cfg.threads is not None:  # the user's torch thread count wins; the loader keeps its share
         plan = dataclasses.replace(plan, torch_threads=int(cfg.threads),
                                    reason=plan.reason.split(":")[0] + f": threads={cfg.threads} for the model as configured, "
@@ -360,6 +352,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Saved as JSON next to the weights (never pickled), in this order (see train.checkpoint).
     saved_states = {"trainer_state": state,
                     "loader_state": RankedState(loader, accelerator.process_index, accelerator.num_processes)}
+    resumed = None
     if resume_from is not None:
         resumed = _load_resume(cfg, accelerator, resume_from, saved_states)
         accelerator.print(f"resumed from {resumed} at step {state.step}")
@@ -454,7 +447,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     status, failure = "completed", None
     if is_main:
-        _write_status(run_dir, "running", state.step, None, resume_from)
+        _write_status(run_dir, "running", state.step, None, resumed)
     try:
         done = state.step >= stop_step
         while not done:
@@ -530,7 +523,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except BaseException as err:
         # Whatever stopped the run, status.json must say it did not complete, and why.
         failure = classify(err)
-        status = "interrupted" if failure.kind == "interrupted" else "failed"
+        status = failure.status
         raise
     finally:
         if progress is not None:
@@ -615,8 +608,7 @@ def _record_failed_start(cfg: DictConfig | None, failure: Failure) -> None:
         return  # no status yet: a failed start leaves nothing behind
     if old.get("status") in ("failed", "interrupted") and old.get("kind") == failure.kind:
         return  # run() already recorded this failure
-    status = "interrupted" if failure.kind == "interrupted" else "failed"
-    _write_status(run_dir, status, int(old.get("step", 0)), failure, latest_checkpoint(run_dir))
+    _write_status(run_dir, failure.status, int(old.get("step", 0)), failure, latest_checkpoint(run_dir))
 
 
 def _log_traceback(cfg: DictConfig | None, err: BaseException) -> Path | None:

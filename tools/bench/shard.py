@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from train.hardware import describe_machine
 
 

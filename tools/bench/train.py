@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from train.hardware import describe_machine
 
 __all__ = ["main"]
