@@ -143,6 +143,11 @@ def test_quickstart_command_runs_end_to_end(tmp_path):
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("load it:")).split("vit = ", 1)[1]
     vit = eval(line)  # the exact line the quickstart tells the user to run
     assert vit.patch_embed.patch_size == (4, 4) and vit.num_classes == 0
+    # The whole printed line, pasted into a fresh Python (where only the line's own imports run).
+    whole = next(ln for ln in done.stdout.splitlines() if ln.startswith("load it:")).split(":", 1)[1].strip()
+    fresh = subprocess.run([sys.executable, "-c", f"{whole}; print(vit.num_classes)"], cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "0", fresh.stderr[-2000:]
     # A second run reuses the shards.
     again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
     assert again.returncode == 0 and "reusing train shards" in again.stdout

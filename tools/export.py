@@ -148,6 +148,16 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, dict]:
     return meta[META_ARCH], json.loads(meta[META_KWARGS])
 
 
+# `model` (lmim's) before timm: it makes timm importable where a CPU-only torch meets PyPI's
+# CUDA-built torchvision (model/_torchvision_compat.py); on other installs it costs nothing.
+TIMM_IMPORT = "import model, timm"
+
+
+def timm_line(path: str | os.PathLike, var: str = "vit") -> str:
+    """One line a user can paste into Python to load an exported file with timm."""
+    return f"{TIMM_IMPORT}; {var} = {timm_command(path)}"
+
+
 def timm_command(path: str | os.PathLike) -> str:
     """The exact Python line that loads an exported file with timm."""
     arch, kwargs = read_export_metadata(path)
@@ -189,8 +199,7 @@ def main(argv: list[str]) -> int:
     n = sum(t.numel() for t in load_file(args.out).values())
     print(f"wrote {args.out}: {args.encoder} encoder, {n / 1e6:.2f} M parameters, timm kwargs {kwargs}")
     print("load it with:")
-    print("  import timm")
-    print(f"  model = {timm_command(args.out)}")
+    print(f"  {timm_line(args.out)}")
     return 0
 
 

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     from model import LatentMIM
-    from tools.export import export_encoder, load_latent_mim, timm_command
+    from tools.export import export_encoder, load_latent_mim, timm_line
 
     ckpt = Path(summary["checkpoint"])
     trained = load_latent_mim(ckpt).encoder
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plots:        {run_dir / 'plots' / 'curves.png'}  {run_dir / 'plots' / 'masks.png'}")
     print(f"checkpoint:   {ckpt}")
     print(f"encoder:      {encoder_path}")
-    print(f"load it:      import timm; vit = {timm_command(encoder_path)}")
+    print(f"load it:      {timm_line(encoder_path)}")
     print(f"summary:      {run_dir / 'quickstart.json'}")
     return 0
 
