@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import _torchvision_compat  # noqa: F401
-from model.config import ModelConfig
-from model.encoder import sincos_pos_embed
-from model.init import init_linear_
-from model.masks import gather_patches
+from lmim.model.config import ModelConfig
+from lmim.model.encoder import sincos_pos_embed
+from lmim.model.init import init_linear_
+from lmim.model.masks import gather_patches
 
 from timm.layers import LayerNorm, Mlp  # noqa: E402
 from timm.layers.attention import Attention  # noqa: E402

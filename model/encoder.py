@@ -12,10 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import _torchvision_compat  # noqa: F401  (before timm; see that module)
-from model.config import ModelConfig
-from model.init import init_linear_, reference_init_vit_
-from model.masks import gather_patches
+from lmim.model.config import ModelConfig
+from lmim.model.init import init_linear_, reference_init_vit_
+from lmim.model.masks import gather_patches
 
 import timm  # noqa: E402
 from timm.layers import LayerNorm  # noqa: E402

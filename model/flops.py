@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import ModelConfig
-from model.encoder import encode_patches
-from model.latent_mim import LatentMIM
-from model.masks import random_masks
+from lmim.model.config import ModelConfig
+from lmim.model.encoder import encode_patches
+from lmim.model.latent_mim import LatentMIM
+from lmim.model.masks import random_masks
 
 
 def default_num_visible(cfg: ModelConfig) -> int:

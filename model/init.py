@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model import _torchvision_compat  # noqa: F401  (before timm)
 
 from timm.layers import PatchEmbed  # noqa: E402
 

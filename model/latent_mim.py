@@ -20,10 +20,10 @@ import copy
 import torch
 import torch.nn as nn
 
-from model.config import ModelConfig
-from model.decoder import LatentDecoder, MAEDecoder
-from model.encoder import Projector, build_encoder, encode_patches
-from model.losses import (
+from lmim.model.config import ModelConfig
+from lmim.model.decoder import LatentDecoder, MAEDecoder
+from lmim.model.encoder import Projector, build_encoder, encode_patches
+from lmim.model.losses import (
     collapse_cosine,
     effective_rank,
     mean_token_similarity,
@@ -32,8 +32,8 @@ from model.losses import (
     patch_infonce,
     similarity_regulariser,
 )
-from model.masks import gather_patches
-from model.patch_gap import extract_patches
+from lmim.model.masks import gather_patches
+from lmim.model.patch_gap import extract_patches
 
 OBJECTIVES = ("infonce", "norm_l2", "mae", "naive_mse")
 EMA_OBJECTIVES = ("infonce", "norm_l2")

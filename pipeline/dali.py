@@ -3,13 +3,13 @@
 Two sources of encoded images:
 - local shards: DALI's `fn.readers.webdataset`, given per-run index files listing exactly the
   samples of the plan in plan order (an index may list a shard's samples in any order or any
-  subset, so the deterministic order of `pipeline.order` needs no extra copy of the data);
-- remote shards: `fn.external_source` fed from whole-shard streaming reads (`pipeline.stream`).
+  subset, so the deterministic order of `lmim.pipeline.order` needs no extra copy of the data);
+- remote shards: `fn.external_source` fed from whole-shard streaming reads (`lmim.pipeline.stream`).
 Crop windows and flips always come from Python (`fn.external_source`), computed by
-`pipeline.order.crop_windows` from the sizes in each sample's `.json`, so `decoders.image_slice`
+`lmim.pipeline.order.crop_windows` from the sizes in each sample's `.json`, so `decoders.image_slice`
 decodes only the window (less work than a full decode) and the randomness is exactly resumable.
 Decoding is "mixed" (nvJPEG on the GPU) when the process has a CUDA device, "cpu" otherwise;
-on the CPU the resize/flip/normalise tail runs in torch (`pipeline.resize`), which is several
+on the CPU the resize/flip/normalise tail runs in torch (`lmim.pipeline.resize`), which is several
 times faster there than DALI's CPU resampler.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def build_pipeline(
             `resize_in_dali`.
         files: (tar paths, index paths) for `fn.readers.webdataset`, or None to stream.
         resize_in_dali: resize, flip and normalise in DALI (GPU); if False the pipeline returns
-            the decoded uint8 HWC crops (train) or images (eval) and `pipeline.resize` finishes
+            the decoded uint8 HWC crops (train) or images (eval) and `lmim.pipeline.resize` finishes
             them (the CPU path: see that module for why).
     """
     from nvidia.dali import fn, pipeline_def, types

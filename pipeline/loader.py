@@ -1,12 +1,12 @@
 """`build_loader`: one iterator per process from a dataset (local or remote) to `Batch`es on the device.
 
 The loader is three layers:
-1. `pipeline.order`: a deterministic plan (which samples, in which order, with which crop
+1. `lmim.pipeline.order`: a deterministic plan (which samples, in which order, with which crop
    windows and flips) as a pure function of (seed, epoch, rank, batch);
 2. a backend that turns the plan into image tensors: DALI (`loader="dali"`, the default: the
    webdataset reader for local shards, whole-shard streaming for remote ones) or the plain
    PyTorch baseline (`loader="torch"`: PIL + torchvision in DataLoader workers);
-3. masks made on the device with `model.masks.make_masks` from a `torch.Generator` on that
+3. masks made on the device with `lmim.model.masks.make_masks` from a `torch.Generator` on that
    device seeded by (seed, epoch, rank, batch): masks are a few hundred int64 per image, so
    this costs nothing next to decoding, is exactly resumable, and is the torch reference by
    construction (no second implementation to keep in sync).
@@ -32,14 +32,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.batch import Batch
-from pipeline.config import DataConfig
-from pipeline.checksum import algorithm_of, checksum_of_file
-from pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError, StoreUnreachable
-from pipeline.manifest import Manifest, join_url, read_manifest
-from pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
-from pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
-from pipeline.stream import (Prefetcher, RetryPolicy, ShardFetcher, StreamStats, read_manifest_retrying,
+from lmim.pipeline.batch import Batch
+from lmim.pipeline.config import DataConfig
+from lmim.pipeline.checksum import algorithm_of, checksum_of_file
+from lmim.pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError, StoreUnreachable
+from lmim.pipeline.manifest import Manifest, join_url, read_manifest
+from lmim.pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
+from lmim.pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
+from lmim.pipeline.stream import (Prefetcher, RetryPolicy, ShardFetcher, StreamStats, read_manifest_retrying,
                              verify_shard_checksum)
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class Loader:
     def _backend(self, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
         shards, samples = self._positions(start, shards, samples)
         if self.cfg.loader == "torch":
-            from pipeline.torch_loader import torch_batches
+            from lmim.pipeline.torch_loader import torch_batches
 
             return self._guard(torch_batches(self, epoch, start, shards, samples), start, shards, samples)
         return self._guard(_dali_batches(self, epoch, start, shards, samples), start, shards, samples)
@@ -328,7 +328,7 @@ class Loader:
         n = self.grid_size * self.grid_size
         bsz = images.shape[0]
         if self.train:
-            from model.masks import make_masks
+            from lmim.model.masks import make_masks
 
             g = torch.Generator(device=dev)
             g.manual_seed(mask_seed(self.seed, epoch, self.rank, b))
@@ -356,8 +356,8 @@ class _BackendFailure(Exception):
 # ---------------------------------------------------------------------- DALI backend
 def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
     """Yield (batch index, images on the device, keys, labels) for batches start.. of this plan."""
-    from pipeline.dali import as_encoded, build_pipeline, to_torch
-    from pipeline.resize import finish_batch
+    from lmim.pipeline.dali import as_encoded, build_pipeline, to_torch
+    from lmim.pipeline.resize import finish_batch
 
     B = loader.batch_size
     npos = len(shards)

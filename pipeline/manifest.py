@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.errors import DatasetNotFound, NotADataset
+from lmim.pipeline.errors import DatasetNotFound, NotADataset
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -30,7 +30,7 @@ class ShardInfo:
     index: str
     samples: int
     bytes: int
-    checksum: str   # "xxh3_128:<hex>" (pipeline.checksum); "sha256:<hex>" in version-1 manifests
+    checksum: str   # "xxh3_128:<hex>" (lmim.pipeline.checksum); "sha256:<hex>" in version-1 manifests
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardInfo":

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.errors import NoReadableSamples
+from lmim.pipeline.errors import NoReadableSamples
 
 # Distinct streams of randomness derived from the same user seed.
 _SHARD_ORDER, _SAMPLE_ORDER, _CROP, _MASK = 1, 2, 3, 4

@@ -5,7 +5,7 @@ The crop windows are computed in Python from the width and height in each sample
 For local shards the `.idx` file (DALI's webdataset index, v1.2: one line per sample with
 `ext offset size name` per component) gives the offsets; metadata is read with `os.pread`
 (two tiny reads per sample, once per shard and process). Remote shards are parsed from their
-bytes in memory (see `pipeline.stream`).
+bytes in memory (see `lmim.pipeline.stream`).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import ShardError
-from pipeline.manifest import IMAGE_EXTENSIONS
+from lmim.pipeline.errors import ShardError
+from lmim.pipeline.manifest import IMAGE_EXTENSIONS
 
 IMAGE_EXTS = tuple(IMAGE_EXTENSIONS)
 

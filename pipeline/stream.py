@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pipeline.checksum import algorithm_of, checksum_of
-from pipeline.errors import DataError, ShardError, StoreUnreachable
-from pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, join_url, read_manifest
-from pipeline.shards import ShardData, parse_tar
+from lmim.pipeline.checksum import algorithm_of, checksum_of
+from lmim.pipeline.errors import DataError, ShardError, StoreUnreachable
+from lmim.pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, join_url, read_manifest
+from lmim.pipeline.shards import ShardData, parse_tar
 
 log = logging.getLogger(__name__)
 

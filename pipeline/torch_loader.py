@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-import model  # noqa: F401  (its torchvision shim must run before torchvision is imported)
-from pipeline.errors import DataError, SampleError
-from pipeline.forking import fork_safe_gc
+from lmim.pipeline.errors import DataError, SampleError
+from lmim.pipeline.forking import fork_safe_gc
 
 
 class _Batches(IterableDataset):
@@ -36,7 +35,7 @@ class _Batches(IterableDataset):
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[sid] = (data.meta, data.images.__getitem__)
             else:
-                from pipeline.shards import read_span
+                from lmim.pipeline.shards import read_span
 
                 meta = ld.local_meta(sid)
                 path = ld._local_paths(sid)[0]
@@ -45,6 +44,10 @@ class _Batches(IterableDataset):
 
     def _one(self, b: int):
         from PIL import Image, ImageOps
+
+        from lmim._torchvision_compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()  # torchvision directly, not through timm: see that module
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 

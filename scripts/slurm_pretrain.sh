@@ -5,7 +5,7 @@
 #   sbatch --nodes 4 scripts/slurm_pretrain.sh --config vit_b16_in1k \
 #       data.url=s3://my-bucket/in1k-train data.eval_url=s3://my-bucket/in1k-val run_dir=/shared/runs/b16
 #
-# Everything after the script name goes to train.pretrain (a preset or YAML, then key=value).
+# Everything after the script name goes to lmim.train.pretrain (a preset or YAML, then key=value).
 # run_dir must be on a file system all nodes share (checkpoints are written by every process).
 # resume=auto is always added, so resubmitting the same command (or a requeue after preemption or
 # a node failure) continues from the newest complete checkpoint; a first run starts fresh. Work
@@ -47,4 +47,4 @@ srun --kill-on-bad-exit=1 bash -c "accelerate launch \
     --main_process_port $MAIN_PORT \
     --rdzv_backend c10d \
     --mixed_precision bf16 \
-    -m train.pretrain$ARGS resume=auto"
+    -m lmim.train.pretrain$ARGS resume=auto"

@@ -6,8 +6,6 @@ import uuid
 import pytest
 import torch
 
-import model  # noqa: F401  (imports the timm/torchvision guard before any test imports timm)
-
 from tests.s3server import aws_env, apply_env, restore_env, start_s3_server
 
 

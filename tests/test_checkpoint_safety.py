@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_train import _losses, _run
-from train.checkpoint import COMPLETE_MARKER, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
+from lmim.train.checkpoint import COMPLETE_MARKER, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _write_crafted_pickle(path: Path, proof: Path, rehash: bool = True) -> None:
     if rehash:  # an attacker rewrites the marker too, so the digests match the crafted file
         ckpt = path.parent
         marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
-        from pipeline.checksum import checksum_of_file
+        from lmim.pipeline.checksum import checksum_of_file
 
         marker.setdefault("files", {})[path.name] = {"bytes": path.stat().st_size, "checksum": checksum_of_file(str(path))}
         (ckpt / COMPLETE_MARKER).write_text(json.dumps(marker))
@@ -99,7 +99,7 @@ def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
     from tests.test_train import SYNTHETIC, TINY
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "train.pretrain", "--config", "quickstart", *TINY, *SYNTHETIC,
+    proc = subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, *SYNTHETIC,
                            f"run_dir={run_dir}", "resume=auto"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -109,7 +109,7 @@ def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
 
 def _export(ckpt: Path, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "tools.cli", "export", str(ckpt), str(out)],
+    return subprocess.run([sys.executable, "-m", "lmim.tools.cli", "export", str(ckpt), str(out)],
                           capture_output=True, text=True, env=env, cwd=ROOT)
 
 
@@ -121,7 +121,7 @@ def test_export_is_byte_reproducible_and_refuses_a_damaged_checkpoint(tmp_path):
         proc = _export(ckpt, out)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert outs[0].read_bytes() == outs[1].read_bytes()
-    from tools.export import load_encoder
+    from lmim.tools.export import load_encoder
 
     assert sum(p.numel() for p in load_encoder(outs[0]).parameters()) > 0
     weights = ckpt / "model.safetensors"
@@ -138,7 +138,7 @@ def test_rng_states_round_trip_through_json(tmp_path):
     import numpy as np
     import torch
 
-    from train.checkpoint import rng_state, set_rng_state
+    from lmim.train.checkpoint import rng_state, set_rng_state
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     saved = json.loads(json.dumps(rng_state()))  # through text, as on disk

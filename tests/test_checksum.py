@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from pipeline import ShardError, build_loader
-from pipeline.checksum import algorithm_of, checksum_of, hasher_like, matches
-from pipeline.manifest import read_manifest
+from lmim.pipeline import ShardError, build_loader
+from lmim.pipeline.checksum import algorithm_of, checksum_of, hasher_like, matches
+from lmim.pipeline.manifest import read_manifest
 from tests.test_pipeline import GEOM, cfg, copy_dataset, keys_of, make_dataset
-from tools.cli import main
+from lmim.tools.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from train.config import ConfigError, TrainConfig, load_config, preset_names, save_config
+from lmim.train.config import ConfigError, TrainConfig, load_config, preset_names, save_config
 
 
 def _one_sentence(msg: str) -> None:
@@ -23,7 +23,7 @@ def test_defaults_file_equals_schema_defaults():
     import json
 
     schema = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(TrainConfig))))  # tuples -> lists
-    text = (resources.files("train") / "configs" / "defaults.yaml").read_text()
+    text = (resources.files("lmim.train") / "configs" / "defaults.yaml").read_text()
     from_file = OmegaConf.to_container(OmegaConf.create(text))
     # train's own sections must match key for key; model/data (owned by their packages) may gain fields.
     for key, value in schema.items():
@@ -100,7 +100,7 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     """`lmim pretrain` with a wrong type: exit 2, one line on stderr, nothing written."""
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "train.pretrain", "--config", "quickstart", "epochs=abc", f"run_dir={run_dir}"],
+        [sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", "epochs=abc", f"run_dir={run_dir}"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -111,7 +111,7 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
 
 def test_print_config_resolves_run_dir():
     proc = subprocess.run(
-        [sys.executable, "-m", "train.pretrain", "--config", "quickstart", "--print-config", "seed=5"],
+        [sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", "--print-config", "seed=5"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.evaluate.collapse import collapse_stats, cross_image_cosine, plot_collapse
-from train.evaluate.knn import knn_loo1, knn_loo1_predictions, knn_weighted
-from train.evaluate.linear import linear_probe
+from lmim.train.evaluate.collapse import collapse_stats, cross_image_cosine, plot_collapse
+from lmim.train.evaluate.knn import knn_loo1, knn_loo1_predictions, knn_weighted
+from lmim.train.evaluate.linear import linear_probe
 
 
 def clusters(n_per_class: int, num_classes: int, dim: int, spread: float, seed: int):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from tools import datasets
-from tools.bench import quality
-from train.config import load_config
+from lmim.tools import datasets
+from lmim.tools.bench import quality
+from lmim.train.config import load_config
 
 needs_fmnist = pytest.mark.skipif(not datasets.fashion_mnist_available(),
                                   reason="Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")

@@ -13,13 +13,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from model import LatentMIM, ModelConfig
-from pipeline.config import DataConfig
-from tools.datasets import DIGITS_CLASSES, export_digits
-from train.evaluate import cli
-from train.evaluate.features import eval_loader, extract, extract_features
-from train.evaluate.knn import knn_loo1, knn_weighted
-from train.evaluate.linear import linear_probe
+from lmim.model import LatentMIM, ModelConfig
+from lmim.pipeline.config import DataConfig
+from lmim.tools.datasets import DIGITS_CLASSES, export_digits
+from lmim.train.evaluate import cli
+from lmim.train.evaluate.features import eval_loader, extract, extract_features
+from lmim.train.evaluate.knn import knn_loo1, knn_weighted
+from lmim.train.evaluate.linear import linear_probe
 
 
 def tiny_cfg() -> ModelConfig:
@@ -32,9 +32,9 @@ def tiny_cfg() -> ModelConfig:
 def shard_tree(src: Path, dst: Path) -> str:
     """Class-folder tree -> lmim shards, through the project's shard builder."""
     try:
-        from tools.shard import build_dataset
+        from lmim.tools.shard import build_dataset
     except ImportError:
-        pytest.skip("the shard builder (tools.shard.build_dataset) is not available yet")
+        pytest.skip("the shard builder (lmim.tools.shard.build_dataset) is not available yet")
     build_dataset(str(src), str(dst), shard_max_samples=16, workers=1, progress=False)
     return str(dst)
 
@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def encoder_of(checkpoint: Path):
-    from tools.export import load_encoder
+    from lmim.tools.export import load_encoder
 
     return load_encoder(checkpoint)
 
@@ -101,7 +101,7 @@ def test_extract_deduplicates_repeated_keys():
 
     enc = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
                             num_classes=0)
-    from pipeline.batch import Batch
+    from lmim.pipeline.batch import Batch
 
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(5, 3, 8, 8, generator=g)
@@ -163,9 +163,9 @@ def test_two_processes_give_the_single_process_features(digits, checkpoint, tmp_
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
-        "import model\n"
-        "from tools.export import load_encoder\n"
-        "from train.evaluate.features import eval_loader, extract\n"
+        "import lmim\n"
+        "from lmim.tools.export import load_encoder\n"
+        "from lmim.train.evaluate.features import eval_loader, extract\n"
         "dist.init_process_group('gloo')\n"
         f"enc = load_encoder({str(checkpoint)!r})\n"
         f"out = extract(enc, eval_loader(enc, {digits['test']!r}, batch_size=6, loader='dali'))\n"

@@ -9,9 +9,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import timm
-from model import LatentMIM, ModelConfig
-from model.encoder import encode_patches
-from tools import export
+from lmim.model import LatentMIM, ModelConfig
+from lmim.model.encoder import encode_patches
+from lmim.tools import export
 
 
 def _tiny() -> ModelConfig:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _pretrain(*overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "train.pretrain", "--config", "quickstart", *TINY,
+    return subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY,
                            "data.loader=dali", "data.num_threads=1", *overrides],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
@@ -70,10 +70,10 @@ def test_an_unwritable_run_dir_is_a_config_error(small_dataset, tmp_path):
 def _classify_cases():
     import errno
 
-    from pipeline.errors import DatasetNotFound, ShardError, StoreUnreachable
-    from train.checkpoint import CheckpointError
-    from train.config import ConfigError
-    from train.pretrain import TrainingError
+    from lmim.pipeline.errors import DatasetNotFound, ShardError, StoreUnreachable
+    from lmim.train.checkpoint import CheckpointError
+    from lmim.train.config import ConfigError
+    from lmim.train.pretrain import TrainingError
 
     return [
         (TrainingError("The loss became non-finite"), 1, "diverged"),
@@ -93,7 +93,7 @@ def _classify_cases():
 
 @pytest.mark.parametrize("err, code, kind", _classify_cases(), ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v))
 def test_every_failure_class_has_its_own_exit_code_and_one_sentence(err, code, kind):
-    from train.failures import classify
+    from lmim.train.failures import classify
 
     f = classify(err)
     assert (f.code, f.kind) == (code, kind)
@@ -108,7 +108,7 @@ def test_status_json_says_why_a_run_failed_and_where_its_last_checkpoint_is(tmp_
     import json
 
     from tests.test_train import _run, poison_loss
-    from train.pretrain import TrainingError
+    from lmim.train.pretrain import TrainingError
 
     poison_loss(monkeypatch, from_step=5)
     with pytest.raises(TrainingError):
@@ -129,7 +129,7 @@ def test_debug_prints_the_traceback_and_the_log_keeps_it(small_dataset, tmp_path
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert "traceback: " in _one_sentence(proc) and (run_dir / "logs" / "error.log").is_file()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LMIM_DEBUG": "1"}
-    proc = subprocess.run([sys.executable, "-m", "train.pretrain", "--config", "quickstart", *TINY, "data.loader=dali",
+    proc = subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, "data.loader=dali",
                            "data.num_threads=1", f"data.url={small_dataset}", f"run_dir={run_dir}", "resume=auto"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 3 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
@@ -139,8 +139,8 @@ def test_every_lmim_command_turns_an_expected_failure_into_one_sentence(tmp_path
     """The CLI's safety net: a full disk under the shard builder is a sentence naming the path, exit 6."""
     import errno
 
-    import tools.shard.cli as shard_cli
-    from tools.cli import main
+    import lmim.tools.shard.cli as shard_cli
+    from lmim.tools.cli import main
 
     def full_disk(argv):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "shard-000003.tar"))

@@ -20,7 +20,7 @@ import torch
 from tests.faultproxy import FaultProxy
 from tests.test_pipeline import make_dataset, upload
 from tests.test_train import TINY, _losses
-from train.checkpoint import latest_checkpoint
+from lmim.train.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Streaming reader (the remote path), 5 shards of 8 images, batch 8: 5 steps per epoch, 2 epochs.
@@ -43,7 +43,7 @@ def _opts(endpoint: str) -> list[str]:
 
 def _train(run_dir: Path, url: str, endpoint: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    return subprocess.run([sys.executable, "-m", "train.pretrain", "--config", "quickstart", *STREAM,
+    return subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *STREAM,
                            f"data.url={url}", *_opts(endpoint), f"run_dir={run_dir}", *extra],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, load_config
-from train.hardware import (
+from lmim.train.config import ConfigError, load_config
+from lmim.train.hardware import (
     _cgroup_cpu_limit,
     available_cores,
     choose_precision,
@@ -90,7 +90,7 @@ def test_the_trainer_applies_and_reports_its_precision_and_thread_choice(tmp_pat
     import torch
 
     from tests.test_train import _run
-    from train.hardware import resolve_precision
+    from lmim.train.hardware import resolve_precision
 
     before = torch.get_num_threads()
     try:

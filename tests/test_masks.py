@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.masks import block_masks, gather_patches, make_masks, multiblock_masks, random_masks
+from lmim.model.masks import block_masks, gather_patches, make_masks, multiblock_masks, random_masks
 
 BLOCK_KW = dict(block_min_scale=0.15, block_max_scale=0.2, block_aspect=(0.75, 1.5), num_blocks=4)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import LatentMIM, ModelConfig
-from model.encoder import encode_patches
-from model.losses import mean_token_similarity, patch_infonce
-from model.masks import make_masks
-from model.patch_gap import extract_patches, unpatchify
+from lmim.model import LatentMIM, ModelConfig
+from lmim.model.encoder import encode_patches
+from lmim.model.losses import mean_token_similarity, patch_infonce
+from lmim.model.masks import make_masks
+from lmim.model.patch_gap import extract_patches, unpatchify
 
 METRICS = {"loss", "loss_pred", "loss_sim", "collapse_cos", "pred_token_sim", "visible_token_sim",
            "target_token_sim", "effective_rank"}
@@ -238,7 +238,7 @@ def test_similarity_regulariser_and_metrics():
         for b in range(2)]).mean()
     assert torch.allclose(mean_token_similarity(x), direct, atol=1e-5)
     # Effective rank: ~1 for collapsed features (one vector + tiny noise), ~C for isotropic ones.
-    from model.losses import effective_rank
+    from lmim.model.losses import effective_rank
     collapsed = torch.randn(1, 16).expand(64, -1) + 1e-4 * torch.randn(64, 16)
     assert effective_rank(collapsed) < 1.05
     assert effective_rank(torch.randn(256, 16)) > 14

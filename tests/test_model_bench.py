@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from model.config import ModelConfig
-from model.flops import flops_per_image
-from tools.bench import model as bench_model
+from lmim.model.config import ModelConfig
+from lmim.model.flops import flops_per_image
+from lmim.tools.bench import model as bench_model
 
 
 def test_flops_reference_config_by_part():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import Batch, DataError, SampleError, ShardError, build_loader
-from pipeline.checksum import checksum_of
-from pipeline.config import DataConfig
-from pipeline.manifest import Manifest, read_manifest
-from pipeline.order import eval_plan, rank_shards, train_plan
+from lmim.pipeline import Batch, DataError, SampleError, ShardError, build_loader
+from lmim.pipeline.checksum import checksum_of
+from lmim.pipeline.config import DataConfig
+from lmim.pipeline.manifest import Manifest, read_manifest
+from lmim.pipeline.order import eval_plan, rank_shards, train_plan
 
 GEOM = dict(grid_size=4, patch_size=8, patch_gap=2)    # 40 px training crops, 32 px evaluation
 N_IMAGES, PER_SHARD = 32, 10                            # shards of 10, 10, 10, 2 samples: uneven on purpose
@@ -21,8 +21,8 @@ N_IMAGES, PER_SHARD = 32, 10                            # shards of 10, 10, 10, 
 
 def make_dataset(root: str, n: int = N_IMAGES, per_shard: int = PER_SHARD, *, seed: int = 0) -> str:
     """Tiny labelled photo JPEGs sharded by the real shard builder (`lmim shard`'s API)."""
-    from tools.sample_images import write_photo_jpegs
-    from tools.shard import build_dataset
+    from lmim.tools.sample_images import write_photo_jpegs
+    from lmim.tools.shard import build_dataset
 
     src = root + "-src"
     write_photo_jpegs(src, n, size=(64, 48), num_classes=5, seed=seed)
@@ -193,8 +193,8 @@ def test_world_size_change_resumes_next_epoch(dataset):
 
 @pytest.mark.parametrize("strategy", ["random", "block", "multiblock"])
 def test_masks_every_strategy(dataset, strategy):
-    from model.masks import make_masks
-    from pipeline.order import mask_seed
+    from lmim.model.masks import make_masks
+    from lmim.pipeline.order import mask_seed
 
     c = cfg(dataset, mask=strategy, num_visible=5, batch_size=3)
     batch = next(iter(build_loader(c, seed=3, **GEOM)))
@@ -282,7 +282,7 @@ def test_s3_network_error_names_shard(dataset, tmp_path, s3_server):  # s3_serve
 def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
     import random
 
-    from pipeline.stream import backoff_delay
+    from lmim.pipeline.stream import backoff_delay
 
     rng = random.Random(0)
     for attempt in range(1, 12):
@@ -437,7 +437,7 @@ def test_local_shards_are_checked_against_their_checksum_like_remote_ones(datase
     """A local shard whose bytes changed but still decode is refused, as the same shard from S3 is."""
     import shutil
 
-    from pipeline.manifest import read_manifest
+    from lmim.pipeline.manifest import read_manifest
 
     ds = tmp_path / "ds"
     shutil.copytree(dataset, ds)
@@ -455,7 +455,7 @@ def test_local_shards_are_checked_against_their_checksum_like_remote_ones(datase
 def test_a_bad_shard_is_skipped_by_default_named_counted_and_remembered(dataset, tmp_path, backend):
     """data.on_error=skip: the shard is left out, the epoch keeps its length, and a resumed loader
     (its state) skips it too without reading it again."""
-    from pipeline.manifest import read_manifest
+    from lmim.pipeline.manifest import read_manifest
 
     root = copy_dataset(dataset, str(tmp_path / "ds"))
     bad = read_manifest(root).shards[1]

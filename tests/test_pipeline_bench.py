@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tools.cli import main
+from lmim.tools.cli import main
 
 
 @pytest.mark.timeout(300)

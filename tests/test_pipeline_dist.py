@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from pipeline import build_loader
-from pipeline.config import DataConfig
+from lmim.pipeline import build_loader
+from lmim.pipeline.config import DataConfig
 from tests.test_pipeline import GEOM, keys_of, make_dataset
 
 

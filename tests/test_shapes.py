@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import shapes
-from tools.shapes import SHAPES_CLASSES, export_shapes, render_shapes
+from lmim.tools import shapes
+from lmim.tools.shapes import SHAPES_CLASSES, export_shapes, render_shapes
 
 
 def test_classes_are_ten_sorted_plain_names():
@@ -70,8 +70,8 @@ def test_colour_is_not_the_label():
 
 
 def test_export_tree_shards_and_reads_back(tmp_path):
-    from tools.shard import build_dataset
-    from train.evaluate.features import eval_loader, extract
+    from lmim.tools.shard import build_dataset
+    from lmim.train.evaluate.features import eval_loader, extract
 
     src = export_shapes(tmp_path / "src", "test", per_class=3, seed=1)
     files = sorted(src.rglob("*.png"))
@@ -106,7 +106,7 @@ def test_export_overwrite_replaces(tmp_path):
 
 
 def test_write_tree_still_writes_grey_as_rgb(tmp_path):
-    from tools.datasets import _write_tree
+    from lmim.tools.datasets import _write_tree
 
     grey = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
     root = _write_tree(tmp_path / "g", grey, np.array([0, 1]), ("a", "b"), None, False)

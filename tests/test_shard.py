@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
-from tools.sample_images import write_photo_jpegs
-from tools.shard import BuildError, build_dataset, merge_parts, verify_dataset
-from tools.shard.keys import make_key
-from tools.shard.options import parse_bytes, storage_options_from
-from tools.shard.readback import read_back
+from lmim.pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
+from lmim.tools.sample_images import write_photo_jpegs
+from lmim.tools.shard import BuildError, build_dataset, merge_parts, verify_dataset
+from lmim.tools.shard.keys import make_key
+from lmim.tools.shard.options import parse_bytes, storage_options_from
+from lmim.tools.shard.readback import read_back
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (64, 48)
@@ -96,7 +96,7 @@ def test_index_equals_dalis_wds2idx_and_headers_equal_tarfiles(class_tree, tmp_p
     """The index written while writing is exactly what DALI's own `wds2idx` derives from the tar."""
     from wds2idx import IndexCreator
 
-    from tools.shard.writer import tar_header
+    from lmim.tools.shard.writer import tar_header
 
     dst = tmp_path / "ds"
     build_dataset(str(class_tree), str(dst), shard_max_samples=7, progress=False)
@@ -188,7 +188,7 @@ def test_parts_then_merge_equal_one_build(class_tree, tmp_path):
     with pytest.raises(BuildError, match=r"2 of 5 shards are not built yet \(shard-000001, shard-000003\)"):
         merge_parts(str(parted))
     build_dataset(str(class_tree), str(parted), shard_max_samples=4, part=(1, 2), progress=False)
-    from tools.cli import main
+    from lmim.tools.cli import main
     assert main(["merge", str(parted)]) == 0
     assert manifest_core(str(parted)) == manifest_core(str(whole))
     assert verify_dataset(str(parted)) == []
@@ -204,11 +204,11 @@ def test_sigkill_then_rerun_equals_uninterrupted_build(tmp_path):
     dst, ref = tmp_path / "ds", tmp_path / "ref"
     # The real CLI in a child process with 2 worker processes; the test slows each shard down
     # (0.3 s) so that it can kill the build mid-way.
-    code = ("import sys, time, tools.shard.build as b\n"
+    code = ("import sys, time, lmim.tools.shard.build as b\n"
             "orig = b.write_shard\n"
             "def slow(task):\n    out = orig(task)\n    time.sleep(0.3)\n    return out\n"
             "b.write_shard = slow\n"
-            "from tools.cli import main\n"
+            "from lmim.tools.cli import main\n"
             f"sys.exit(main(['shard', {str(src)!r}, {str(dst)!r}, '--shard-max-samples', '3', '--workers', '2', '--quiet']))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     deadline = time.time() + 60
@@ -249,7 +249,7 @@ def test_rerun_of_complete_build_does_nothing_and_other_settings_are_refused(cla
 # bad arguments: one sentence, non-zero exit, nothing left behind
 
 def _cli(argv, capsys) -> tuple[int, str]:
-    from tools.cli import main
+    from lmim.tools.cli import main
     rc = main(argv)
     err = capsys.readouterr().err
     return rc, err
@@ -355,7 +355,7 @@ def test_verify_names_the_broken_shard(class_tree, tmp_path, capsys):
 
 def test_bench_shard_smoke(capsys):
     """`lmim bench shard` runs end to end and ends with one JSON object (no timing is asserted)."""
-    from tools.cli import main
+    from lmim.tools.cli import main
 
     assert main(["bench", "shard", "--n", "24", "--reps", "1", "--shard-mb", "0.5", "--json"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]

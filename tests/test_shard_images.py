@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.manifest import REJECTS_NAME
+from lmim.pipeline.manifest import REJECTS_NAME
 from tests import images as I
 from tests.test_shard import read_all
-from tools.shard import build_dataset, verify_dataset
-from tools.shard.images import Reject, inspect_image, prepare_image
+from lmim.tools.shard import build_dataset, verify_dataset
+from lmim.tools.shard.images import Reject, inspect_image, prepare_image
 
 # file name -> writer; names carry dots, spaces and non-ASCII on purpose
 STORED = {

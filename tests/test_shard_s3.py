@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import read_manifest
+from lmim.pipeline.manifest import read_manifest
 from tests.test_shard import tree_expected
-from tools.sample_images import write_photo_jpegs
-from tools.shard import BuildError, build_dataset, verify_dataset
+from lmim.tools.sample_images import write_photo_jpegs
+from lmim.tools.shard import BuildError, build_dataset, verify_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 READ_BACK = """
 import hashlib, json, sys
-from tools.shard.readback import read_back
+from lmim.tools.shard.readback import read_back
 rows = [[s.meta["source"], hashlib.sha256(s.data).hexdigest(), s.label, list(s.shape), s.meta["width"], s.meta["height"]]
         for s in read_back(sys.argv[1], decode=True)]
 print(json.dumps(rows))
@@ -69,7 +69,7 @@ def test_shard_to_s3_verify_and_read_back_with_dali(corpus, s3_server, s3_bucket
     again = build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
     assert again.built_shards == 0 and not [r for r in s3_server.requests if r.method == "PUT"]
     # and `lmim verify --decode` (DALI reading s3:// itself) agrees, in a child process
-    out = subprocess.run([sys.executable, "-m", "tools.cli", "verify", url, "--decode"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "verify", url, "--decode"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK, 12 samples in 3 shards" in out.stderr, out.stderr[-2000:]
 
@@ -89,7 +89,7 @@ def test_s3_source_to_local(corpus, s3_server, s3_bucket, tmp_path):
 
 
 def test_s3_errors_are_one_sentence_and_hide_secrets(corpus, s3_server, capsys):
-    from tools.cli import main
+    from lmim.tools.cli import main
 
     rc = main(["shard", str(corpus), "s3://no-such-bucket-xyz/ds", "--storage-option", "secret=TOPSECRET-123",
                "--storage-option", "key=testing", "--quiet"])
@@ -103,7 +103,7 @@ def test_s3_parts_resume_and_merge(corpus, s3_server, s3_bucket, tmp_path):
     """Two parts into one s3:// prefix, a lost shard rebuilt on re-run, one merge == one local build."""
     import s3fs
 
-    from tools.cli import main
+    from lmim.tools.cli import main
 
     url = f"s3://{s3_bucket}/parted"
     build_dataset(str(corpus), url, shard_max_samples=3, part=(0, 2), progress=False)

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from train.evaluate.supervised import random_resized_crop_flip, train_supervised
+from lmim.train.evaluate.supervised import random_resized_crop_flip, train_supervised
 
 
 def tiny_vit() -> torch.nn.Module:

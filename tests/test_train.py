@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import COMPLETE_MARKER, latest_checkpoint, list_checkpoints
-from train.config import ConfigError, load_config
-from train.observe import read_metrics
+from lmim.train.checkpoint import COMPLETE_MARKER, latest_checkpoint, list_checkpoints
+from lmim.train.config import ConfigError, load_config
+from lmim.train.observe import read_metrics
 
 # A ViT small enough for a step in tens of milliseconds: 4x4 grid of 4 px patches, no gap.
 TINY = [
@@ -28,7 +28,7 @@ SYNTHETIC = ["data.loader=synthetic", "synthetic_batches=5"]
 
 
 def _run(run_dir, *extra):
-    from train.pretrain import reset_accelerate_state, run
+    from lmim.train.pretrain import reset_accelerate_state, run
 
     reset_accelerate_state()
     cfg = load_config("quickstart", [*TINY, *SYNTHETIC, f"run_dir={run_dir}", *extra])
@@ -58,8 +58,8 @@ def test_end_to_end_synthetic(tmp_path):
         assert (ckpt / name).is_file(), name
     assert (tmp_path / "r" / "plots" / "curves.png").stat().st_size > 0
     assert (tmp_path / "r" / "plots" / "masks.png").stat().st_size > 0
-    # The checkpoint contract: tools.export rebuilds the model from it with plain keys.
-    from tools.export import load_latent_mim
+    # The checkpoint contract: lmim.tools.export rebuilds the model from it with plain keys.
+    from lmim.tools.export import load_latent_mim
 
     net = load_latent_mim(ckpt)
     from safetensors.torch import load_file
@@ -111,7 +111,7 @@ def test_interrupted_checkpoint_is_ignored(tmp_path):
 
 def poison_loss(monkeypatch, from_step: int) -> None:
     """Make the loss nan from the `from_step`-th forward pass on (a divergence, on demand)."""
-    from model.latent_mim import LatentMIM
+    from lmim.model.latent_mim import LatentMIM
 
     real_forward = LatentMIM.forward
     calls = {"n": 0}
@@ -127,7 +127,7 @@ def poison_loss(monkeypatch, from_step: int) -> None:
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    from train.pretrain import TrainingError
+    from lmim.train.pretrain import TrainingError
 
     poison_loss(monkeypatch, from_step=5)
     with pytest.raises(TrainingError, match=r"non-finite .* between steps 5 and 5.*last good checkpoint is kept"):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tools.cli import main
+from lmim.tools.cli import main
 
 
 @pytest.mark.timeout(400)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import datasets
+from lmim.tools import datasets
 
 
 def test_digits_split_is_fixed_disjoint_and_complete(tmp_path):

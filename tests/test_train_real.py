@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from tests.test_pipeline import make_dataset
 from tests.test_train import TINY, _losses, _run
-from train.checkpoint import latest_checkpoint, list_checkpoints
-from train.observe import read_metrics
+from lmim.train.checkpoint import latest_checkpoint, list_checkpoints
+from lmim.train.observe import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 x 4 grid of 4 px patches, no gap: 16 px crops of the 64 x 48 test photos.
@@ -29,7 +29,7 @@ def shards(tmp_path_factory) -> str:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "train.pretrain", "--config", "quickstart", *args]
+    return [sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *args]
 
 
 def _env() -> dict[str, str]:
@@ -54,7 +54,7 @@ def test_real_shards_end_to_end_with_knn(shards, tmp_path):
 def test_a_truncated_shard_is_skipped_and_the_log_counts_it(shards, tmp_path):
     import shutil
 
-    from pipeline.manifest import read_manifest
+    from lmim.pipeline.manifest import read_manifest
 
     ds = tmp_path / "ds"
     shutil.copytree(shards, ds)
@@ -106,7 +106,7 @@ def test_two_processes_torchrun_gloo(shards, tmp_path):
     data within every epoch, the same number of steps."""
     run_dir = tmp_path / "r"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train.pretrain", "--config", "quickstart", *REAL, f"data.url={shards}", "data.batch_size=4",
+           "-m", "lmim.train.pretrain", "--config", "quickstart", *REAL, f"data.url={shards}", "data.batch_size=4",
            "debug_rank_log=true", f"run_dir={run_dir}"]
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,7 +129,7 @@ def test_two_processes_torchrun_gloo(shards, tmp_path):
 def test_quickstart_command_runs_end_to_end(tmp_path):
     """`lmim quickstart` (shortened): data -> shards -> pretrain -> k-NN vs random init -> export."""
     data, run_dir = tmp_path / "data", tmp_path / "run"
-    cmd = [sys.executable, "-m", "tools.cli", "quickstart", "--dataset", "digits", "--data-dir", str(data),
+    cmd = [sys.executable, "-m", "lmim.tools.cli", "quickstart", "--dataset", "digits", "--data-dir", str(data),
            "--run-dir", str(run_dir), "max_steps=4", "progress=false"]
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]

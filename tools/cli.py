@@ -11,14 +11,14 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shard": ("tools.shard.cli", "build WebDataset shards from a raw image corpus (local or s3://)"),
-    "merge": ("tools.shard.cli:merge_main", "merge the manifests of a build done in --part i/N slices"),
-    "verify": ("tools.shard.verify", "re-read a dataset and check it against its manifest"),
-    "export": ("tools.export", "export a checkpoint's online encoder as a timm ViT (safetensors)"),
-    "pretrain": ("train.pretrain", "pretrain Latent MIM (same as `accelerate launch -m train.pretrain`)"),
-    "quickstart": ("train.quickstart", "shard a small real dataset, pretrain a tiny ViT on the CPU, evaluate, export"),
-    "eval": ("train.evaluate.cli", "evaluate an encoder: knn | linear | collapse"),
-    "bench": ("tools.bench.cli", "benchmarks: shard | pipeline | model | train | quality"),
+    "shard": ("lmim.tools.shard.cli", "build WebDataset shards from a raw image corpus (local or s3://)"),
+    "merge": ("lmim.tools.shard.cli:merge_main", "merge the manifests of a build done in --part i/N slices"),
+    "verify": ("lmim.tools.shard.verify", "re-read a dataset and check it against its manifest"),
+    "export": ("lmim.tools.export", "export a checkpoint's online encoder as a timm ViT (safetensors)"),
+    "pretrain": ("lmim.train.pretrain", "pretrain Latent MIM (same as `accelerate launch -m lmim.train.pretrain`)"),
+    "quickstart": ("lmim.train.quickstart", "shard a small real dataset, pretrain a tiny ViT on the CPU, evaluate, export"),
+    "eval": ("lmim.train.evaluate.cli", "evaluate an encoder: knn | linear | collapse"),
+    "bench": ("lmim.tools.bench.cli", "benchmarks: shard | pipeline | model | train | quality"),
 }
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         # sentence with the documented exit code; anything else is a bug and keeps its traceback.
         import os
 
-        from train.failures import classify
+        from lmim.train.failures import classify
 
         failure = classify(err)
         if not failure.expected or os.environ.get("LMIM_DEBUG"):

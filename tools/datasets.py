@@ -9,11 +9,11 @@ Two sources, both real photographs/scans rather than synthetic noise:
 
 Both are written as `dst/{class_name}/{class_name}_{index:05d}.png` (RGB, so every decoder and
 transform downstream sees the same 3-channel images as with ImageNet), the layout
-`tools.shard.build_dataset` expects. A tree is written into a temporary sibling folder and
+`lmim.tools.shard.build_dataset` expects. A tree is written into a temporary sibling folder and
 renamed into place at the end, so `dst` is either complete or absent.
 
 Usage:
-    from tools.datasets import export_fashion_mnist, export_digits, fashion_mnist_available
+    from lmim.tools.datasets import export_fashion_mnist, export_digits, fashion_mnist_available
     root = export_fashion_mnist("data/fmnist-train", "train", per_class=500)
 """
 from __future__ import annotations

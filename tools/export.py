@@ -25,9 +25,8 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import model  # noqa: F401  (torchvision shim before timm)
-from model.config import ModelConfig
-from model.encoder import encoder_kwargs
+from lmim.model.config import ModelConfig
+from lmim.model.encoder import encoder_kwargs
 
 META_ARCH = "lmim.arch"
 META_KWARGS = "lmim.timm_kwargs"
@@ -66,7 +65,7 @@ def load_model_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
 
 def load_latent_mim(checkpoint_dir: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild the LatentMIM of a checkpoint directory (config.yaml + model.safetensors), in eval mode."""
-    from model.latent_mim import LatentMIM
+    from lmim.model.latent_mim import LatentMIM
 
     cfg = load_model_config(checkpoint_dir)
     weights = Path(checkpoint_dir) / "model.safetensors"
@@ -89,7 +88,7 @@ def load_latent_mim(checkpoint_dir: str | os.PathLike, map_location: str | torch
 
 def _verify_weights(checkpoint_dir: Path) -> None:
     """Check model.safetensors against the size and checksum its checkpoint recorded (when it did)."""
-    from train.checkpoint import COMPLETE_MARKER, CheckpointError, verify_checkpoint
+    from lmim.train.checkpoint import COMPLETE_MARKER, CheckpointError, verify_checkpoint
 
     if (checkpoint_dir / COMPLETE_MARKER).is_file():
         try:
@@ -148,9 +147,9 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, dict]:
     return meta[META_ARCH], json.loads(meta[META_KWARGS])
 
 
-# `model` (lmim's) before timm: it makes timm importable where a CPU-only torch meets PyPI's
-# CUDA-built torchvision (model/_torchvision_compat.py); on other installs it costs nothing.
-TIMM_IMPORT = "import model, timm"
+# `lmim` before timm: importing it makes timm importable where a CPU-only torch meets PyPI's
+# CUDA-built torchvision (lmim/_torchvision_compat.py); on other installs it costs nothing.
+TIMM_IMPORT = "import lmim, timm"
 
 
 def timm_line(path: str | os.PathLike, var: str = "vit") -> str:

@@ -7,7 +7,7 @@ saved as a baseline JPEG: so file sizes and decode costs look like ImageNet's (a
 500 x 375, quality 90), not like flat synthetic noise.
 
 Usage:
-    from tools.sample_images import write_photo_jpegs
+    from lmim.tools.sample_images import write_photo_jpegs
     paths = write_photo_jpegs("data/photos", 3000, num_classes=10)
 """
 from __future__ import annotations

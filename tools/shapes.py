@@ -27,7 +27,7 @@ scenes. Rendering is vectorised over batches: the shape mask is computed at 4 x 
 and the textures at 2 x 2 (nearest-neighbour), both box-filtered down, so edges are anti-aliased.
 
 Usage:
-    from tools.shapes import SHAPES_CLASSES, render_shapes, export_shapes
+    from lmim.tools.shapes import SHAPES_CLASSES, render_shapes, export_shapes
     x, y = render_shapes(100, "train", seed=0)            # uint8 [1000, 32, 32, 3], int64 [1000]
     root = export_shapes("data/shapes-train", "train", per_class=1000)
 """
@@ -347,13 +347,13 @@ def export_shapes(dst_dir: str | Path, split: str = "train", per_class: int = 10
                   size: int = 32, overwrite: bool = False) -> Path:
     """Write a shapes dataset as a class-folder tree `dst/{class}/{class}_{i:05d}.png` (RGB PNGs).
 
-    Written atomically (temp folder, then rename; see `tools.datasets._write_tree`): `dst_dir` is
+    Written atomically (temp folder, then rename; see `lmim.tools.datasets._write_tree`): `dst_dir` is
     either complete or absent. An existing `dst_dir` is refused unless `overwrite`.
 
     Returns:
         The output folder.
     """
-    from tools.datasets import _write_tree
+    from lmim.tools.datasets import _write_tree
 
     images, labels = render_shapes(per_class, split, seed, size)
     return _write_tree(dst_dir, images, labels, SHAPES_CLASSES, None, overwrite)

@@ -8,7 +8,7 @@ Layout of a run folder:
         rng_state_{rank}.json             python / numpy / torch / cuda RNG of every process
         trainer_state.json                the trainer's counters (TrainState)
         loader_state.json                 every rank's data loader position
-        config.yaml                       the full resolved config (tools.export reads its `model:` section)
+        config.yaml                       the full resolved config (lmim.tools.export reads its `model:` section)
         complete.json                     written last: step, processes, time, size + checksum of every file
     run_dir/checkpoints/.tmp-step_...    a checkpoint being written (or one interrupted mid-write)
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pipeline.checksum import algorithm_of, checksum_of_file
+from lmim.pipeline.checksum import algorithm_of, checksum_of_file
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -292,7 +292,7 @@ def install_unwrapped_model_hooks(accelerator) -> None:
     """Make `model.safetensors` hold the bare LatentMIM state_dict whatever wraps the model.
 
     Accelerate saves the prepared (possibly DistributedDataParallel / compiled) module's state
-    dict, whose keys carry `module.` / `_orig_mod.` prefixes; `tools.export` and every other
+    dict, whose keys carry `module.` / `_orig_mod.` prefixes; `lmim.tools.export` and every other
     reader want the plain keys. The save hook swaps in the unwrapped state dict, and the load
     hook loads into the unwrapped module (it shares its parameters with the wrapper).
     """

@@ -22,8 +22,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from model.config import ModelConfig
-from pipeline.config import DataConfig
+from lmim.model.config import ModelConfig
+from lmim.pipeline.config import DataConfig
 
 __all__ = [
     "OptimConfig",
@@ -151,7 +151,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _config_dir() -> Path:
-    return Path(str(resources.files("train") / _CONFIG_DIR))
+    return Path(str(resources.files("lmim.train") / _CONFIG_DIR))
 
 
 def preset_names() -> list[str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from pipeline.errors import DataError, StoreUnreachable
-from train.checkpoint import CheckpointError
-from train.config import ConfigError
+from lmim.pipeline.errors import DataError, StoreUnreachable
+from lmim.train.checkpoint import CheckpointError
+from lmim.train.config import ConfigError
 
 # Exit codes, documented in docs/TRAINING.md ("When things go wrong").
 EXIT_DIVERGED = 1      # the loss guard or the collapse guard stopped the run

@@ -1,6 +1,6 @@
 """Observability for the training loop: a JSONL metrics log, the collapse guard, end-of-run plots.
 
-TensorBoard / W&B go through Accelerate's trackers in `train.pretrain`; this module keeps a plain
+TensorBoard / W&B go through Accelerate's trackers in `lmim.train.pretrain`; this module keeps a plain
 `metrics.jsonl` beside them (one line per logged step, easy to diff and to plot without
 TensorBoard) and draws the PNGs from it.
 """

@@ -4,25 +4,25 @@ Launch (every form takes `--config PRESET_OR_FILE` and any number of `key=value`
 
     # one process: CPU, or one GPU when there is one
     lmim pretrain --config quickstart
-    python -m train.pretrain --config quickstart epochs=2
+    python -m lmim.train.pretrain --config quickstart epochs=2
 
     # one GPU
-    accelerate launch -m train.pretrain --config vit_b16_in1k data.url=s3://bucket/in1k-train
+    accelerate launch -m lmim.train.pretrain --config vit_b16_in1k data.url=s3://bucket/in1k-train
 
     # one node, 8 GPUs (effective batch 256 x 8 x 2 = 4096, the reference)
-    accelerate launch --multi_gpu --num_processes 8 -m train.pretrain --config vit_b16_in1k \
+    accelerate launch --multi_gpu --num_processes 8 -m lmim.train.pretrain --config vit_b16_in1k \
         grad_accum=2 data.url=s3://bucket/in1k-train data.eval_url=s3://bucket/in1k-val
 
     # 4 nodes x 8 GPUs: run on every node, MACHINE_RANK = 0..3, MAIN_HOST = node 0's address
     accelerate launch --multi_gpu --num_machines 4 --num_processes 32 --machine_rank $MACHINE_RANK \
         --main_process_ip $MAIN_HOST --main_process_port 29500 \
-        -m train.pretrain --config vit_b16_in1k data.url=s3://bucket/in1k-train run_dir=/shared/runs/b16
+        -m lmim.train.pretrain --config vit_b16_in1k data.url=s3://bucket/in1k-train run_dir=/shared/runs/b16
 
     # continue a run after a crash / preemption (newest complete checkpoint; fresh if none)
-    ... -m train.pretrain --config vit_b16_in1k resume=auto        (or: --resume auto)
+    ... -m lmim.train.pretrain --config vit_b16_in1k resume=auto        (or: --resume auto)
 
     # CPU, 2 processes (gloo), as the tests do
-    torchrun --nproc_per_node 2 -m train.pretrain --config quickstart device=cpu
+    torchrun --nproc_per_node 2 -m lmim.train.pretrain --config quickstart device=cpu
 
 `docs/TRAINING.md` explains each and `scripts/slurm_pretrain.sh` launches several nodes on SLURM.
 
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.checkpoint import (
+from lmim.train.checkpoint import (
     CheckpointError,
     RankedState,
     TrainState,
@@ -60,11 +60,11 @@ from train.checkpoint import (
     remove_incomplete,
     save_checkpoint,
 )
-from train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
-from train.failures import Failure, TrainingError, classify
-from train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
-from train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
-from train.schedules import Schedules
+from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
+from lmim.train.failures import Failure, TrainingError, classify
+from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
+from lmim.train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
+from lmim.train.schedules import Schedules
 
 __all__ = ["main", "run", "TrainingError", "make_loader", "parse_args", "reset_accelerate_state"]
 
@@ -73,7 +73,7 @@ __all__ = ["main", "run", "TrainingError", "make_loader", "parse_args", "reset_a
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="lmim pretrain",
-        description="Pretrain Latent MIM. Multi-GPU / multi-node: `accelerate launch -m train.pretrain ...` "
+        description="Pretrain Latent MIM. Multi-GPU / multi-node: `accelerate launch -m lmim.train.pretrain ...` "
         "with the same arguments (see docs/TRAINING.md).",
     )
     p.add_argument("--config", default=None, help=f"preset ({', '.join(preset_names())}) or a YAML file")
@@ -100,7 +100,7 @@ def _resolve_resume(cfg: DictConfig) -> Path | None:
     if cfg.resume == "auto":
         return latest_checkpoint(run_dir)
     path = Path(cfg.resume)
-    from train.checkpoint import is_complete
+    from lmim.train.checkpoint import is_complete
 
     if not is_complete(path):
         raise ConfigError(f"resume={cfg.resume!r} is not a complete checkpoint folder (step_* with complete.json).")
@@ -111,7 +111,7 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
     """The data loader of this process (`pipeline.build_loader`, or the synthetic device-resident one)."""
     m, d = cfg.model, cfg.data
     if d.loader == "synthetic":
-        from train.synthetic import SyntheticLoader
+        from lmim.train.synthetic import SyntheticLoader
 
         gap = m.patch_gap if train else 0
         return SyntheticLoader(
@@ -125,7 +125,7 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
             seed=cfg.seed,
             rank=accelerator.process_index,
         )
-    from pipeline import build_loader
+    from lmim.pipeline import build_loader
 
     data_cfg = OmegaConf.to_object(d)
     data_cfg.num_threads = thread_budget(cfg, accelerator).loader_threads
@@ -267,8 +267,8 @@ def reset_accelerate_state() -> None:
 def knn_evaluate(cfg: DictConfig, accelerator, encoder: torch.nn.Module) -> dict[str, float]:
     """k-NN top-1 of `encoder` on data.eval_url: weighted k-NN against eval.knn_train_url when set,
     else the paper's leave-one-out 1-NN on the eval split alone."""
-    from train.evaluate.features import extract_features
-    from train.evaluate.knn import knn_loo1, knn_weighted
+    from lmim.train.evaluate.features import extract_features
+    from lmim.train.evaluate.knn import knn_loo1, knn_weighted
 
     was_training = encoder.training
     encoder.eval()
@@ -300,7 +300,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     from accelerate.utils import set_seed
 
-    from model import LatentMIM
+    from lmim.model import LatentMIM
 
     accelerator, precision = _make_accelerator(cfg)
     is_main = accelerator.is_main_process
@@ -349,7 +349,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     state = TrainState(world_size=accelerator.num_processes)
     install_unwrapped_model_hooks(accelerator)
-    # Saved as JSON next to the weights (never pickled), in this order (see train.checkpoint).
+    # Saved as JSON next to the weights (never pickled), in this order (see lmim.train.checkpoint).
     saved_states = {"trainer_state": state,
                     "loader_state": RankedState(loader, accelerator.process_index, accelerator.num_processes)}
     resumed = None

@@ -7,7 +7,7 @@ Steps (a few minutes on 2 CPU cores):
 1. Write a small real dataset as class folders of PNGs: Fashion-MNIST (600 per class for
    training, 100 per class for testing) when the Debian package `dataset-fashion-mnist` is
    installed, else scikit-learn's hand-written digits, which ship inside its wheel.
-2. Shard both splits with `tools.shard.build_dataset` (the same code as `lmim shard`).
+2. Shard both splits with `lmim.tools.shard.build_dataset` (the same code as `lmim shard`).
 3. Pretrain a tiny ViT (train/configs/quickstart.yaml: 32 px, 4 px patches, 8 x 8 grid, no
    patch gap) with the real trainer and pipeline.
 4. k-NN accuracy (weighted 20-NN, train split as memory, test split as queries) of the trained
@@ -53,7 +53,7 @@ def prepare_data(data_dir: str | Path, dataset: str = "auto", *, seed: int = 0, 
     Returns:
         {"dataset", "train": shard folder, "test": shard folder, "mean", "std"}.
     """
-    from tools import datasets
+    from lmim.tools import datasets
 
     data_dir = Path(data_dir)
     if dataset == "auto":
@@ -83,7 +83,7 @@ def prepare_data(data_dir: str | Path, dataset: str = "auto", *, seed: int = 0, 
         _say(f"writing {dataset} {split} images to {raw}")
         export(raw, split, per_class=per_class, seed=seed, **kw)
         _say(f"sharding {raw} -> {shards}")
-        from tools.shard import build_dataset
+        from lmim.tools.shard import build_dataset
 
         if shards.exists():
             shutil.rmtree(shards)  # a build without a manifest never finished
@@ -102,8 +102,8 @@ def _pixels(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate_encoders(encoders: dict[str, torch.nn.Module], train_url: str, test_url: str, data_cfg) -> dict[str, float]:
     """Weighted 20-NN top-1 (%) of each encoder, plus raw pixels; train split = memory bank."""
-    from train.evaluate.features import eval_loader, extract_features
-    from train.evaluate.knn import knn_weighted
+    from lmim.train.evaluate.features import eval_loader, extract_features
+    from lmim.train.evaluate.knn import knn_weighted
 
     results: dict[str, float] = {}
     any_encoder = next(iter(encoders.values()))
@@ -145,8 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from train.config import ConfigError, load_config
-    from train.pretrain import TrainingError, run
+    from lmim.train.config import ConfigError, load_config
+    from lmim.train.pretrain import TrainingError, run
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     _say("evaluating k-NN: trained encoder vs the same ViT at random initialisation")
     from accelerate.utils import set_seed
 
-    from model import LatentMIM
-    from tools.export import export_encoder, load_latent_mim, timm_line
+    from lmim.model import LatentMIM
+    from lmim.tools.export import export_encoder, load_latent_mim, timm_line
 
     ckpt = Path(summary["checkpoint"])
     trained = load_latent_mim(ckpt).encoder

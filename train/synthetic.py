@@ -14,8 +14,8 @@ from typing import Iterator
 
 import torch
 
-from model.masks import make_masks
-from pipeline.batch import Batch
+from lmim.model.masks import make_masks
+from lmim.pipeline.batch import Batch
 
 __all__ = ["SyntheticLoader"]
 

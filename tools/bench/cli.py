@@ -5,11 +5,11 @@ import importlib
 import sys
 
 BENCHMARKS: dict[str, str] = {
-    "shard": "tools.bench.shard",
-    "pipeline": "tools.bench.pipeline",
-    "model": "tools.bench.model",
-    "train": "tools.bench.train",
-    "quality": "tools.bench.quality",
+    "shard": "lmim.tools.bench.shard",
+    "pipeline": "lmim.tools.bench.pipeline",
+    "model": "lmim.tools.bench.model",
+    "train": "lmim.tools.bench.train",
+    "quality": "lmim.tools.bench.quality",
 }
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
 
 def machine_for(argv: list[str]) -> str:
     """The machine line for a benchmark run with these arguments (the GPU when it runs on one)."""
-    from train.hardware import describe_machine
+    from lmim.train.hardware import describe_machine
 
     on_gpu = "--large" in argv or any(a == "cuda" or a == "--device=cuda" for a in argv)
     return describe_machine("cuda" if on_gpu else "cpu")

@@ -24,9 +24,8 @@ import time
 
 import torch
 
-import model  # noqa: F401  (torchvision shim before timm)
-from model.config import ModelConfig
-from train.hardware import describe_machine
+from lmim.model.config import ModelConfig
+from lmim.train.hardware import describe_machine
 
 CONFIGS: dict[str, dict] = {
     # A small ViT a 2-core CPU can step a few times a second.
@@ -99,7 +98,7 @@ class Variant:
 def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str], compile_: bool) -> list[Variant]:
     from timm.layers import set_fused_attn
 
-    from model.latent_mim import LatentMIM
+    from lmim.model.latent_mim import LatentMIM
 
     torch.manual_seed(0)
     set_fused_attn(False)  # timm's explicit-softmax attention for the baseline
@@ -171,8 +170,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args(argv)
 
-    from model.flops import default_num_visible, flops_per_image
-    from model.masks import random_masks
+    from lmim.model.flops import default_num_visible, flops_per_image
+    from lmim.model.masks import random_masks
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

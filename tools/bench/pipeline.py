@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from pipeline import build_loader
-from pipeline.config import DataConfig
-from pipeline.manifest import read_manifest
-from train.hardware import describe_machine
+from lmim.pipeline import build_loader
+from lmim.pipeline.config import DataConfig
+from lmim.pipeline.manifest import read_manifest
+from lmim.train.hardware import describe_machine
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -55,8 +55,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _synthetic(root: str, n: int, size: tuple[int, int], per_shard: int) -> str:
-    from tools.sample_images import write_photo_jpegs
-    from tools.shard import build_dataset
+    from lmim.tools.sample_images import write_photo_jpegs
+    from lmim.tools.shard import build_dataset
 
     src, dst = os.path.join(root, "jpegs"), os.path.join(root, "shards")
     print(f"building {n} {size[0]}x{size[1]} JPEGs and shards in {root} ...", file=sys.stderr)
@@ -111,8 +111,8 @@ def _checksum_cost(url: str, manifest) -> dict[str, float]:
     Each shard is read twice (the second read, from the page cache, is timed: the cheapest a
     read gets, so the share is an upper bound) and hashed with its manifest's algorithm.
     """
-    from pipeline.checksum import algorithm_of, checksum_of
-    from pipeline.manifest import join_url
+    from lmim.pipeline.checksum import algorithm_of, checksum_of
+    from lmim.pipeline.manifest import join_url
 
     read_s, hash_s, total = 0.0, 0.0, 0
     for info in manifest.shards:
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
         s3 = None
         url_of: dict[str, str] = {}
         if args.s3_loopback:
-            from pipeline.testing_s3 import start_loopback_s3
+            from lmim.pipeline.testing_s3 import start_loopback_s3
             import s3fs
 
             if "://" in url and not url.startswith("file://"):

@@ -6,7 +6,7 @@ method, on one of two data sets:
     fashion_mnist  Fashion-MNIST (the Debian package `dataset-fashion-mnist`): 60k train / 10k
                    test grey silhouettes. Here the pixels *are* the semantics (raw-pixel k-NN is
                    about 85%), so a pixel target aims straight at what the evaluation measures.
-    shapes         `tools.shapes`: 10 shape classes cut out of real photo textures on other photo
+    shapes         `lmim.tools.shapes`: 10 shape classes cut out of real photo textures on other photo
                    textures, random position, scale, rotation and colour (20k train / 5k test,
                    32 px, generated from the seed). Colour and texture are nuisance; only the
                    shape is the class. This is the kind of data the paper's claim is about.
@@ -54,8 +54,7 @@ from typing import Any
 
 import torch
 
-import model  # noqa: F401  (torchvision shim before timm)
-from train.hardware import describe_machine
+from lmim.train.hardware import describe_machine
 
 DATASETS = ("fashion_mnist", "shapes")
 METHODS = ("random", "lmim", "mae", "naive", "supervised", "pixels")
@@ -107,11 +106,11 @@ def _say(msg: str) -> None:
 # ----------------------------------------------------------------------------- data
 def _export(dataset: str, raw: Path, split: str, per_class: int | None, seed: int) -> None:
     if dataset == "fashion_mnist":
-        from tools import datasets
+        from lmim.tools import datasets
 
         datasets.export_fashion_mnist(raw, split, per_class=per_class, seed=seed, overwrite=True)
     else:
-        from tools import shapes
+        from lmim.tools import shapes
 
         shapes.export_shapes(raw, split, per_class=per_class, seed=seed, size=SHAPES_SIZE, overwrite=True)
 
@@ -121,11 +120,11 @@ def _channel_stats(dataset: str, per_class: int | None, seed: int) -> tuple[list
     import numpy as np
 
     if dataset == "fashion_mnist":
-        from tools import datasets
+        from lmim.tools import datasets
 
         x = datasets.load_fashion_mnist("train")[0].astype(np.float64) / 255.0
         return [float(x.mean())] * 3, [float(x.std())] * 3
-    from tools import shapes
+    from lmim.tools import shapes
 
     x = shapes.render_shapes(per_class, "train", seed=seed, size=SHAPES_SIZE)[0].astype(np.float64) / 255.0
     return x.mean((0, 1, 2)).tolist(), x.std((0, 1, 2)).tolist()
@@ -137,11 +136,11 @@ def prepare_data(work: Path, dataset: str, setting: Setting, seed: int = 0) -> d
     Returns {"train": url, "test": url, "mean": [3], "std": [3]}.
     """
     if dataset == "fashion_mnist":
-        from tools import datasets
+        from lmim.tools import datasets
 
         if not datasets.fashion_mnist_available():
             raise BenchError(f"Fashion-MNIST is not installed: {INSTALL_HINT}.")
-    from tools.shard import build_dataset
+    from lmim.tools.shard import build_dataset
 
     default_tr, default_te = SPLITS[dataset]
     per = {"train": setting.train_per_class or default_tr, "test": setting.test_per_class or default_te}
@@ -172,7 +171,7 @@ def prepare_data(work: Path, dataset: str, setting: Setting, seed: int = 0) -> d
 def load_split(url: str, data_cfg, grid: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a split at evaluation geometry (resize + centre crop, normalised) and its label,
     in sample-key order: decoded once and shared by every method's evaluation."""
-    from pipeline import build_loader
+    from lmim.pipeline import build_loader
 
     loader = build_loader(dataclasses.replace(data_cfg, url=url, batch_size=512), grid_size=grid, patch_size=patch,
                           patch_gap=0, train=False, device="cpu", seed=0, url=url)
@@ -190,8 +189,8 @@ def load_split(url: str, data_cfg, grid: int, patch: int) -> tuple[torch.Tensor,
 
 # ----------------------------------------------------------------------------- training
 def _pretrain(run_dir: Path, overrides: list[str], log: Path) -> float:
-    """`python -m train.pretrain --config quickstart ...` in a subprocess; returns its wall time."""
-    cmd = [sys.executable, "-m", "train.pretrain", "--config", PRESET, *overrides, f"run_dir={run_dir}"]
+    """`python -m lmim.train.pretrain --config quickstart ...` in a subprocess; returns its wall time."""
+    cmd = [sys.executable, "-m", "lmim.train.pretrain", "--config", PRESET, *overrides, f"run_dir={run_dir}"]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
@@ -214,7 +213,7 @@ def calibrate(objectives: dict[str, str], cfg, rounds: int = 3, steps: int = 3,
     """
     from omegaconf import OmegaConf
 
-    from model import LatentMIM
+    from lmim.model import LatentMIM
 
     mcfg = OmegaConf.to_object(cfg.model)
     b, g = int(cfg.data.batch_size), mcfg.grid_size
@@ -256,7 +255,7 @@ def calibrate(objectives: dict[str, str], cfg, rounds: int = 3, steps: int = 3,
 def calibrate_supervised(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg,
                          steps: int = 3, device: torch.device | str = "cpu") -> float:
     """Seconds per step of the supervised ceiling (a few steps after one of warm-up), on a copy."""
-    from train.evaluate.supervised import train_supervised
+    from lmim.train.evaluate.supervised import train_supervised
 
     b = int(cfg.data.batch_size)
     n = int(labels.max()) + 1
@@ -278,8 +277,8 @@ def train_method(method: str, base: list[str], work: Path, max_steps: int, steps
     wall = _pretrain(run_dir, base + [f"epochs={epochs}", f"max_steps={max_steps}", "checkpoint.every_steps=0",
                                       "checkpoint.keep=1", "progress=false", "log_every=20"],
                      work / "logs" / f"train-{method}.log")
-    from train.checkpoint import latest_checkpoint
-    from train.observe import read_metrics
+    from lmim.train.checkpoint import latest_checkpoint
+    from lmim.train.observe import read_metrics
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -294,7 +293,7 @@ def train_method(method: str, base: list[str], work: Path, max_steps: int, steps
 # ----------------------------------------------------------------------------- evaluation
 def _features(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device,
               token_sim: bool = False, chunk: int = 512) -> dict:
-    from train.evaluate.features import extract
+    from lmim.train.evaluate.features import extract
 
     batches = ((images[i:i + chunk], labels[i:i + chunk]) for i in range(0, len(labels), chunk))
     return extract(encoder, batches, device, token_sim=token_sim)
@@ -302,9 +301,9 @@ def _features(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
 
 def evaluate(tr: dict, te: dict, device, *, collapse: bool = True) -> dict[str, Any]:
     """The benchmark's figures for one feature set (train split = memory bank / probe data, test = queries)."""
-    from train.evaluate.collapse import collapse_stats
-    from train.evaluate.knn import knn_loo1, knn_weighted
-    from train.evaluate.linear import linear_probe
+    from lmim.train.evaluate.collapse import collapse_stats
+    from lmim.train.evaluate.knn import knn_loo1, knn_weighted
+    from lmim.train.evaluate.linear import linear_probe
 
     f_tr, y_tr, f_te, y_te = tr["mean_patch"], tr["labels"], te["mean_patch"], te["labels"]
     out: dict[str, Any] = {
@@ -322,8 +321,8 @@ def evaluate(tr: dict, te: dict, device, *, collapse: bool = True) -> dict[str, 
 
 # ----------------------------------------------------------------------------- report
 def _table(results: dict[str, dict], meta: dict) -> str:
-    from train.evaluate.knn import PROTOCOL_LOO1, knn_weighted_protocol
-    from train.evaluate.linear import linear_protocol
+    from lmim.train.evaluate.knn import PROTOCOL_LOO1, knn_weighted_protocol
+    from lmim.train.evaluate.linear import linear_protocol
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -397,7 +396,7 @@ def main(argv: list[str]) -> int:
     setting = make(args.equal, args.images, args.budget_minutes)
     setting.train_per_class, setting.test_per_class = args.train_per_class, args.test_per_class
     work = Path(args.work_dir)
-    from train.config import ConfigError
+    from lmim.train.config import ConfigError
 
     try:
         return _run(args, setting, methods, work)
@@ -410,9 +409,9 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
     from accelerate.utils import set_seed
     from omegaconf import OmegaConf
 
-    from model import LatentMIM
-    from pipeline.manifest import read_manifest
-    from train.config import effective_batch_size, load_config
+    from lmim.model import LatentMIM
+    from lmim.pipeline.manifest import read_manifest
+    from lmim.train.config import effective_batch_size, load_config
 
     t_start = time.perf_counter()
     load_config(PRESET, [*setting.overrides, *args.overrides])  # a bad --set fails before any work
@@ -467,7 +466,7 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
             encoder = init_encoder
             info = {"steps": 0, "epochs": 0.0, "images_seen": 0}
         elif method == "supervised":
-            from train.evaluate.supervised import train_supervised
+            from lmim.train.evaluate.supervised import train_supervised
 
             encoder = copy.deepcopy(init_encoder)
             steps = steps_for(method)
@@ -483,7 +482,7 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
             info = train_method(method, base + [f"model.objective={OBJECTIVES[method]}"], work, steps,
                                 steps_per_epoch, step_s.get(method))
             info["images_seen"] = steps * batch
-            from tools.export import load_encoder
+            from lmim.tools.export import load_encoder
 
             encoder = load_encoder(info["checkpoint"])
         if method in step_s:

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train.hardware import describe_machine
+from lmim.train.hardware import describe_machine
 
 
 def _files(src: Path) -> list[tuple[Path, int | None]]:
@@ -39,7 +39,7 @@ def _files(src: Path) -> list[tuple[Path, int | None]]:
 
 
 def run_ours(src: Path, out: Path, workers: int, shard_bytes: int, fsync: bool = True) -> None:
-    from tools.shard import build_dataset
+    from lmim.tools.shard import build_dataset
 
     build_dataset(str(src), str(out), shard_max_bytes=shard_bytes, workers=workers, progress=False, fsync=fsync)
 
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
                 print(f"lmim bench shard: --src {src} is not a folder", file=sys.stderr)
                 return 2
         else:
-            from tools.sample_images import write_photo_jpegs
+            from lmim.tools.sample_images import write_photo_jpegs
 
             src = scratch / "src"
             t = time.perf_counter()
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
         for f, _ in files:
             f.read_bytes()
         import fsspec  # noqa: F401
-        import tools.shard  # noqa: F401
+        import lmim.tools.shard  # noqa: F401
         import webdataset  # noqa: F401
 
         contenders = {

@@ -4,7 +4,7 @@
     lmim bench train --json                # the same; the last line is one JSON object
     lmim bench train --device cuda         # GPU: ViT-B/16 steps/s, full trainer vs the bare model step
 
-CPU (the machines everything must run on): the full trainer (`train.pretrain.run`) with the real
+CPU (the machines everything must run on): the full trainer (`lmim.train.pretrain.run`) with the real
 DALI loader against the same trainer fed ideal device-resident batches (`data.loader=synthetic`:
 no decoding, never waits). For each config the runs alternate DALI / ideal for `--repeats`
 rounds and medians are quoted: the share of wall time spent blocked on the loader, and
@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 
-from train.hardware import describe_machine
+from lmim.train.hardware import describe_machine
 
 __all__ = ["main"]
 
 
 def _train(preset: str, overrides: list[str]) -> dict[str, Any]:
-    from train.config import load_config
-    from train.pretrain import reset_accelerate_state, run
+    from lmim.train.config import load_config
+    from lmim.train.pretrain import reset_accelerate_state, run
 
     reset_accelerate_state()
     cfg = load_config(preset, [
@@ -53,7 +53,7 @@ def _train(preset: str, overrides: list[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- CPU
 def _quickstart_data(root: Path, dataset: str) -> tuple[str, list[str]]:
-    from train.quickstart import prepare_data
+    from lmim.train.quickstart import prepare_data
 
     data = prepare_data(root / "qs", dataset)
     m, s = data["mean"], data["std"]
@@ -61,8 +61,8 @@ def _quickstart_data(root: Path, dataset: str) -> tuple[str, list[str]]:
 
 
 def _photo_data(root: Path, n: int) -> str:
-    from tools.sample_images import write_photo_jpegs
-    from tools.shard import build_dataset
+    from lmim.tools.sample_images import write_photo_jpegs
+    from lmim.tools.shard import build_dataset
 
     src, dst = root / "photos-src", root / "photos"
     write_photo_jpegs(src, n, num_classes=10, seed=0)
@@ -114,8 +114,8 @@ def _bare_steps_per_s(cfg, steps: int, warmup: int) -> float:
     """The model step alone: no Accelerate, no schedules, no logging; the same batch every step."""
     from omegaconf import OmegaConf
 
-    from model import LatentMIM
-    from model.masks import make_masks
+    from lmim.model import LatentMIM
+    from lmim.model.masks import make_masks
 
     dev = torch.device("cuda")
     m, d = cfg.model, cfg.data
@@ -146,7 +146,7 @@ def _bare_steps_per_s(cfg, steps: int, warmup: int) -> float:
 
 
 def _gpu(args) -> dict[str, Any]:
-    from train.config import load_config
+    from lmim.train.config import load_config
 
     if not torch.cuda.is_available():
         raise SystemExit("lmim bench train: --device cuda needs a CUDA device; none is visible.")

@@ -1,17 +1,17 @@
 """Shard building: raw image corpora -> WebDataset shards + DALI indices + manifest (local or s3://).
 
 Public API:
-    build_dataset(src, dst, ...) -> BuildSummary      build or finish a dataset (see tools.shard.build)
+    build_dataset(src, dst, ...) -> BuildSummary      build or finish a dataset (see lmim.tools.shard.build)
     merge_parts(dst, storage_options=None) -> Manifest write the manifest of a --part i/N build
     verify_dataset(root, storage_options=None) -> list[str]   problems found ([] when sound)
 """
-from tools.shard.build import BuildError, BuildSummary, build_dataset, merge_parts
+from lmim.tools.shard.build import BuildError, BuildSummary, build_dataset, merge_parts
 
 __all__ = ["BuildError", "BuildSummary", "build_dataset", "merge_parts", "verify_dataset"]
 
 
 def verify_dataset(root: str, storage_options: dict | None = None) -> list[str]:
     """Check a dataset against its manifest; returns one line per problem, naming the shard."""
-    from tools.shard.verify import verify_dataset as _verify
+    from lmim.tools.shard.verify import verify_dataset as _verify
 
     return _verify(root, storage_options)

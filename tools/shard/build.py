@@ -25,12 +25,12 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.forking import fork_safe_gc
-from pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest, ShardInfo
-from tools.shard.images import DEFAULT_MAX_PIXELS, Reject, prepare_image
-from tools.shard.plan import Plan, make_plan
-from tools.shard.sources import Corpus, SourceError, SourceItem, iter_items, open_corpus
-from tools.shard.writer import Destination, TarShardWriter
+from lmim.pipeline.forking import fork_safe_gc
+from lmim.pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest, ShardInfo
+from lmim.tools.shard.images import DEFAULT_MAX_PIXELS, Reject, prepare_image
+from lmim.tools.shard.plan import Plan, make_plan
+from lmim.tools.shard.sources import Corpus, SourceError, SourceItem, iter_items, open_corpus
+from lmim.tools.shard.writer import Destination, TarShardWriter
 
 BUILD_DIR = "_build"
 PLAN_NAME = f"{BUILD_DIR}/plan.json"
@@ -383,7 +383,7 @@ def build_dataset(src: str, dst: str, *, shard_max_bytes: int | None = 256 << 20
         storage_options: fsspec options for DST (and SRC unless `source_storage_options` is given);
             they override the AWS environment.
         progress: show a progress bar and print a summary on stderr.
-        labels: "auto" | "folders" | "none" (see `tools.shard.sources.open_corpus`).
+        labels: "auto" | "folders" | "none" (see `lmim.tools.shard.sources.open_corpus`).
         max_pixels: images declaring more pixels are rejected as decompression bombs.
         prefix: shard file name prefix.
         source_storage_options: fsspec options for SRC when they differ from DST's.

@@ -7,9 +7,9 @@ import os
 import sys
 from dataclasses import asdict
 
-from tools.shard.build import BuildError, build_dataset, merge_parts
-from tools.shard.images import DEFAULT_MAX_PIXELS
-from tools.shard.options import add_storage_arguments, parse_bytes, parse_part, parse_storage_cli
+from lmim.tools.shard.build import BuildError, build_dataset, merge_parts
+from lmim.tools.shard.images import DEFAULT_MAX_PIXELS
+from lmim.tools.shard.options import add_storage_arguments, parse_bytes, parse_part, parse_storage_cli
 
 
 def _parser() -> argparse.ArgumentParser:

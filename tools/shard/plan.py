@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.shard.keys import unique_keys
-from tools.shard.sources import Corpus
+from lmim.tools.shard.keys import unique_keys
+from lmim.tools.shard.sources import Corpus
 
 # Three tar headers (image, json, cls) + padding + the json itself, per sample.
 PER_SAMPLE_OVERHEAD = 3 * 512 + 512 + 256

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.manifest import IMAGE_EXTENSIONS, join_url, read_manifest
+from lmim.pipeline.manifest import IMAGE_EXTENSIONS, join_url, read_manifest
 
 
 @dataclass

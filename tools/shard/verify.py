@@ -14,9 +14,9 @@ import sys
 import tarfile
 from typing import Any
 
-from pipeline.checksum import algorithm_of, format_checksum, hasher_like
-from pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, join_url, read_manifest
-from tools.shard.options import add_storage_arguments, parse_storage_cli
+from lmim.pipeline.checksum import algorithm_of, format_checksum, hasher_like
+from lmim.pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, join_url, read_manifest
+from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 
 
 class _HashingReader:
@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
     args, options = parsed
     problems = verify_dataset(args.dst, options)
     if args.decode and not problems:
-        from tools.shard.readback import decode_check
+        from lmim.tools.shard.readback import decode_check
 
         problems = decode_check(args.dst, options)
     for line in problems:

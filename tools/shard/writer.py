@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.checksum import format_checksum, new_hasher
+from lmim.pipeline.checksum import format_checksum, new_hasher
 
 BLOCK = 512
 INDEX_VERSION = "v1.2"
@@ -46,7 +46,7 @@ def tar_header(name: bytes, size: int) -> bytes:
 class ShardResult:
     samples: int
     bytes: int
-    checksum: str   # "xxh3_128:<hex>" (pipeline.checksum)
+    checksum: str   # "xxh3_128:<hex>" (lmim.pipeline.checksum)
     index_text: str
 
 

@@ -7,5 +7,3 @@ Modules, each usable on its own:
 - `collapse`: the paper's collapse diagnostic and friends, plus a PNG plot.
 - `cli`: `lmim eval knn|linear|collapse`.
 """
-# timm/torchvision import guard for CPU-only torch; must run before timm is imported.
-import model._torchvision_compat  # noqa: F401  isort:skip

@@ -5,8 +5,8 @@
     lmim eval collapse --encoder runs/x/checkpoints/step_001000 --url data/val --plot collapse.png
 
 Several processes (each reads a disjoint part of every split; features are gathered):
-    torchrun --nproc-per-node 4 -m train.evaluate.cli knn --encoder ... --train-url ... --eval-url ...
-    accelerate launch -m train.evaluate.cli knn ...
+    torchrun --nproc-per-node 4 -m lmim.train.evaluate.cli knn --encoder ... --train-url ... --eval-url ...
+    accelerate launch -m lmim.train.evaluate.cli knn ...
 
 Every number is printed with the protocol it was measured with. With `--json` the last line is
 one JSON object of the figures.
@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import model  # noqa: F401  (torchvision shim before timm)
-from train.evaluate.collapse import PROTOCOL_COLLAPSE, collapse_stats, plot_collapse
-from train.evaluate.features import eval_loader, extract
-from train.evaluate.knn import PROTOCOL_LOO1, knn_loo1, knn_weighted, knn_weighted_protocol
-from train.evaluate.linear import linear_probe, linear_protocol
+from lmim.train.evaluate.collapse import PROTOCOL_COLLAPSE, collapse_stats, plot_collapse
+from lmim.train.evaluate.features import eval_loader, extract
+from lmim.train.evaluate.knn import PROTOCOL_LOO1, knn_loo1, knn_weighted, knn_weighted_protocol
+from lmim.train.evaluate.linear import linear_probe, linear_protocol
 
 
 class EvalError(ValueError):
@@ -65,8 +64,8 @@ def load_encoder_and_data_cfg(path: str):
     """
     from omegaconf import OmegaConf
 
-    from pipeline.config import DataConfig
-    from tools.export import ExportError, load_encoder
+    from lmim.pipeline.config import DataConfig
+    from lmim.tools.export import ExportError, load_encoder
 
     p = Path(path)
     if not p.exists():
@@ -211,7 +210,7 @@ def main(argv: list[str]) -> int:
         if not str(args.plot).lower().endswith(".png"):
             print(f"lmim eval: --plot {args.plot} must end in .png.", file=sys.stderr)
             return 2
-    from pipeline.errors import DataError
+    from lmim.pipeline.errors import DataError
 
     try:
         device = _init_distributed()

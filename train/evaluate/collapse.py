@@ -7,7 +7,7 @@
 - `token_sim`: mean cosine between the patch tokens of the SAME image, averaged over images
   (high = tokens carry no patch-specific information; the paper's regulariser targets this).
 - `effective_rank`: RankMe-style, exp(entropy) of the normalised singular values of the
-  (uncentred) pooled features, `model.losses.effective_rank`, the same number the trainer logs
+  (uncentred) pooled features, `lmim.model.losses.effective_rank`, the same number the trainer logs
   (1 = a single direction; up to min(N, D)). A collapse that keeps the features apart but
   squeezes them into a few dimensions shows up here, not in `collapse_cos`.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.losses import effective_rank
-from train.observe import save_figure
+from lmim.model.losses import effective_rank
+from lmim.train.observe import save_figure
 
 PROTOCOL_COLLAPSE = "collapse (mean cross-image cosine of mean-pooled patch latents)"
 

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from train.evaluate.collapse import within_image_token_similarity
+from lmim.train.evaluate.collapse import within_image_token_similarity
 
 POOLS = ("mean_patch", "cls")
 
@@ -205,15 +205,15 @@ def eval_loader(encoder: torch.nn.Module, url: str, data_cfg=None, *, batch_size
     reads a disjoint part (torch.distributed's rank/world size when initialised).
 
     Args:
-        data_cfg: a `pipeline.config.DataConfig` (normalisation, threads, storage options);
+        data_cfg: a `lmim.pipeline.config.DataConfig` (normalisation, threads, storage options);
             the default one when None.
         batch_size, loader: override `data_cfg.batch_size` / `data_cfg.loader` ("dali" | "torch").
         device: where batches are produced (DALI decodes on "cuda:N").
     """
     import dataclasses
 
-    from pipeline import build_loader
-    from pipeline.config import DataConfig
+    from lmim.pipeline import build_loader
+    from lmim.pipeline.config import DataConfig
 
     cfg = data_cfg if data_cfg is not None else DataConfig()
     changes = {"url": url}

@@ -3,7 +3,7 @@
 The quality benchmark compares self-supervised encoders by frozen-feature k-NN / linear accuracy;
 this trains the same architecture end to end with cross-entropy on the same images, to show how
 far the labels alone could take it for the same number of images seen. The classifier reads the
-features the frozen evaluations read (`train.evaluate.features`, pool "mean_patch": the mean of
+features the frozen evaluations read (`lmim.train.evaluate.features`, pool "mean_patch": the mean of
 the patch tokens after the final norm, CLS excluded), so the encoder it leaves behind is evaluated
 on exactly the features it was trained through.
 
@@ -133,7 +133,7 @@ def train_supervised(encoder: torch.nn.Module, images: torch.Tensor, labels: tor
         y = labels[idx].to(dev, non_blocking=True)
         x = random_resized_crop_flip(x, gen, scale=crop_scale, hflip=hflip)
         tokens = encoder.forward_features(x)
-        logits = head(tokens[:, prefix:].mean(1))   # the "mean_patch" features of train.evaluate.features
+        logits = head(tokens[:, prefix:].mean(1))   # the "mean_patch" features of lmim.train.evaluate.features
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -10,6 +10,7 @@ torch + matching torchvision, or a CPU torchvision) the first import succeeds an
 """
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
 
@@ -41,4 +42,34 @@ def ensure_torchvision_importable() -> None:
     import torchvision  # noqa: F401,F811
 
 
-ensure_torchvision_importable()
+class _BeforeTimm(importlib.abc.MetaPathFinder):
+    """Runs `ensure_torchvision_importable` the first time anything imports timm, then leaves.
+
+    Installed by `import lmim`, so timm works after it without every timm-using module importing
+    a shim for its side effect, and without paying for torchvision's import (about a second) in
+    commands that never touch timm (shard building, verification).
+    """
+
+    def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001  (importlib's protocol)
+        # Only timm: hooking torchvision itself would re-enter its own import half-way.
+        if fullname == "timm":
+            _remove_hook()
+            ensure_torchvision_importable()
+        return None  # the normal finders import the module itself
+
+
+_HOOK = _BeforeTimm()
+
+
+def _remove_hook() -> None:
+    try:
+        sys.meta_path.remove(_HOOK)
+    except ValueError:
+        pass
+
+
+def prepare_timm_import() -> None:
+    """Arrange for the fix to run before timm's first import; idempotent."""
+    if "timm" in sys.modules or _HOOK in sys.meta_path:
+        return
+    sys.meta_path.insert(0, _HOOK)
