@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from lmim.model import LatentMIM, ModelConfig
 from lmim.pipeline.config import DataConfig
 from lmim.tools.datasets import DIGITS_CLASSES, export_digits
-from lmim.train.evaluate import cli
+from lmim.tools import eval_cli as cli
 from lmim.train.evaluate.features import eval_loader, extract, extract_features
 from lmim.train.evaluate.knn import knn_loo1, knn_weighted
 from lmim.train.evaluate.linear import linear_probe

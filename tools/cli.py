@@ -16,8 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("lmim.tools.shard.verify", "re-read a dataset and check it against its manifest"),
     "export": ("lmim.tools.export", "export a checkpoint's online encoder as a timm ViT (safetensors)"),
     "pretrain": ("lmim.train.pretrain", "pretrain Latent MIM (same as `accelerate launch -m lmim.train.pretrain`)"),
-    "quickstart": ("lmim.train.quickstart", "shard a small real dataset, pretrain a tiny ViT on the CPU, evaluate, export"),
-    "eval": ("lmim.train.evaluate.cli", "evaluate an encoder: knn | linear | collapse"),
+    "quickstart": ("lmim.tools.quickstart", "shard a small real dataset, pretrain a tiny ViT on the CPU, evaluate, export"),
+    "eval": ("lmim.tools.eval_cli", "evaluate an encoder: knn | linear | collapse"),
     "bench": ("lmim.tools.bench.cli", "benchmarks: shard | pipeline | model | train | quality"),
 }
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-__all__ = ["MetricsWriter", "read_metrics", "CollapseGuard", "flatten_for_tracker", "plot_curves", "plot_masks",
-           "save_figure"]
+from lmim.train.evaluate.figures import save_figure
+
+__all__ = ["MetricsWriter", "read_metrics", "CollapseGuard", "flatten_for_tracker", "plot_curves", "plot_masks"]
 
 
 class MetricsWriter:
@@ -121,23 +121,6 @@ _CURVES = (
     ("data_wait_share", "data-wait share"),
     ("knn_top1", "k-NN top-1 %"),
 )
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Write a matplotlib figure as PNG atomically (a temporary name, then a rename: no reader
-    ever sees half a picture), then close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def plot_curves(records: list[dict[str, Any]], path: str | Path) -> Path | None:

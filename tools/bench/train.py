@@ -53,7 +53,7 @@ def _train(preset: str, overrides: list[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- CPU
 def _quickstart_data(root: Path, dataset: str) -> tuple[str, list[str]]:
-    from lmim.train.quickstart import prepare_data
+    from lmim.tools.quickstart import prepare_data
 
     data = prepare_data(root / "qs", dataset)
     m, s = data["mean"], data["std"]

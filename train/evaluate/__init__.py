@@ -5,5 +5,7 @@ Modules, each usable on its own:
 - `knn`: leave-one-out 1-NN (the paper's "NN" number) and DINO-style weighted k-NN.
 - `linear`: a linear probe on frozen, standardised features.
 - `collapse`: the paper's collapse diagnostic and friends, plus a PNG plot.
-- `cli`: `lmim eval knn|linear|collapse`.
+- `figures`: PNG figures written atomically.
+
+`lmim eval knn|linear|collapse` (lmim/tools/eval_cli.py) is the command line over these.
 """

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmim.model.losses import effective_rank
-from lmim.train.observe import save_figure
+from lmim.train.evaluate.figures import save_figure
 
 PROTOCOL_COLLAPSE = "collapse (mean cross-image cosine of mean-pooled patch latents)"
 
