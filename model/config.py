@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+# The per-step diagnostics `LatentMIM.forward(metrics=True)` reports where a value near 1.0 means
+# every image (or token) looks alike; `collapse_guard.metric` may watch any of them.
+COLLAPSE_METRICS = ("collapse_cos", "pred_token_sim", "visible_token_sim", "target_token_sim")
+
+
 @dataclass
 class ModelConfig:
     # Encoder: any timm ViT name; embed_dim/depth/num_heads override it for tiny test/CPU sizes.

@@ -3,11 +3,28 @@
 This dataclass is the contract between `pipeline/` and `train/`: the trainer's structured
 config embeds it, so fields may be added (with defaults) but not renamed. The image geometry
 (grid, patch, gap) is taken from the model config by the trainer, not duplicated here.
+`check_data_config` is the one place its values are validated: the trainer's config loader
+calls it at load time (so a bad value fails before anything runs) and so does `build_loader`
+for callers that build a loader from Python.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+# The accepted values of each choice key (the trainer adds its own loaders, e.g. "synthetic").
+DATA_CHOICES: dict[str, tuple[str, ...]] = {
+    "loader": ("dali", "torch"),
+    "reader": ("auto", "dali", "stream"),
+    "on_error": ("skip", "raise"),
+    "mask": ("random", "block", "multiblock"),
+}
+# Keys that configs once accepted and lmim no longer reads, with what to do instead.
+REMOVED_DATA_KEYS: dict[str, str] = {
+    "shuffle_buffer": "samples are shuffled by the deterministic global order of lmim/pipeline/order.py, so "
+                      "there is no in-stream buffer to size",
+}
 
 
 @dataclass
@@ -23,7 +40,6 @@ class DataConfig:
     prefetch_shards: int = 2               # remote streaming: whole shards fetched ahead
     cache_dir: Optional[str] = None        # remote streaming: optional local shard cache
     cache_max_bytes: int = 0               # 0 = no cache kept beyond the prefetch window
-    shuffle_buffer: int = 1024             # in-stream shuffle buffer (samples)
     on_error: str = "skip"                 # undecodable sample or unreadable shard: "skip" (name and count it) | "raise"
     verify_local: bool = True              # local shards: check each one's checksum once per process, before first use
     retry_budget_s: float = 600.0          # remote reads: keep retrying a failing shard this long (object stores throttle for minutes)
@@ -43,3 +59,51 @@ class DataConfig:
     block_max_scale: float = 0.2
     block_aspect: tuple[float, float] = (0.75, 1.5)
     num_blocks: int = 4                    # multiblock: target blocks per image
+
+
+class DataConfigError(ValueError):
+    """A bad `data.*` value, phrased as one sentence that names the key."""
+
+
+def check_data_config(cfg: Any, extra_loaders: tuple[str, ...] = ()) -> None:
+    """Validate a `DataConfig` (or the `data:` section of a training config).
+
+    Args:
+        cfg: anything with DataConfig's attributes.
+        extra_loaders: loader names the caller handles itself (the trainer's "synthetic").
+
+    Raises:
+        DataConfigError: the first bad value, in one sentence naming `data.<key>`.
+    """
+    choices = dict(DATA_CHOICES, loader=DATA_CHOICES["loader"] + tuple(extra_loaders))
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise DataConfigError(f"Config key 'data.{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}.")
+
+    def fail(key: str, rule: str) -> None:
+        raise DataConfigError(f"Config key 'data.{key}' must be {rule}, got {getattr(cfg, key)!r}.")
+
+    for key in ("batch_size", "num_threads", "prefetch_shards", "num_visible", "num_blocks"):
+        if getattr(cfg, key) < 1:
+            fail(key, "at least 1")
+    if cfg.cache_max_bytes < 0:
+        fail("cache_max_bytes", "0 (keep nothing beyond the prefetch window) or a positive number of bytes")
+    if not math.isfinite(cfg.retry_budget_s) or cfg.retry_budget_s < 0:
+        fail("retry_budget_s", "a finite number of seconds >= 0")
+    if cfg.max_retries is not None and cfg.max_retries < 0:
+        fail("max_retries", ">= 0 or null (the time budget alone)")
+    lo, hi = cfg.crop_scale
+    if not 0 < lo <= hi <= 1:
+        fail("crop_scale", "a range [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area)")
+    lo, hi = cfg.crop_ratio
+    if not 0 < lo <= hi:
+        fail("crop_ratio", "a range [lo, hi] of aspect ratios with 0 < lo <= hi")
+    if not 0 <= cfg.hflip <= 1:
+        fail("hflip", "a probability between 0 and 1")
+    if len(cfg.std) != 3 or min(cfg.std) <= 0:
+        fail("std", "three positive numbers")
+    if not 0 < cfg.block_min_scale <= cfg.block_max_scale <= 1:
+        fail("block_min_scale", f"in (0, data.block_max_scale={cfg.block_max_scale}] and at most 1")
+    lo, hi = cfg.block_aspect
+    if not 0 < lo <= hi:
+        fail("block_aspect", "a range [lo, hi] of aspect ratios with 0 < lo <= hi")

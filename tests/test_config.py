@@ -73,6 +73,21 @@ def test_overrides_types_and_file_path(tmp_path):
         (["model.init=kaiming"], "'model.init' must be one of reference, timm"),
         (["data.crop_scale=[0.1,0.2,0.3]"], "'data.crop_scale' has an invalid value (from the override 'data.crop_scale=[0.1,0.2,0.3]'): it takes 2 items, got 3"),
         (["data.crop_scale=[0.1,x]"], "'data.crop_scale' has an invalid value"),
+        # data.* choices and ranges fail at load time, before any data or model is touched
+        (["data.reader=s3"], "'data.reader' must be one of auto, dali, stream, got 's3'"),
+        (["data.on_error=ignore"], "'data.on_error' must be one of skip, raise"),
+        (["data.loader=pil"], "'data.loader' must be one of dali, torch, synthetic"),
+        (["data.mask=grid"], "'data.mask' must be one of random, block, multiblock"),
+        (["data.crop_scale=[0.5,0.2]"], "'data.crop_scale' must be a range [lo, hi] with 0 < lo <= hi <= 1"),
+        (["data.hflip=2"], "'data.hflip' must be a probability between 0 and 1"),
+        (["data.prefetch_shards=0"], "'data.prefetch_shards' must be at least 1"),
+        (["data.block_min_scale=0.5", "data.block_max_scale=0.2"], "'data.block_min_scale' must be in (0, data.block_max_scale=0.2]"),
+        (["model.embed_dim=30", "model.num_heads=4"], "'model.embed_dim' (30) must be a positive multiple of 'model.num_heads' (4)"),
+        (["model.decoder_num_heads=5"], "'model.decoder_dim'"),
+        (["collapse_guard.metric=loss"], "'collapse_guard.metric' must be one of collapse_cos"),
+        (["ema.end=1.01"], "'ema.end' must be between 0 and 1"),
+        (["model.tau=0"], "'model.tau' must be a positive temperature"),
+        (["eval.knn_k=0"], "'eval.knn_k' must be positive"),
     ],
 )
 def test_bad_values_give_one_sentence(overrides, fragment):
@@ -81,6 +96,23 @@ def test_bad_values_give_one_sentence(overrides, fragment):
     msg = str(info.value)
     assert fragment in msg
     _one_sentence(msg)
+
+
+def test_every_shipped_preset_loads_and_validates():
+    for name in preset_names():
+        load_config(name)
+
+
+def test_a_removed_key_in_an_old_config_is_named_and_ignored(tmp_path, caplog):
+    """data.shuffle_buffer was never read; an old config that sets it still runs, and is told to drop it."""
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  shuffle_buffer: 4096\n  batch_size: 8\n")
+    with caplog.at_level("WARNING", logger="lmim.config"):
+        cfg = load_config(str(old), ["data.shuffle_buffer=16"])
+    assert cfg.data.batch_size == 8 and "shuffle_buffer" not in cfg.data
+    warnings = [r.getMessage() for r in caplog.records if "shuffle_buffer" in r.getMessage()]
+    assert len(warnings) == 2 and all("no longer used and was ignored" in w and "delete it" in w for w in warnings)
+    assert "in old.yaml" in warnings[0] and "override" in warnings[1]
 
 
 def test_bad_preset_and_bad_file(tmp_path):

@@ -20,7 +20,7 @@ from lmim.train.observe import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 x 4 grid of 4 px patches, no gap: 16 px crops of the 64 x 48 test photos.
-REAL = [*TINY, "data.loader=dali", "data.num_threads=1", "data.shuffle_buffer=8"]
+REAL = [*TINY, "data.loader=dali", "data.num_threads=1"]
 
 
 @pytest.fixture(scope="module")

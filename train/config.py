@@ -12,6 +12,7 @@ sentence naming the key, the offending value, where it came from and what to do.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from lmim.model.config import ModelConfig
-from lmim.pipeline.config import DataConfig
+from lmim.model.config import COLLAPSE_METRICS, ModelConfig
+from lmim.pipeline.config import REMOVED_DATA_KEYS, DataConfig, DataConfigError, check_data_config
 
 __all__ = [
     "OptimConfig",
@@ -142,12 +143,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "bf16", "fp16", "no"),
     "collapse_guard.action": ("warn", "stop"),
-    "data.loader": ("dali", "torch", "synthetic"),
     "model.objective": ("infonce", "norm_l2", "mae", "naive_mse"),
     "model.target_sees": ("masked", "all"),
     "model.init": ("reference", "timm"),
-    "data.mask": ("random", "block", "multiblock"),
 }
+# The trainer's own data loader on top of pipeline's (lmim/train/synthetic.py).
+_TRAINER_LOADERS = ("synthetic",)
 
 
 def _config_dir() -> Path:
@@ -238,6 +239,19 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def _drop_removed_keys(overlay: DictConfig, source: str) -> DictConfig:
+    """Old configs may still set keys lmim no longer reads: say so once and drop them (they never
+    changed anything, so the run is the same)."""
+    data = overlay.get("data") if isinstance(overlay, DictConfig) else None
+    if isinstance(data, DictConfig):
+        for key, why in REMOVED_DATA_KEYS.items():
+            if key in data:
+                logging.getLogger("lmim.config").warning(
+                    "Config key 'data.%s' (%s) is no longer used and was ignored: %s; delete it.", key, source, why)
+                del data[key]
+    return overlay
+
+
 def _parse_override(item: str, schema: DictConfig) -> DictConfig:
     if "=" not in item or item.startswith("="):
         raise ConfigError(f"Override {item!r} is not of the form key=value (for example optim.base_lr=3e-4).")
@@ -256,24 +270,46 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"Config key {key!r} must be one of {', '.join(choices)}, got {value!r}.")
-    positive = ["epochs", "grad_accum", "log_every", "data.batch_size", "eval.batch_size", "checkpoint.keep"]
+    positive = ["epochs", "grad_accum", "log_every", "eval.batch_size", "eval.knn_k", "checkpoint.keep",
+                "model.patch_size", "model.grid_size", "model.in_chans", "model.projector_hidden_dim",
+                "model.projector_layers", "model.decoder_dim", "model.decoder_depth", "model.decoder_num_heads",
+                "collapse_guard.patience"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"Config key {key!r} must be positive, got {OmegaConf.select(cfg, key)!r}.")
-    if not math.isfinite(cfg.data.retry_budget_s) or cfg.data.retry_budget_s < 0:
-        raise ConfigError(f"Config key 'data.retry_budget_s' must be a finite number of seconds >= 0, got {cfg.data.retry_budget_s!r}.")
-    if cfg.data.max_retries is not None and cfg.data.max_retries < 0:
-        raise ConfigError(f"Config key 'data.max_retries' must be >= 0 or null (the time budget alone), got {cfg.data.max_retries!r}.")
+    try:
+        check_data_config(cfg.data, extra_loaders=_TRAINER_LOADERS)
+    except DataConfigError as err:
+        raise ConfigError(str(err)) from None
     if cfg.threads is not None and cfg.threads <= 0:
         raise ConfigError(f"Config key 'threads' must be positive or null (the thread budget), got {cfg.threads!r}.")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"Config key 'max_steps' must be positive or null, got {cfg.max_steps!r}.")
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError("Config key 'checkpoint.every_steps' must be 0 (only at the end) or positive.")
-    for key in ("optim.base_lr", "optim.weight_decay", "optim.clip_grad", "optim.warmup_epochs"):
+    for key in ("optim.base_lr", "optim.weight_decay", "optim.clip_grad", "optim.warmup_epochs", "optim.eps",
+                "optim.warmup_start_factor", "optim.final_factor", "model.drop_path_rate", "model.sim_reg_coef",
+                "eval.knn_every_epochs", "collapse_guard.after_epochs"):
         v = OmegaConf.select(cfg, key)
         if not math.isfinite(v) or v < 0:
             raise ConfigError(f"Config key {key!r} must be a finite non-negative number, got {v!r}.")
+    if cfg.optim.lr is not None and (not math.isfinite(cfg.optim.lr) or cfg.optim.lr < 0):
+        raise ConfigError(f"Config key 'optim.lr' must be a finite non-negative number or null (base_lr scaling), got {cfg.optim.lr!r}.")
+    for key in ("optim.betas", "ema.start", "ema.end"):
+        value = OmegaConf.select(cfg, key)
+        value = tuple(value) if OmegaConf.is_config(value) else value
+        if not all(0 <= v <= 1 for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"Config key {key!r} must be between 0 and 1, got {value!r}.")
+    for key in ("model.tau", "eval.knn_t"):
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ConfigError(f"Config key {key!r} must be a positive temperature, got {OmegaConf.select(cfg, key)!r}.")
+    if cfg.collapse_guard.metric not in COLLAPSE_METRICS:
+        raise ConfigError(f"Config key 'collapse_guard.metric' must be one of {', '.join(COLLAPSE_METRICS)} "
+                          f"(the diagnostics the trainer logs), got {cfg.collapse_guard.metric!r}.")
+    for dim, heads in (("model.embed_dim", "model.num_heads"), ("model.decoder_dim", "model.decoder_num_heads")):
+        d, h = OmegaConf.select(cfg, dim), OmegaConf.select(cfg, heads)
+        if d is not None and h is not None and (d <= 0 or h <= 0 or d % h):
+            raise ConfigError(f"Config key {dim!r} ({d}) must be a positive multiple of {heads!r} ({h}).")
     if cfg.model.patch_gap == 1 or cfg.model.patch_gap < 0:
         raise ConfigError(
             f"Config key 'model.patch_gap' is {cfg.model.patch_gap}: a gap of 1 cannot jitter (offsets are drawn in "
@@ -308,9 +344,10 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
     cfg = _merge(schema, _load_yaml(_config_dir() / "defaults.yaml"), schema, "in train/configs/defaults.yaml")
     if config is not None:
         path = preset_path(config)
-        cfg = _merge(cfg, _load_yaml(path), schema, f"in {path.name}")
+        cfg = _merge(cfg, _drop_removed_keys(_load_yaml(path), f"in {path.name}"), schema, f"in {path.name}")
     for item in overrides:
-        cfg = _merge(cfg, _parse_override(item, schema), schema, f"from the override {item!r}", item.split("=", 1)[0])
+        source = f"from the override {item!r}"
+        cfg = _merge(cfg, _drop_removed_keys(_parse_override(item, schema), source), schema, source, item.split("=", 1)[0])
     if cfg.run_dir is None:
         cfg.run_dir = str(Path("runs") / cfg.name)
     _check_values(cfg)

@@ -95,7 +95,7 @@ def large_setting(equal: str, images: int | None, budget_minutes: float | None) 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     return Setting("large", equal, images or 3_000_000, budget_minutes or 10.0,
                    overrides=["device=auto", "precision=bf16" if dev == "cuda" else "precision=no",
-                              "data.batch_size=256", "data.num_threads=8", "data.shuffle_buffer=4096"],
+                              "data.batch_size=256", "data.num_threads=8"],
                    eval_device=dev, calib_rounds=5)
 
 
