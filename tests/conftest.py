@@ -6,6 +6,8 @@ import uuid
 import pytest
 import torch
 
+import lmim  # noqa: F401  (before any test module imports timm: see lmim/_torchvision_compat.py)
+
 from tests.s3server import aws_env, apply_env, restore_env, start_s3_server
 
 

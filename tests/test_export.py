@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -103,3 +104,61 @@ def test_bad_input_is_one_clear_error(trained, tmp_path, capsys):
     assert export.main([str(ckpt), str(tmp_path / "x.safetensors")]) == 2
     assert "incomplete" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_folder_export_loads_with_one_timm_line_and_carries_a_model_card(trained, tmp_path, capsys):
+    """`lmim export CKPT DIR`: config.json + model.safetensors + README.md, loaded by timm's local-dir source."""
+    net, ckpt = trained
+    (ckpt / "trainer_state.json").write_text('{"step": 120, "epoch": 3.0}')
+    out = tmp_path / "exports" / "tiny-lmim"
+    assert export.main([str(ckpt), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(export.FOLDER_FILES)
+    assert f"timm.create_model('local-dir:{out}', pretrained=True)" in printed
+
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert isinstance(model, timm.models.VisionTransformer) and model.num_classes == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, net.encoder.state_dict()[k]), k
+    # timm's data config is the one lmim trained and evaluated with, not the arch's default
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data_cfg["input_size"]) == (3, 16, 16) and tuple(data_cfg["mean"]) == (0.485, 0.456, 0.406)
+    assert data_cfg["interpolation"] == "bicubic"
+    saved = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert saved["tag"] == "lmim" and "license" not in saved  # not the facts of timm's own augreg weights
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n")
+    assert "| optimizer steps | 120 |" in card and "vit_tiny_patch16_224" in card and "base_lr: 0.00015" in card
+
+
+def test_folder_export_is_reproducible_replaces_an_old_export_and_refuses_other_folders(trained, tmp_path):
+    _, ckpt = trained
+    out = tmp_path / "enc"
+    export.export_folder(ckpt, out, figures={"k-NN top-1 (20-NN)": 71.25})
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "| k-NN top-1 (20-NN) | 71.25 |" in first["README.md"].decode()
+    export.export_folder(ckpt, out, figures={"k-NN top-1 (20-NN)": 71.25})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(export.ExportError, match="is not an lmim export folder"):
+        export.export_folder(ckpt, other)
+    assert [p.name for p in other.iterdir()] == ["holiday.jpg"]
+
+
+def test_the_run_s_last_knn_figure_reaches_the_model_card(tmp_path):
+    torch.manual_seed(0)
+    net = LatentMIM(_tiny())
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000010"
+    ckpt.parent.mkdir(parents=True)
+    _write_checkpoint(ckpt, net)
+    (ckpt / "trainer_state.json").write_text('{"step": 10, "epoch": 1.0}')
+    (run / "metrics.jsonl").write_text('{"step": 5, "knn_top1": 40.5}\n{"step": 10, "knn_top1": 42.0}\n'
+                                       '{"step": 20, "knn_top1": 50.0}\n{"step": 2')  # later + cut lines ignored
+    export.export_folder(ckpt, tmp_path / "out")
+    assert "| k-NN top-1 during training (data.eval_url) | 42.00 |" in (tmp_path / "out" / "README.md").read_text()

@@ -1,4 +1,13 @@
-"""`lmim export CHECKPOINT OUT.safetensors`: the trained encoder as a plain timm ViT.
+"""`lmim export CHECKPOINT OUT.safetensors` or `lmim export CHECKPOINT OUT_DIR`: the trained encoder as a plain timm ViT.
+
+A folder export (any OUT not ending in .safetensors) has the layout timm and the Hugging Face Hub
+use: `config.json` (architecture, model_args, pretrained_cfg, written by timm's own
+`save_config_for_hf`), `model.safetensors` and a `README.md` model card, so that
+
+    timm.create_model("local-dir:OUT_DIR", pretrained=True)
+
+loads it, and `huggingface-cli upload USER/NAME OUT_DIR` publishes it unchanged. The rest of this
+note is about the single-file export.
 
 A checkpoint directory (written by the trainer) holds `model.safetensors` (the LatentMIM
 `state_dict()`) and `config.yaml` (the full resolved training config; its `model:` section is a
@@ -17,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -119,23 +130,178 @@ def encoder_state_dict(net, which: str = "online") -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in enc.state_dict().items()}
 
 
+def _write_weights(net, which: str, out: Path) -> dict:
+    """Write the encoder's timm state dict to `out` (canonical header, lmim metadata); returns its kwargs."""
+    kwargs = encoder_kwargs(net.cfg)
+    meta = {META_ARCH: net.cfg.arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), "format": "pt"}
+    save_file(encoder_state_dict(net, which), str(out), metadata=meta)
+    _canonical_header(out)
+    return kwargs
+
+
 def export_encoder(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, which: str = "online") -> dict:
     """Write the encoder of `checkpoint_dir` to `out` (atomically); returns the timm kwargs."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise ExportError(f"output {out} must end in .safetensors (timm picks the loader by extension).")
+        raise ExportError(f"output {out} must end in .safetensors (timm picks the loader by extension), "
+                          "or be a folder name for a timm / Hugging Face folder export.")
     net = load_latent_mim(checkpoint_dir)
-    kwargs = encoder_kwargs(net.cfg)
-    meta = {META_ARCH: net.cfg.arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), "format": "pt"}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        save_file(encoder_state_dict(net, which), str(tmp), metadata=meta)
-        _canonical_header(tmp)
+        kwargs = _write_weights(net, which, tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return kwargs
+
+
+FOLDER_FILES = ("config.json", "model.safetensors", "README.md")
+# An output named like another weights format was meant as a file, not as a folder to create.
+_OTHER_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".h5", ".npz")
+
+
+def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, which: str = "online",
+                  figures: dict[str, float] | None = None) -> Path:
+    """Write the encoder of `checkpoint_dir` as a timm / Hugging Face Hub folder (atomically).
+
+    Args:
+        checkpoint_dir: a checkpoint directory written by `lmim pretrain`.
+        out_dir: the folder to write; replaced if it is an earlier export, refused if it holds anything else.
+        which: "online" (the paper's) or "target" encoder.
+        figures: evaluation results for the model card (name -> percent); the run's last logged
+            k-NN top-1 is added when the run logged one.
+
+    Returns:
+        The folder, holding exactly FOLDER_FILES.
+    """
+    from timm.models._hub import save_config_for_hf  # timm's own writer, so its loader reads the file back
+
+    ckpt, out = Path(checkpoint_dir), Path(out_dir)
+    if out.exists() and not _is_folder_export(out):
+        raise ExportError(f"{out} exists and is not an lmim export folder; choose a new folder name.")
+    net = load_latent_mim(ckpt)
+    train_cfg = OmegaConf.load(ckpt / "config.yaml")
+    data = train_cfg.get("data") or {}
+    size = net.cfg.grid_size * net.cfg.patch_size
+    # The preprocessing the encoder was trained and evaluated with (lmim resizes the whole image).
+    pretrained_cfg = {"input_size": (net.cfg.in_chans, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
+                      "mean": tuple(data.get("mean", (0.485, 0.456, 0.406))),
+                      "std": tuple(data.get("std", (0.229, 0.224, 0.225)))}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        kwargs = _write_weights(net, which, tmp / "model.safetensors")
+        encoder = net.encoder if which == "online" else net.target_encoder
+        save_config_for_hf(encoder, str(tmp / "config.json"), model_args=kwargs,
+                           model_config={"pretrained_cfg": pretrained_cfg})
+        _drop_inherited_weight_facts(tmp / "config.json")
+        (tmp / "README.md").write_text(model_card(ckpt, train_cfg, kwargs, which, out, figures))
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _drop_inherited_weight_facts(config_json: Path) -> None:
+    """timm copies the architecture's default pretrained_cfg, whose `tag` and `license` describe
+    timm's published weights (e.g. augreg on ImageNet-21k), not these: name ours and drop the licence
+    (it follows from the training data, which only the user knows)."""
+    config = json.loads(config_json.read_text())
+    config["pretrained_cfg"]["tag"] = "lmim"
+    config["pretrained_cfg"].pop("license", None)
+    config_json.write_text(json.dumps(config, indent=2))
+
+
+def _is_folder_export(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or set(p.name for p in path.iterdir()) <= set(FOLDER_FILES))
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace `out` by the complete folder `new`: a reader sees the old export or the new one, never half."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_facts(ckpt: Path) -> dict[str, Any]:
+    """Step, epoch and the last logged k-NN top-1 of the run a checkpoint belongs to (what is known)."""
+    facts: dict[str, Any] = {}
+    state = ckpt / "trainer_state.json"
+    if state.is_file():
+        saved = json.loads(state.read_text())
+        facts.update({k: saved[k] for k in ("step", "epoch") if k in saved})
+    metrics = ckpt.parent.parent / "metrics.jsonl"  # run_dir/checkpoints/step_N -> run_dir/metrics.jsonl
+    if metrics.is_file():
+        step = facts.get("step")
+        for line in metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if "knn_top1" in rec and (step is None or rec.get("step", 0) <= step):
+                facts["knn_top1"] = rec["knn_top1"]
+    return facts
+
+
+def model_card(ckpt: Path, train_cfg, kwargs: dict, which: str, out: Path,
+               figures: dict[str, float] | None = None) -> str:
+    """The README.md of a folder export: what the model is, how it was trained, how to load it."""
+    facts = _run_facts(ckpt)
+    model, data = train_cfg.get("model") or {}, train_cfg.get("data") or {}
+    results = dict(figures or {})
+    if "knn_top1" in facts:
+        results.setdefault("k-NN top-1 during training (data.eval_url)", facts["knn_top1"])
+    lines = [
+        "---",
+        "library_name: timm",
+        "pipeline_tag: image-feature-extraction",
+        "tags:",
+        "- image-feature-extraction",
+        "- timm",
+        "- lmim",
+        "- latent-mim",
+        "---",
+        "",
+        f"# {train_cfg.get('name', 'lmim')}: a Latent MIM {model.get('arch', '')} encoder",
+        "",
+        f"The {which} encoder of a Latent MIM run (Wei, Gupta and Morgado, ECCV 2024), pretrained with "
+        f"lmim and exported as a plain timm VisionTransformer with no classifier head "
+        f"(`num_classes=0`: the model returns the CLS feature).",
+        "",
+        "## Load",
+        "",
+        "```python",
+        f"import timm; vit = timm.create_model(\"local-dir:path/to/{out.name}\", pretrained=True)  # this folder",
+        "```",
+        "",
+        "After `huggingface-cli upload USER/NAME` of this folder: `timm.create_model(\"hf-hub:USER/NAME\", "
+        "pretrained=True)`. On a machine with a CPU-only torch and PyPI's CUDA-built torchvision, "
+        "`import lmim` first (it makes timm importable there).",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | `{model.get('arch')}` with {json.dumps(kwargs, sort_keys=True)} |",
+        f"| objective | {model.get('objective')} |",
+        f"| data | `{data.get('url', 'unknown')}` |",
+        f"| masking | {data.get('mask', 'random')}, {data.get('num_visible', '?')} visible patches of "
+        f"{model.get('grid_size', 0) ** 2} |",
+        f"| optimizer steps | {facts.get('step', 'unknown')} |",
+        f"| epochs | {facts['epoch']:.2f} of {train_cfg.get('epochs')} |" if "epoch" in facts else
+        f"| epochs | {train_cfg.get('epochs')} planned |",
+        "",
+    ]
+    if results:
+        lines += ["## Results", "", "| evaluation | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.2f} |" for name, value in results.items()]
+        lines += [""]
+    lines += ["## Training config", "", "```yaml", OmegaConf.to_yaml(train_cfg).rstrip(), "```", ""]
+    return "\n".join(lines)
 
 
 def read_export_metadata(path: str | os.PathLike) -> tuple[str, dict]:
@@ -158,7 +324,9 @@ def timm_line(path: str | os.PathLike, var: str = "vit") -> str:
 
 
 def timm_command(path: str | os.PathLike) -> str:
-    """The exact Python line that loads an exported file with timm."""
+    """The exact Python line that loads an exported file (or folder) with timm."""
+    if Path(path).is_dir():
+        return f"timm.create_model({'local-dir:' + str(path)!r}, pretrained=True)"
     arch, kwargs = read_export_metadata(path)
     kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     return (
@@ -172,6 +340,8 @@ def load_encoder(path: str | os.PathLike):
     import timm
 
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return timm.create_model(f"local-dir:{p}", pretrained=True).eval()
     if p.is_dir():
         net = load_latent_mim(p)
         return net.encoder.eval()
@@ -186,17 +356,25 @@ def load_encoder(path: str | os.PathLike):
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lmim export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="checkpoint directory (config.yaml + model.safetensors)")
-    ap.add_argument("out", help="output file, *.safetensors")
+    ap.add_argument("out", help="output: a file ending in .safetensors, or a folder (config.json, "
+                                "model.safetensors, README.md) that timm loads as local-dir:OUT and the Hub takes as is")
     ap.add_argument("--encoder", choices=("online", "target"), default="online",
                     help="which encoder to export (default: online, as in the paper)")
     args = ap.parse_args(argv)
+    as_file = args.out.endswith(".safetensors")
     try:
-        kwargs = export_encoder(args.checkpoint, args.out, args.encoder)
+        if as_file or Path(args.out).suffix in _OTHER_WEIGHT_SUFFIXES:
+            kwargs = export_encoder(args.checkpoint, args.out, args.encoder)
+        else:
+            export_folder(args.checkpoint, args.out, args.encoder)
+            kwargs = read_export_metadata(Path(args.out) / "model.safetensors")[1]
     except ExportError as exc:
         print(f"lmim export: {exc}", file=sys.stderr)
         return 2
-    n = sum(t.numel() for t in load_file(args.out).values())
-    print(f"wrote {args.out}: {args.encoder} encoder, {n / 1e6:.2f} M parameters, timm kwargs {kwargs}")
+    weights = args.out if as_file else str(Path(args.out) / "model.safetensors")
+    n = sum(t.numel() for t in load_file(weights).values())
+    what = "" if as_file else f" ({', '.join(FOLDER_FILES)})"
+    print(f"wrote {args.out}{what}: {args.encoder} encoder, {n / 1e6:.2f} M parameters, timm kwargs {kwargs}")
     print("load it with:")
     print(f"  {timm_line(args.out)}")
     return 0
