@@ -204,7 +204,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_build(tmp_path):
     dst, ref = tmp_path / "ds", tmp_path / "ref"
     # The real CLI in a child process with 2 worker processes; the test slows each shard down
     # (0.3 s) so that it can kill the build mid-way.
-    code = ("import sys, time, lmim.tools.shard.build as b\n"
+    code = ("import sys, time, lmim.tools.shard.tasks as b\n"
             "orig = b.write_shard\n"
             "def slow(task):\n    out = orig(task)\n    time.sleep(0.3)\n    return out\n"
             "b.write_shard = slow\n"

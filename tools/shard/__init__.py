@@ -1,13 +1,17 @@
 """Shard building: raw image corpora -> WebDataset shards + DALI indices + manifest (local or s3://).
 
 Public API:
-    build_dataset(src, dst, ...) -> BuildSummary      build or finish a dataset (see lmim.tools.shard.build)
+    build_dataset(src, dst, options=None, **keywords) -> BuildSummary   build or finish a dataset
+        (see lmim.tools.shard.build; `options` is a BuildOptions, keywords override its fields)
     merge_parts(dst, storage_options=None) -> Manifest write the manifest of a --part i/N build
     verify_dataset(root, storage_options=None) -> list[str]   problems found ([] when sound)
 """
-from lmim.tools.shard.build import BuildError, BuildSummary, build_dataset, merge_parts
+from lmim.tools.shard.build import BuildSummary, build_dataset
+from lmim.tools.shard.config import BuildOptions
+from lmim.tools.shard.errors import BuildError
+from lmim.tools.shard.merge import merge_parts
 
-__all__ = ["BuildError", "BuildSummary", "build_dataset", "merge_parts", "verify_dataset"]
+__all__ = ["BuildError", "BuildOptions", "BuildSummary", "build_dataset", "merge_parts", "verify_dataset"]
 
 
 def verify_dataset(root: str, storage_options: dict | None = None) -> list[str]:

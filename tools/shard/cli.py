@@ -7,8 +7,12 @@ import os
 import sys
 from dataclasses import asdict
 
-from lmim.tools.shard.build import BuildError, build_dataset, merge_parts
+from lmim.pipeline.manifest import REJECTS_NAME
+from lmim.tools.shard.build import BuildResult, run_build
+from lmim.tools.shard.config import BuildOptions
+from lmim.tools.shard.errors import BuildError
 from lmim.tools.shard.images import DEFAULT_MAX_PIXELS
+from lmim.tools.shard.merge import merge_parts
 from lmim.tools.shard.options import add_storage_arguments, parse_bytes, parse_part, parse_storage_cli
 
 
@@ -50,22 +54,44 @@ def main(argv: list[str]) -> int:
     parsed = parse_storage_cli(_parser(), argv)
     if parsed is None:
         return 2
-    args, options = parsed
+    args, storage_options = parsed
     try:
-        summary = build_dataset(
-            args.src, args.dst, shard_max_bytes=args.shard_max_bytes, shard_max_samples=args.shard_max_samples,
-            workers=args.workers, seed=args.seed, part=args.part, max_side=args.max_side, quality=args.quality,
-            full_decode=args.full_decode, storage_options=options, progress=not args.quiet, labels=args.labels,
-            max_pixels=args.max_pixels, prefix=args.prefix, fsync=not args.no_fsync)
+        options = BuildOptions(
+            shard_max_bytes=args.shard_max_bytes, shard_max_samples=args.shard_max_samples, workers=args.workers,
+            seed=args.seed, part=args.part, max_side=args.max_side, quality=args.quality, full_decode=args.full_decode,
+            storage_options=storage_options, progress=not args.quiet, labels=args.labels, max_pixels=args.max_pixels,
+            prefix=args.prefix, fsync=not args.no_fsync)
+        result = run_build(args.src, args.dst, options)
     except BuildError as e:
         print(f"lmim shard: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmim shard: interrupted; run the same command again to finish the build", file=sys.stderr)
         return 130
+    if not args.quiet:
+        print(_report(result), file=sys.stderr)
+    summary = result.summary
     if args.json:
         print(json.dumps({**asdict(summary), "images_per_s": summary.images_per_s, "mb_per_s": summary.mb_per_s}))
     return 0
+
+
+def _report(result: BuildResult) -> str:
+    """What `lmim shard` says on stderr when a run ends (unless --quiet)."""
+    s, (part_i, part_n) = result.summary, result.part
+    if result.already_complete:
+        return (f"lmim shard: {result.dataset} is already complete ({s.samples} samples in {s.shards} shards); "
+                f"nothing to do")
+    what = f"part {part_i}/{part_n} of " if part_n > 1 else ""
+    lines = [f"lmim shard: {what}{result.dataset}",
+             f"  samples {s.samples}   shards {s.shards}   classes {s.classes}   rejects {s.rejects}"
+             + (f" (see {REJECTS_NAME})" if s.rejects and s.complete else ""),
+             f"  this run: {s.built_shards} shards built, {s.resumed_shards} already complete, "
+             f"{s.images_read} images in {s.seconds:.1f} s ({s.images_per_s:.0f} img/s, {s.mb_per_s:.1f} MB/s)",
+             f"  output: {s.bytes / 1e6:.1f} MB"]
+    if part_n > 1:
+        lines.append(f"  run `lmim merge {result.dataset}` once all {part_n} parts are done")
+    return "\n".join(lines)
 
 
 def merge_main(argv: list[str]) -> int:

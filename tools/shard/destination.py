@@ -1,0 +1,61 @@
+"""Opening and probing DST before anything is written: its scheme, where it sits relative to SRC,
+whether it can be written. Every refusal is a `BuildError` of one sentence that names DST without
+the credentials a URL may carry."""
+from __future__ import annotations
+
+import os
+
+from lmim.tools.shard.errors import BuildError
+from lmim.tools.shard.writer import Destination
+
+__all__ = ["scrub_url", "open_destination", "check_destination"]
+
+
+def scrub_url(url: str) -> str:
+    """The URL without any user:password@ part (never written to logs or manifests)."""
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        host, sep, path = rest.partition("/")
+        if "@" in host:
+            host = host.rsplit("@", 1)[1]
+        return f"{scheme}://{host}{sep}{path}"
+    return url
+
+
+def open_destination(dst: str, storage_options: dict | None) -> Destination:
+    try:
+        return Destination(dst, storage_options)
+    except (ValueError, ImportError) as e:
+        scheme = dst.split("://", 1)[0]
+        raise BuildError(f"unknown or unavailable storage scheme {scheme!r} in DST {scrub_url(dst)} ({e}); "
+                         f"use a local path, s3://bucket/prefix or another fsspec URL") from None
+
+
+def check_destination(dest: Destination, src: str) -> None:
+    """Refuse a local DST that is SRC, lies inside SRC (its shards would join the corpus) or cannot be
+    written. A remote DST is probed later, by the first read of what it holds (`state.claim`)."""
+    if not dest.local:
+        return
+    if "://" not in src:
+        src_abs = os.path.realpath(src.rstrip("/") or "/")
+        dst_real = os.path.realpath(dest.path)
+        if src_abs == dst_real:
+            raise BuildError("SRC and DST are the same folder; give DST a new folder")
+        if os.path.isdir(src_abs) and dst_real.startswith(src_abs.rstrip(os.sep) + os.sep):
+            raise BuildError(f"DST {dest.path} is inside SRC {src}: its shards would become part of the "
+                             f"corpus; put DST outside SRC")
+    _check_local_writable(dest.path)
+
+
+def _check_local_writable(path: str) -> None:
+    # the nearest existing ancestor decides: DST itself is created only once the plan is written
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise BuildError(f"DST {path} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BuildError(f"DST {path} is not writable (no write permission on {probe}); choose another DST")
