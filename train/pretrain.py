@@ -30,25 +30,30 @@ The loop follows Accelerate's complete_cv_example: prepare -> load_state -> loop
 -> log(step=) -> end_training. A "step" is one optimizer step (grad_accum micro-batches on every
 process); schedules are pure functions of it (train/schedules.py), so resuming needs only the
 step, the model/optimizer/scaler, the loader position and the RNG states, all in the checkpoint.
+
+`run` reads top to bottom; its pieces: `train_step` (train/step.py: forward, backward, clip,
+AdamW, EMA; the benchmarks step through it too), `Cadence` (train/cadence.py: when to log,
+evaluate, checkpoint, stop), `Meter` (train/meter.py: data wait, images/s and metric averages per
+logging window) and `Reporter` (train/report.py: trackers, metrics.jsonl, progress bar, the
+non-finite-loss and collapse checks, plots).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
-import hashlib
 import json
-import math
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lmim.train.cadence import Cadence
 from lmim.train.checkpoint import (
     CheckpointError,
     RankedState,
@@ -63,8 +68,14 @@ from lmim.train.checkpoint import (
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
 from lmim.train.failures import Failure, TrainingError, classify
 from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
-from lmim.train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
+from lmim.train.meter import Meter
+from lmim.train.report import Reporter
 from lmim.train.schedules import Schedules
+from lmim.train.step import Stepper, make_optimizer, train_step
+
+if TYPE_CHECKING:  # the model (timm) loads when a run builds one, not when the CLI starts
+    from lmim.model import LatentMIM
+    from lmim.pipeline.batch import Batch
 
 __all__ = ["main", "run", "TrainingError", "make_loader", "parse_args", "reset_accelerate_state"]
 
@@ -167,14 +178,6 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                           "choose a writable folder with run_dir=PATH.") from None
 
 
-def _skip_counts(loader) -> dict[str, int]:
-    """How much data this process skipped so far (data.on_error=skip), for the metrics log."""
-    stats = getattr(loader, "stats", None)
-    if not isinstance(stats, dict):
-        return {}
-    return {"data_skipped_samples": int(stats.get("skipped", 0)), "data_skipped_shards": len(stats.get("skipped_shards", []))}
-
-
 def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None, checkpoint: Path | None) -> None:
     """status.json, replaced atomically: a reader sees the old status or the new one, never a torn file.
 
@@ -242,16 +245,10 @@ def _make_accelerator(cfg: DictConfig):
         # waits for them; every trainable parameter is used in each forward pass.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    if precision.warning:
+        accelerator.print(f"warning: {precision.warning}")
+    accelerator.print(precision.reason)
     return accelerator, precision
-
-
-def _param_digest(module: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer (online and target): equal digests = identical weights."""
-    h = hashlib.sha1()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def reset_accelerate_state() -> None:
@@ -261,6 +258,66 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def _use_threads(cfg: DictConfig, accelerator) -> ThreadBudget:
+    threads = thread_budget(cfg, accelerator)
+    torch.set_num_threads(threads.torch_threads)
+    accelerator.print(f"threads: {threads.reason}")
+    return threads
+
+
+def _seeded_model(cfg: DictConfig) -> LatentMIM:
+    """The model, with the same initial weights on every process (DDP also broadcasts rank 0's);
+    then each process is seeded apart for everything random during training (patch-gap jitter, ...)."""
+    from accelerate.utils import set_seed
+
+    from lmim.model import LatentMIM
+
+    set_seed(cfg.seed)
+    model = LatentMIM(OmegaConf.to_object(cfg.model))
+    set_seed(cfg.seed, device_specific=True)
+    return model
+
+
+def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
+    """This process's training loader and the optimizer steps in one of its epochs."""
+    loader = make_loader(cfg, accelerator, train=True)
+    micro_per_epoch = len(loader)
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"The dataset gives {micro_per_epoch} batches per process per epoch, fewer than grad_accum={cfg.grad_accum}; "
+            "lower data.batch_size or grad_accum."
+        )
+    return loader, steps_per_epoch
+
+
+def _make_stepper(cfg: DictConfig, accelerator, model: LatentMIM, sched: Schedules) -> Stepper:
+    """AdamW for `model`, then torch.compile (compile=true) and Accelerate's wrapping (DDP, autocast)."""
+    fused = accelerator.device.type == "cuda"  # one kernel for the whole update: less trainer overhead
+    optimizer = make_optimizer(model, cfg.optim, sched.lr(0), fused=fused)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)  # LatentMIM itself: update_target, .encoder for k-NN
+    model.train()
+    return Stepper(model, net, optimizer, sched, clip_grad=cfg.optim.clip_grad, accelerator=accelerator)
+
+
+def _restore(cfg: DictConfig, accelerator, loader, resume_from: Path | None) -> tuple[TrainState, dict[str, Any], Path | None]:
+    """The loop's checkpointed state: (TrainState, the states saved with every checkpoint, the
+    checkpoint loaded or None); resuming also loads the model, optimizer and RNG states."""
+    state = TrainState(world_size=accelerator.num_processes)
+    install_unwrapped_model_hooks(accelerator)
+    # Saved as JSON next to the weights (never pickled), in this order (see lmim.train.checkpoint).
+    saved_states = {"trainer_state": state,
+                    "loader_state": RankedState(loader, accelerator.process_index, accelerator.num_processes)}
+    resumed = None
+    if resume_from is not None:
+        resumed = _load_resume(cfg, accelerator, resume_from, saved_states)
+        accelerator.print(f"resumed from {resumed} at step {state.step}")
+    return state, saved_states, resumed
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -298,277 +355,75 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ConfigError: a bad setting found at start-up (one sentence).
         TrainingError: non-finite loss, or collapse with collapse_guard.action=stop.
     """
-    from accelerate.utils import set_seed
-
-    from lmim.model import LatentMIM
-
     accelerator, precision = _make_accelerator(cfg)
-    is_main = accelerator.is_main_process
-    if precision.warning:
-        accelerator.print(f"warning: {precision.warning}")
-    accelerator.print(precision.reason)
-    threads = thread_budget(cfg, accelerator)
-    torch.set_num_threads(threads.torch_threads)
-    accelerator.print(f"threads: {threads.reason}")
-    run_dir = Path(cfg.run_dir)
-    resume_from = _resolve_resume(cfg)
-    config_yaml = to_yaml(cfg)
-
-    # The same seed on every process for the initial weights (DDP also broadcasts rank 0's), then a
-    # per-process seed for everything random during training (patch-gap jitter, ...).
-    set_seed(cfg.seed)
-    model = LatentMIM(OmegaConf.to_object(cfg.model))
-    set_seed(cfg.seed, device_specific=True)
-
-    loader = make_loader(cfg, accelerator, train=True)
-    micro_per_epoch = len(loader)
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"The dataset gives {micro_per_epoch} batches per process per epoch, fewer than grad_accum={cfg.grad_accum}; "
-            "lower data.batch_size or grad_accum."
-        )
+    threads = _use_threads(cfg, accelerator)
+    run_dir, resume_from = Path(cfg.run_dir), _resolve_resume(cfg)
+    model = _seeded_model(cfg)
+    loader, steps_per_epoch = _open_loader(cfg, accelerator)
     # Only now, with the data readable, does the run folder get written: a start that fails on its
     # data or config leaves nothing behind (no config.yaml that looks like a run).
-    if is_main:
+    if accelerator.is_main_process:
         _prepare_run_dir(cfg, run_dir)
     accelerator.wait_for_everyone()
     eff_batch = effective_batch_size(cfg, accelerator.num_processes)
     sched = Schedules.from_config(cfg, steps_per_epoch, eff_batch)
-    stop_step = sched.total_steps if cfg.max_steps is None else min(sched.total_steps, int(cfg.max_steps))
-
-    opt = cfg.optim
-    fused = accelerator.device.type == "cuda"  # one kernel for the whole update: less trainer overhead
-    optimizer = torch.optim.AdamW(
-        model.param_groups(opt.weight_decay), lr=sched.lr(0), betas=tuple(opt.betas), eps=opt.eps, fused=fused
-    )
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    net = accelerator.unwrap_model(model)  # LatentMIM itself: update_target, .encoder for k-NN
-
-    state = TrainState(world_size=accelerator.num_processes)
-    install_unwrapped_model_hooks(accelerator)
-    # Saved as JSON next to the weights (never pickled), in this order (see lmim.train.checkpoint).
-    saved_states = {"trainer_state": state,
-                    "loader_state": RankedState(loader, accelerator.process_index, accelerator.num_processes)}
-    resumed = None
-    if resume_from is not None:
-        resumed = _load_resume(cfg, accelerator, resume_from, saved_states)
-        accelerator.print(f"resumed from {resumed} at step {state.step}")
-
-    accelerator.init_trackers(cfg.name, config=flatten_for_tracker(OmegaConf.to_container(cfg, resolve=True)))
-    metrics_log = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
-    rank_log = None
-    if cfg.debug_rank_log:
-        rank_log = MetricsWriter(run_dir / "debug" / f"rank{accelerator.process_index}.jsonl")
-    guard = CollapseGuard(
-        cfg.collapse_guard.threshold,
-        cfg.collapse_guard.patience,
-        after_step=int(cfg.collapse_guard.after_epochs * steps_per_epoch),
-        action=cfg.collapse_guard.action,
-    )
-    # k-NN monitoring (needs a labelled split): every knn_every_epochs epochs, and at the end.
-    knn_on = bool(cfg.data.eval_url)
-    knn_every = cfg.eval.knn_every_epochs * steps_per_epoch
-
-    progress = None
-    if is_main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=stop_step, initial=state.step, unit="step", dynamic_ncols=True, desc="pretrain")
-
-    # Timing over a logging window: wall time, time blocked on the loader, images.
-    window = {"t0": time.perf_counter(), "wait": 0.0, "images": 0}
-    # Whole-run timing skips the first few steps (start-up, allocator warm-up, compilation) and
-    # stops before the final evaluation/checkpoint.
-    timing_from = state.step + min(3, max(0, stop_step - state.step - 1))
-    totals = {"wait": 0.0, "t_start": time.perf_counter() if state.step >= timing_from else None, "t_end": None}
-    step_losses: list[torch.Tensor] = []   # per optimizer step, since the last log (checked for NaN there)
-    micro_metrics: dict[str, list[torch.Tensor]] = {}
-    sample_batch = None
-    last_logged: dict[str, float] = {}
+    cadence = Cadence.from_config(cfg, steps_per_epoch, sched.total_steps)
+    stepper = _make_stepper(cfg, accelerator, model, sched)
+    state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
+    reporter = Reporter(cfg, accelerator, schedules=sched, steps_per_epoch=steps_per_epoch, loader=loader,
+                        start_step=state.step, stop_step=cadence.stop_step)
+    meter = Meter(eff_batch, start_step=state.step, stop_step=cadence.stop_step)
     last_ckpt = latest_checkpoint(run_dir) if resume_from is not None else None
-    model.train()
-
-    def log_window(force_check: bool = False) -> None:
-        """Reduce the window's metrics over processes, stop on a non-finite loss, log, guard."""
-        nonlocal step_losses, micro_metrics, last_logged
-        if not step_losses:
-            return
-        names = sorted(micro_metrics)
-        local = torch.stack(
-            [torch.stack(step_losses).mean()]
-            + [torch.stack(micro_metrics[n]).mean() for n in names]
-            + [(~torch.isfinite(torch.stack(step_losses))).sum().float()]
-        ).float()
-        reduced = accelerator.reduce(local.to(accelerator.device), reduction="sum") / accelerator.num_processes
-        values = reduced.tolist()
-        bad = values[-1] > 0
-        if bad:
-            first = state.step - len(step_losses) + 1
-            where = f"a checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint yet"
-            raise TrainingError(
-                f"The loss became non-finite (nan/inf) between steps {first} and {state.step}; training stopped "
-                f"and the last good checkpoint is kept ({where}); resume from it with resume=auto, "
-                "perhaps with a lower optim.base_lr or precision=no."
-            )
-        now = time.perf_counter()
-        elapsed = max(now - window["t0"], 1e-9)
-        record = {
-            "step": state.step,
-            "epoch": state.step / steps_per_epoch,
-            "loss": values[0],
-            **{n: v for n, v in zip(names, values[1:-1])},
-            **sched.at(state.step - 1),
-            "images_per_s": window["images"] / elapsed,
-            "data_wait_share": window["wait"] / elapsed,
-            **_skip_counts(loader),
-        }
-        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
-        metrics_log.write(record)
-        last_logged = record
-        if progress is not None:
-            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
-                                 wait=f"{record['data_wait_share']:.0%}", refresh=False)
-        verdict = guard.update(state.step, float(record.get(cfg.collapse_guard.metric, float("nan"))))
-        if verdict != "ok":
-            msg = (
-                f"COLLAPSE WARNING at step {state.step}: {cfg.collapse_guard.metric} = "
-                f"{record.get(cfg.collapse_guard.metric):.4f} > {cfg.collapse_guard.threshold} for "
-                f"{guard.count} logged steps: the encoder maps different images to nearly the same vector."
-            )
-            accelerator.print("\n" + "!" * 100 + f"\n{msg}\n" + "!" * 100)
-            metrics_log.write({"event": "collapse_warning", "step": state.step, "message": msg})
-            if verdict == "stop":
-                raise TrainingError(msg + " Stopped (collapse_guard.action=stop); the last checkpoint is kept.")
-        step_losses, micro_metrics = [], {}
-        window.update(t0=time.perf_counter(), wait=0.0, images=0)
 
     status, failure = "completed", None
-    if is_main:
+    if accelerator.is_main_process:
         _write_status(run_dir, "running", state.step, None, resumed)
     try:
-        done = state.step >= stop_step
-        while not done:
-            batches = iter(loader)
-            while True:
-                t_wait = time.perf_counter()
-                batch = next(batches, None)
-                waited = time.perf_counter() - t_wait
-                if batch is None:
-                    break  # epoch over; the loader advanced its epoch
-                window["wait"] += waited
-                if totals["t_start"] is not None:
-                    totals["wait"] += waited
-                if sample_batch is None and is_main:
-                    sample_batch = (batch.images[:8].detach().cpu(), batch.visible[:8].cpu(), batch.target[:8].cpu())
-                if rank_log is not None:
-                    rank_log.write({"micro_step": state.micro_step, "step": state.step, "keys": batch.keys})
-
-                # The lr of the optimizer step this micro-batch belongs to (pure function of the step).
-                for group in optimizer.param_groups:
-                    group["lr"] = sched.lr(state.step)
-                sim_target = sched.sim_target(state.step) if net.cfg.sim_reg_coef > 0 else None
-                # The diagnostics (an SVD that syncs a GPU, token similarities) only for the step
-                # that will be logged; every other step computes just the loss.
-                logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 >= stop_step
-                with accelerator.accumulate(model):
-                    out = model(batch.images, batch.visible, batch.target, sim_target=sim_target, metrics=logged)
-                    accelerator.backward(out["loss"])
-                    if accelerator.sync_gradients and opt.clip_grad > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), opt.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.micro_step += 1
-                for k, v in out.items():
-                    micro_metrics.setdefault(k, []).append(v.detach().float())
-                if not accelerator.sync_gradients:
-                    continue
-
-                # ---- one optimizer step is complete on every process
-                net.update_target(sched.momentum(state.step))  # once per optimizer step, after the update
-                # This step's micro-batch losses (the list starts afresh with the next step).
-                step_losses.append(torch.stack(micro_metrics.pop("loss")).mean())
-                state.step += 1
-                state.images_seen += eff_batch
-                window["images"] += eff_batch
-                if state.step == timing_from:
-                    totals["t_start"] = time.perf_counter()
-                if rank_log is not None:
-                    rank_log.write({"step": state.step, "digest": _param_digest(net)})
-                if progress is not None:
-                    progress.update(1)
-
-                at_end = state.step >= stop_step
-                if at_end:
-                    totals["t_end"] = time.perf_counter()
-                if state.step % cfg.log_every == 0 or at_end:
-                    log_window()
-                if knn_on and ((knn_every and state.step % knn_every == 0) or at_end):
-                    # Before any checkpoint of this step, so a resumed run's RNG matches an uninterrupted one.
-                    res = knn_evaluate(cfg, accelerator, net.encoder)
-                    state.history["knn_top1"] = res["knn_top1"]
-                    accelerator.log({"eval/knn_top1": res["knn_top1"]}, step=state.step)
-                    metrics_log.write({"step": state.step, **res})
-                    accelerator.print(f"step {state.step}: k-NN top-1 {res['knn_top1']:.2f}%")
-                every = cfg.checkpoint.every_steps
-                if (every and state.step % every == 0) or at_end:
-                    log_window()  # never checkpoint weights that came from a non-finite loss
-                    last_ckpt = save_checkpoint(accelerator, run_dir, state.step, config_yaml, cfg.checkpoint.keep,
-                                                states=saved_states)
-                if at_end:
-                    done = True
-                    break
+        batches = reporter.watch(_epochs(loader, meter), state)
+        while not cadence.done(state.step):
+            outs = train_step(stepper, batches, state.step, metrics=cadence.logs(state.step + 1))
+            state.step += 1
+            state.micro_step += len(outs)
+            state.images_seen += eff_batch
+            meter.add_step(outs, state.step)
+            reporter.step_done(state.step, stepper.net)
+            if cadence.logs(state.step):
+                reporter.window(meter, state.step, last_ckpt)
+            if cadence.evaluates(state.step):  # before a checkpoint, so a resumed run's RNG matches an uninterrupted one
+                result = knn_evaluate(cfg, accelerator, stepper.net.encoder)
+                state.history["knn_top1"] = result["knn_top1"]
+                reporter.evaluation(state.step, result)
+            if cadence.checkpoints(state.step):
+                reporter.window(meter, state.step, last_ckpt)  # never checkpoint weights from a non-finite loss
+                last_ckpt = save_checkpoint(accelerator, run_dir, state.step, to_yaml(cfg), cfg.checkpoint.keep,
+                                            states=saved_states)
     except BaseException as err:
         # Whatever stopped the run, status.json must say it did not complete, and why.
         failure = classify(err)
         status = failure.status
         raise
     finally:
-        if progress is not None:
-            progress.close()
-        metrics_log.close()
-        if rank_log is not None:
-            rank_log.close()
+        reporter.close()
         loader.close()
         accelerator.end_training()
-        if is_main and cfg.plots:
-            records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r]
-            plot_curves(records, run_dir / "plots" / "curves.png")
-            if sample_batch is not None:
-                plot_masks(*sample_batch, cfg.model.grid_size, cfg.data.mean, cfg.data.std, run_dir / "plots" / "masks.png")
-        if is_main:
+        if cfg.plots:
+            reporter.plot()
+        if accelerator.is_main_process:
             _write_status(run_dir, status, state.step, failure, latest_checkpoint(run_dir))
-
     return {
-        "run_dir": str(run_dir),
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "step": state.step,
-        "steps_per_epoch": steps_per_epoch,
-        "effective_batch": eff_batch,
-        "peak_lr": sched.peak_lr,
+        "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "step": state.step,
+        "steps_per_epoch": steps_per_epoch, "effective_batch": eff_batch, "peak_lr": sched.peak_lr,
         "precision": precision.precision,
         "threads": {"torch": threads.torch_threads, "loader": threads.loader_threads, "cores": threads.cores},
-        "last": last_logged,
-        "knn_top1": state.history.get("knn_top1"),
-        "timing": _timing_summary(totals, state.step - timing_from, eff_batch),
+        "last": reporter.last, "knn_top1": state.history.get("knn_top1"), "timing": meter.summary(state.step),
     }
 
 
-def _timing_summary(totals: dict, steps: int, eff_batch: int) -> dict[str, float] | None:
-    """Steady-state figures of this invocation: steps/s, images/s and the share of wall time the
-    loop spent blocked waiting for the next batch."""
-    if totals["t_start"] is None or totals["t_end"] is None or steps <= 0:
-        return None
-    wall = max(totals["t_end"] - totals["t_start"], 1e-9)
-    return {
-        "steps": steps,
-        "wall_s": wall,
-        "steps_per_s": steps / wall,
-        "images_per_s": steps * eff_batch / wall,
-        "data_wait_share": totals["wait"] / wall,
-    }
+def _epochs(loader, meter: Meter) -> Iterator[Batch]:
+    """The loader's batches, epoch after epoch (each pass starts the loader's next epoch), their
+    data wait measured. A step's micro-batches span two epochs when grad_accum does not divide one."""
+    while True:
+        yield from meter.timed(loader)
 
 
 def main(argv: list[str] | None = None) -> int:

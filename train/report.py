@@ -1,0 +1,169 @@
+"""Where a training run's numbers go, and the checks made on them.
+
+Every logged window goes to Accelerate's trackers (TensorBoard / W&B), to `metrics.jsonl`
+(process 0) and to the progress bar; two checks run on it: a non-finite loss stops the run
+before its weights can be checkpointed, and the collapse guard warns (or stops). k-NN results,
+the per-rank debug log and the end-of-run plots go through here too, so the loop itself only
+says *when* (`lmim.train.cadence`).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lmim.train.failures import TrainingError
+from lmim.train.meter import Meter
+from lmim.train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
+from lmim.train.schedules import Schedules
+
+__all__ = ["Reporter"]
+
+
+class Reporter:
+    """The run's outputs: trackers, metrics.jsonl, progress bar, debug rank log, plots.
+
+    Args:
+        cfg: the run's TrainConfig.
+        accelerator: the run's Accelerator (trackers, cross-process reduction, printing).
+        schedules: the values logged with each window (those of the window's last step).
+        steps_per_epoch: for the logged `epoch` and the collapse guard's start.
+        loader: the training loader (its skip counts are logged with each window).
+        start_step, stop_step: the progress bar's range.
+    """
+
+    def __init__(self, cfg: DictConfig, accelerator, *, schedules: Schedules, steps_per_epoch: int, loader,
+                 start_step: int, stop_step: int):
+        self.cfg, self.accelerator, self.schedules = cfg, accelerator, schedules
+        self.steps_per_epoch, self.loader = steps_per_epoch, loader
+        run_dir = Path(cfg.run_dir)
+        is_main = accelerator.is_main_process
+        accelerator.init_trackers(cfg.name, config=flatten_for_tracker(OmegaConf.to_container(cfg, resolve=True)))
+        self.metrics_log = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
+        self.rank_log = None
+        if cfg.debug_rank_log:
+            self.rank_log = MetricsWriter(run_dir / "debug" / f"rank{accelerator.process_index}.jsonl")
+        guard = cfg.collapse_guard
+        self.guard = CollapseGuard(guard.threshold, guard.patience, after_step=int(guard.after_epochs * steps_per_epoch),
+                                   action=guard.action)
+        self.progress = None
+        if is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True, desc="pretrain")
+        self.last: dict[str, float] = {}   # the last logged record
+        self.sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # for the masks plot
+
+    # ------------------------------------------------------------------------------------ per batch
+    def watch(self, batches: Iterator, state) -> Iterator:
+        """`batches`, unchanged: keeps a few images and masks of the first (process 0) for the masks
+        plot, and logs each micro-batch's keys to the debug rank log. `state`: the TrainState."""
+        keep_sample = self.accelerator.is_main_process
+        for micro_step, batch in enumerate(batches, start=state.micro_step):
+            if self.sample is None and keep_sample:
+                self.sample = (batch.images[:8].detach().cpu(), batch.visible[:8].cpu(), batch.target[:8].cpu())
+            if self.rank_log is not None:
+                self.rank_log.write({"micro_step": micro_step, "step": state.step, "keys": batch.keys})
+            yield batch
+
+    # ------------------------------------------------------------------------------------- per step
+    def step_done(self, step: int, net: torch.nn.Module) -> None:
+        """After each optimizer step: the progress bar, and `net`'s digest in the debug rank log."""
+        if self.rank_log is not None:
+            self.rank_log.write({"step": step, "digest": _param_digest(net)})
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def window(self, meter: Meter, step: int, last_checkpoint: Path | None) -> None:
+        """Close `meter`'s window (averaged over processes) and log it, unless it is empty.
+
+        Raises:
+            TrainingError: a loss in the window was non-finite, or the collapse guard says stop.
+        """
+        acc = self.accelerator
+        w = meter.window(lambda t: acc.reduce(t.to(acc.device), reduction="sum") / acc.num_processes)
+        if w is None:
+            return
+        if w.nonfinite:
+            where = f"a checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+            raise TrainingError(
+                f"The loss became non-finite (nan/inf) between steps {step - w.steps + 1} and {step}; training stopped "
+                f"and the last good checkpoint is kept ({where}); resume from it with resume=auto, "
+                "perhaps with a lower optim.base_lr or precision=no."
+            )
+        record = {
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            "loss": w.loss,
+            **w.metrics,
+            **self.schedules.at(step - 1),
+            "images_per_s": w.images_per_s,
+            "data_wait_share": w.data_wait_share,
+            **_skip_counts(self.loader),
+        }
+        acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        self.metrics_log.write(record)
+        self.last = record
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
+                                      wait=f"{record['data_wait_share']:.0%}", refresh=False)
+        self._check_collapse(step, record)
+
+    def _check_collapse(self, step: int, record: dict[str, float]) -> None:
+        cfg = self.cfg.collapse_guard
+        verdict = self.guard.update(step, float(record.get(cfg.metric, float("nan"))))
+        if verdict == "ok":
+            return
+        msg = (
+            f"COLLAPSE WARNING at step {step}: {cfg.metric} = {record.get(cfg.metric):.4f} > {cfg.threshold} for "
+            f"{self.guard.count} logged steps: the encoder maps different images to nearly the same vector."
+        )
+        self.accelerator.print("\n" + "!" * 100 + f"\n{msg}\n" + "!" * 100)
+        self.metrics_log.write({"event": "collapse_warning", "step": step, "message": msg})
+        if verdict == "stop":
+            raise TrainingError(msg + " Stopped (collapse_guard.action=stop); the last checkpoint is kept.")
+
+    def evaluation(self, step: int, result: dict[str, float]) -> None:
+        """A k-NN result ({"knn_top1": %})."""
+        self.accelerator.log({"eval/knn_top1": result["knn_top1"]}, step=step)
+        self.metrics_log.write({"step": step, **result})
+        self.accelerator.print(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}%")
+
+    # ------------------------------------------------------------------------------------ at the end
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.metrics_log.close()
+        if self.rank_log is not None:
+            self.rank_log.close()
+
+    def plot(self) -> None:
+        """The curves of metrics.jsonl and the first batch's masks, as PNGs under run_dir/plots (process 0)."""
+        if not self.accelerator.is_main_process:
+            return
+        run_dir = Path(self.cfg.run_dir)
+        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r]
+        plot_curves(records, run_dir / "plots" / "curves.png")
+        if self.sample is not None:
+            d = self.cfg.data
+            plot_masks(*self.sample, self.cfg.model.grid_size, d.mean, d.std, run_dir / "plots" / "masks.png")
+
+
+def _param_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer (online and target): equal digests = identical weights."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _skip_counts(loader) -> dict[str, int]:
+    """How much data this process skipped so far (data.on_error=skip), for the metrics log."""
+    stats = getattr(loader, "stats", None)
+    if not isinstance(stats, dict):
+        return {}
+    return {"data_skipped_samples": int(stats.get("skipped", 0)), "data_skipped_shards": len(stats.get("skipped_shards", []))}
