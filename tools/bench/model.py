@@ -4,7 +4,9 @@
     lmim bench model --config vit_b16 --flops-only
     lmim bench model --config vit_b16 --device cuda --batch-size 256 --compile   # GPU: images/s, MFU
 
-A step = forward + backward + AdamW step + EMA target update, on batches already on the device.
+A step = the trainer's `train_step` (forward + backward + clipping + AdamW step + EMA target
+update; lr and EMA momentum from the default training config's schedules), on a batch already on
+the device.
 Baseline: the same model, eager fp32, timm's non-fused (explicit softmax) attention, per-parameter
 AdamW (foreach=False) and a per-parameter Python EMA loop. Ours: fused SDPA attention, fused (or
 foreach) AdamW, one `_foreach_lerp_` EMA call, and bf16 autocast where it is faster (on the CPU
@@ -16,7 +18,7 @@ peak measured in the same run.
 from __future__ import annotations
 
 import argparse
-import copy
+import functools
 import json
 import statistics
 import sys
@@ -25,7 +27,11 @@ import time
 import torch
 
 from lmim.model.config import ModelConfig
+from lmim.pipeline.batch import Batch
+from lmim.train.config import load_config
 from lmim.train.hardware import describe_machine
+from lmim.train.schedules import Schedules
+from lmim.train.step import Stepper, train_step
 
 CONFIGS: dict[str, dict] = {
     # A small ViT a 2-core CPU can step a few times a second.
@@ -70,36 +76,40 @@ def _adamw(params, lr: float, kind: str):
 
 
 class Variant:
-    """One way of running the training step, with its own copy of the model and optimizer."""
+    """One way of running the training step (`train_step`), with its own copy of the model and optimizer."""
 
-    def __init__(self, name, net, opt, ema, dtype: torch.dtype | None, device: torch.device):
-        self.name, self.net, self.opt, self.ema, self.dtype, self.device = name, net, opt, ema, dtype, device
+    def __init__(self, name: str, stepper: Stepper, device: torch.device):
+        self.name, self.stepper, self.device = name, stepper, device
         self.times: list[float] = []
+        self.warmup_s = 0.0
+        self._step = 0  # the optimizer step, for the schedules' lr and EMA momentum
 
-    def step(self, images, visible, target) -> None:
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            out = self.net(images, visible, target, sim_target=0.5)
-        out["loss"].backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.ema(0.996)
+    def step(self, batch: Batch) -> None:
+        train_step(self.stepper, iter((batch,)), self._step, metrics=True)
+        self._step += 1
 
-    def timed(self, batch, steps: int) -> float:
+    def timed(self, batch: Batch, steps: int) -> float:
         _sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            self.step(*batch)
+            self.step(batch)
         _sync(self.device)
         dt = (time.perf_counter() - t0) / steps
         self.times.append(dt)
         return dt
 
 
-def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str], compile_: bool) -> list[Variant]:
+def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str], compile_: bool,
+                   batch_size: int) -> list[Variant]:
     from timm.layers import set_fused_attn
 
     from lmim.model.latent_mim import LatentMIM
 
+    # The schedules (lr, EMA momentum) and clipping of the default training config; with no data
+    # set to cover, one step per epoch. Their values set the lr and the momentum, not the cost.
+    train_cfg = load_config(None)
+    sched = Schedules.from_config(train_cfg, steps_per_epoch=1, effective_batch=batch_size)
+    clip = train_cfg.optim.clip_grad
     torch.manual_seed(0)
     set_fused_attn(False)  # timm's explicit-softmax attention for the baseline
     try:
@@ -107,17 +117,17 @@ def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str]
     finally:
         set_fused_attn(True)
     state = base_net.state_dict()
-    variants = [Variant("baseline (eager fp32)", base_net, _adamw(base_net.param_groups(0.05), 1e-4, "plain"),
-                        lambda m: _naive_ema(base_net, m), None, device)]
+    baseline = Stepper(base_net, base_net, _adamw(base_net.param_groups(0.05), 1e-4, "plain"), sched, clip_grad=clip,
+                       ema=functools.partial(_naive_ema, base_net))
+    variants = [Variant("baseline (eager fp32)", baseline, device)]
     for cand in candidates:
         torch.manual_seed(0)
         net = LatentMIM(cfg).to(device)
         net.load_state_dict(state)
         opt = _adamw(net.param_groups(0.05), 1e-4, "fused")
-        dtype = torch.bfloat16 if cand == "bf16" else None
         runner = torch.compile(net) if compile_ else net
-        variants.append(Variant(f"ours ({cand}{', compiled' if compile_ else ''})", runner, opt,
-                                net.update_target, dtype, device))
+        ours = Stepper(runner, net, opt, sched, clip_grad=clip, autocast=torch.bfloat16 if cand == "bf16" else None)
+        variants.append(Variant(f"ours ({cand}{', compiled' if compile_ else ''})", ours, device))
     return variants
 
 
@@ -207,19 +217,19 @@ def main(argv: list[str]) -> int:
         candidates = [args.precision]
     else:
         candidates = ["bf16"] if on_gpu else ["fp32", "bf16"]
-    variants = build_variants(cfg, device, candidates, args.compile)
+    variants = build_variants(cfg, device, candidates, args.compile, bs)
     if args.no_baseline:
         variants = variants[1:]
     side = cfg.grid_size * (cfg.patch_size + cfg.patch_gap)
     g = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(bs, cfg.in_chans, side, side, generator=g).to(device)
     vis, tgt = random_masks(bs, cfg.grid_size**2, k, generator=g)
-    batch = (images, vis.to(device), tgt.to(device))
+    batch = Batch(images, vis.to(device), tgt.to(device))
 
     for v in variants:  # warm-up (and compilation)
         t0 = time.perf_counter()
         for _ in range(2):
-            v.step(*batch)
+            v.step(batch)
         _sync(device)
         v.warmup_s = time.perf_counter() - t0
     for _ in range(rounds):  # alternate A B A B so machine noise hits all alike

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -203,17 +204,20 @@ def _pretrain(run_dir: Path, overrides: list[str], log: Path) -> float:
 
 
 def calibrate(objectives: dict[str, str], cfg, rounds: int = 3, steps: int = 3,
-              device: torch.device | str = "cpu") -> dict[str, float]:
+              device: torch.device | str = "cpu", steps_per_epoch: int = 1) -> dict[str, float]:
     """Seconds per optimizer step of each objective, measured in this process, interleaved.
 
     The methods take turns (A B C A B C ...) and the median per method is kept, so a load change
-    on a shared machine hits all of them alike; the trainer's own step (forward, backward, AdamW,
-    EMA update) is reproduced on a batch of the training shape. Data loading is left out: the
-    trainer overlaps it with compute (its logged `data_wait_share` is a few %).
+    on a shared machine hits all of them alike; each steps through the trainer's own `train_step`
+    (forward, backward, clipping, AdamW, EMA update, with `cfg`'s schedules over
+    `steps_per_epoch`) on a batch of the training shape. Data loading is left out: the trainer
+    overlaps it with compute (its logged `data_wait_share` is a few %).
     """
     from omegaconf import OmegaConf
 
     from lmim.model import LatentMIM
+    from lmim.pipeline.batch import Batch
+    from lmim.train.step import local_stepper, train_step
 
     mcfg = OmegaConf.to_object(cfg.model)
     b, g = int(cfg.data.batch_size), mcfg.grid_size
@@ -223,20 +227,18 @@ def calibrate(objectives: dict[str, str], cfg, rounds: int = 3, steps: int = 3,
     dev = torch.device(device)
     images = torch.randn(b, mcfg.in_chans, size, size, generator=gen).to(dev)
     order = torch.rand(b, g * g, generator=gen).argsort(1)
-    visible, target = order[:, :k].contiguous().to(dev), order[:, k:].contiguous().to(dev)
+    batches = itertools.repeat(Batch(images, order[:, :k].contiguous().to(dev), order[:, k:].contiguous().to(dev)))
     amp = dev.type == "cuda" and cfg.precision == "bf16"
-    nets, opts = {}, {}
+    steppers = {}
     for name, objective in objectives.items():
-        nets[name] = LatentMIM(dataclasses.replace(mcfg, objective=objective)).to(dev).train()
-        opts[name] = torch.optim.AdamW(nets[name].param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
+        net = LatentMIM(dataclasses.replace(mcfg, objective=objective)).to(dev).train()
+        steppers[name] = local_stepper(cfg, net, steps_per_epoch=steps_per_epoch, fused=dev.type == "cuda",
+                                       autocast=torch.bfloat16 if amp else None)
+    done = {n: 0 for n in objectives}   # each method's optimizer steps so far (its schedules' step)
 
     def step(name: str) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = nets[name](images, visible, target, metrics=False)
-        out["loss"].backward()
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
-        nets[name].update_target(0.99)
+        train_step(steppers[name], batches, done[name])
+        done[name] += 1
 
     times: dict[str, list[float]] = {n: [] for n in objectives}
     for name in objectives:
@@ -441,7 +443,8 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
     if setting.equal == "time" and (trained or "supervised" in methods):
         _say(f"calibrating the step time of {', '.join([*trained, *(['supervised'] if 'supervised' in methods else [])])}")
         if trained:
-            step_s = calibrate(trained, cfg, rounds=setting.calib_rounds, device=setting.eval_device)
+            step_s = calibrate(trained, cfg, rounds=setting.calib_rounds, device=setting.eval_device,
+                               steps_per_epoch=steps_per_epoch)
         if "supervised" in methods:
             step_s["supervised"] = calibrate_supervised(init_encoder, train_x, train_y, cfg, device=device)
 

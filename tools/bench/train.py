@@ -15,12 +15,14 @@ rounds and medians are quoted: the share of wall time spent blocked on the loade
 
 GPU (`--device cuda`): ViT-B/16 (the reference config, bf16) on device-resident batches, the full
 trainer (config, Accelerate, schedules, EMA, metrics, logging) against a bare loop of the same
-model step (autocast bf16 forward + backward + fused AdamW + EMA). `ratio` = trainer steps/s /
+model step (the trainer's `train_step` without Accelerate: autocast bf16 forward + backward +
+fused AdamW + EMA, the same config's schedules and clipping). `ratio` = trainer steps/s /
 bare steps/s; 1 - ratio is the trainer's overhead (target: under 5%).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -111,36 +113,33 @@ def _cpu(args) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- GPU
 def _bare_steps_per_s(cfg, steps: int, warmup: int) -> float:
-    """The model step alone: no Accelerate, no schedules, no logging; the same batch every step."""
+    """The model step alone (`train_step` without Accelerate, with `cfg`'s optimizer, schedules and
+    clipping): no loader, no logging, no diagnostics; the same device-resident batch every step."""
     from omegaconf import OmegaConf
 
     from lmim.model import LatentMIM
     from lmim.model.masks import make_masks
+    from lmim.pipeline.batch import Batch
+    from lmim.train.step import local_stepper, train_step
 
     dev = torch.device("cuda")
     m, d = cfg.model, cfg.data
     torch.manual_seed(0)
     net = LatentMIM(OmegaConf.to_object(m)).to(dev).train()
-    opt = torch.optim.AdamW(net.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    # The trainer's run over the synthetic loader has these steps per epoch: the same schedules.
+    stepper = local_stepper(cfg, net, steps_per_epoch=cfg.synthetic_batches // cfg.grad_accum, fused=True,
+                            autocast=torch.bfloat16)
     size = m.grid_size * (m.patch_size + m.patch_gap)
     images = torch.randn(d.batch_size, 3, size, size, device=dev)
     visible, target = make_masks(d.mask, d.batch_size, m.grid_size, d.num_visible, device=dev)
-    sim = 0.5 if m.sim_reg_coef > 0 else None
+    batches = itertools.repeat(Batch(images, visible, target))
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = net(images, visible, target, sim_target=sim, metrics=False)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        net.update_target(0.996)
-
-    for _ in range(warmup):
-        step()
+    for step in range(warmup):
+        train_step(stepper, batches, step)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for step in range(warmup, warmup + steps):
+        train_step(stepper, batches, step)
     torch.cuda.synchronize()
     return steps / (time.perf_counter() - t0)
 
@@ -150,15 +149,16 @@ def _gpu(args) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         raise SystemExit("lmim bench train: --device cuda needs a CUDA device; none is visible.")
-    overrides = [f"data.batch_size={args.batch_size}", "precision=bf16", "device=cuda"]
+    overrides = [f"data.batch_size={args.batch_size}", "precision=bf16", "device=cuda", "data.loader=synthetic",
+                 "synthetic_batches=100000"]
     cfg = load_config("vit_b16_in1k", overrides)
     trainer, bare = [], []
     with tempfile.TemporaryDirectory(prefix="lmim-bench-train-") as tmp:
         for r in range(args.repeats):
             bare.append(_bare_steps_per_s(cfg, args.steps, warmup=5))
             torch.cuda.empty_cache()
-            t = _train("vit_b16_in1k", [*overrides, "data.loader=synthetic", "synthetic_batches=100000",
-                                        f"max_steps={args.steps + 3}", "log_every=20", f"run_dir={tmp}/run{r}"])
+            t = _train("vit_b16_in1k", [*overrides, f"max_steps={args.steps + 3}", "log_every=20",
+                                        f"run_dir={tmp}/run{r}"])
             trainer.append(t["steps_per_s"])
             torch.cuda.empty_cache()
     t_med, b_med = statistics.median(trainer), statistics.median(bare)
