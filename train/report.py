@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lmim.pipeline.batch import Batch
+from lmim.train.checkpoint import TrainState
 from lmim.train.failures import TrainingError
 from lmim.train.meter import Meter
 from lmim.train.observe import CollapseGuard, MetricsWriter, flatten_for_tracker, plot_curves, plot_masks, read_metrics
@@ -58,9 +60,9 @@ class Reporter:
         self.sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # for the masks plot
 
     # ------------------------------------------------------------------------------------ per batch
-    def watch(self, batches: Iterator, state) -> Iterator:
+    def watch(self, batches: Iterator[Batch], state: TrainState) -> Iterator[Batch]:
         """`batches`, unchanged: keeps a few images and masks of the first (process 0) for the masks
-        plot, and logs each micro-batch's keys to the debug rank log. `state`: the TrainState."""
+        plot, and logs each micro-batch's keys (and the step it belongs to) to the debug rank log."""
         keep_sample = self.accelerator.is_main_process
         for micro_step, batch in enumerate(batches, start=state.micro_step):
             if self.sample is None and keep_sample:

@@ -73,7 +73,7 @@ class Stepper:
             (`lmim bench model` passes its naive per-parameter baseline here).
     """
 
-    model: Callable[..., dict[str, torch.Tensor]]
+    model: torch.nn.Module
     net: LatentMIM
     optimizer: torch.optim.Optimizer
     schedules: Schedules
