@@ -36,23 +36,15 @@ from lmim.pipeline.batch import Batch
 from lmim.pipeline.config import DataConfig
 from lmim.pipeline.checksum import algorithm_of, checksum_of_file
 from lmim.pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError, StoreUnreachable
-from lmim.pipeline.manifest import Manifest, join_url, read_manifest
+from lmim.pipeline.manifest import Manifest, read_manifest
 from lmim.pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
 from lmim.pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
-from lmim.pipeline.stream import (Prefetcher, RetryPolicy, ShardFetcher, StreamStats, read_manifest_retrying,
-                             verify_shard_checksum)
+from lmim.pipeline.storage import RetryPolicy, is_remote, join, local_path
+from lmim.pipeline.stream import Prefetcher, ShardFetcher, StreamStats, verify_shard_checksum
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def decodable(data: bytes) -> str | None:
@@ -88,14 +80,13 @@ class Loader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device if device is not None else "cpu")
         self.url = url or cfg.url
-        self.local = is_local(self.url)
+        self.local = not is_remote(self.url)
         if cfg.reader == "dali" and not self.local:
             raise ValueError(f"data.reader='dali' reads local shards only; {self.url} is remote: use "
                              "data.reader='stream' (or 'auto').")
         self.streaming = cfg.reader == "stream" or (cfg.reader == "auto" and not self.local)
         self.retry = RetryPolicy(budget_s=cfg.retry_budget_s, max_retries=cfg.max_retries)
-        self.manifest: Manifest = (read_manifest(self.url, cfg.storage_options) if self.local else
-                                   read_manifest_retrying(self.url, cfg.storage_options, self.retry))
+        self.manifest: Manifest = read_manifest(self.url, cfg.storage_options, retry=self.retry)
         self.counts = [s.samples for s in self.manifest.shards]
         self.has_labels = self.manifest.classes is not None
         self.batch_size = cfg.batch_size
@@ -218,7 +209,7 @@ class Loader:
     def _local_paths(self, sid: int) -> tuple[str, str]:
         info = self.manifest.shards[sid]
         root = local_path(self.url)
-        return join_url(root, info.name), join_url(root, info.index)
+        return join(root, info.name), join(root, info.index)
 
     def local_meta(self, sid: int) -> ShardMeta:
         meta = self._meta.get(sid)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lmim.pipeline.errors import DatasetNotFound, NotADataset
+from lmim.pipeline.storage import RetryPolicy, Store
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -79,21 +80,22 @@ class Manifest:
                    format=data["format"], version=int(data["version"]))
 
 
-def join_url(root: str, name: str) -> str:
-    """Join a dataset root (local path or fsspec URL) and a relative name."""
-    return root.rstrip("/") + "/" + name
+def read_manifest(root: str, storage_options: dict[str, Any] | None = None, *,
+                  retry: RetryPolicy | None = None) -> Manifest:
+    """Read `root/manifest.json`; a clear error when the dataset is missing or incomplete.
 
-
-def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """Read `root/manifest.json` through fsspec; a clear error when the dataset is missing or incomplete."""
-    import fsspec
-
-    url = join_url(root, MANIFEST_NAME)
+    Args:
+        root: dataset root (local path or URL); read through `lmim.pipeline.storage`, so with the
+            same S3 timeouts as the shards beside it.
+        storage_options: fsspec options.
+        retry: how a remote read retries (the loader passes its `data.retry_budget_s` policy);
+            None: one attempt.
+    """
     try:
-        with fsspec.open(url, "rt", **(storage_options or {})) as f:
-            return Manifest.from_json(f.read())
+        text = Store(root, storage_options, retry=retry).read_bytes(MANIFEST_NAME).decode("utf-8")
     except FileNotFoundError:
         raise DatasetNotFound(
             f"no {MANIFEST_NAME} at {root}: it is not an lmim dataset, or its build has not finished "
             f"(run `lmim shard SRC {root}` to build or finish it)"
         ) from None
+    return Manifest.from_json(text)

@@ -282,7 +282,7 @@ def test_s3_network_error_names_shard(dataset, tmp_path, s3_server):  # s3_serve
 def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
     import random
 
-    from lmim.pipeline.stream import backoff_delay
+    from lmim.pipeline.storage import backoff_delay
 
     rng = random.Random(0)
     for attempt in range(1, 12):

@@ -29,6 +29,7 @@ import torch
 from lmim.pipeline import build_loader
 from lmim.pipeline.config import DataConfig
 from lmim.pipeline.manifest import read_manifest
+from lmim.pipeline.storage import Store, is_remote
 from lmim.train.hardware import describe_machine
 
 
@@ -112,16 +113,13 @@ def _checksum_cost(url: str, manifest) -> dict[str, float]:
     read gets, so the share is an upper bound) and hashed with its manifest's algorithm.
     """
     from lmim.pipeline.checksum import algorithm_of, checksum_of
-    from lmim.pipeline.manifest import join_url
 
+    store = Store(url)
     read_s, hash_s, total = 0.0, 0.0, 0
     for info in manifest.shards:
-        path = join_url(url, info.name)
-        with open(path, "rb") as f:
-            f.read()
+        store.read_bytes(info.name)
         t0 = time.perf_counter()
-        with open(path, "rb") as f:
-            data = f.read()
+        data = store.read_bytes(info.name)
         t1 = time.perf_counter()
         ok = checksum_of(data, algorithm_of(info.checksum)) == info.checksum
         t2 = time.perf_counter()
@@ -162,22 +160,22 @@ def main(argv: list[str]) -> int:
         url_of: dict[str, str] = {}
         if args.s3_loopback:
             from lmim.pipeline.testing_s3 import start_loopback_s3
-            import s3fs
 
-            if "://" in url and not url.startswith("file://"):
+            if is_remote(url):
                 print("lmim bench pipeline: --s3-loopback uploads a local dataset; give a local path or no URL.",
                       file=sys.stderr)
                 return 2
             s3 = start_loopback_s3()
-            fs = s3fs.S3FileSystem(**s3.storage_options, skip_instance_cache=True)
-            fs.mkdir("bench")
-            for name in os.listdir(url):
-                fs.put_file(os.path.join(url, name), f"bench/ds/{name}")
+            copy = Store("s3://bench/ds", s3.storage_options)
+            copy.create()
+            source = Store(url)
+            for name in source.list():
+                copy.upload(os.path.join(source.path, name), name)
             url_of["dali_s3"] = "s3://bench/ds"
             cfgs["dali_s3"] = DataConfig(loader="dali", storage_options=s3.storage_options,
                                          **{**common, "url": "s3://bench/ds"})
             s3.clear()
-        checksum = _checksum_cost(url, manifest) if _local(url) else {}
+        checksum = _checksum_cost(url, manifest) if not is_remote(url) else {}
         res = _measure(cfgs, args, device, url_of)
         med = {n: statistics.median(v) for n, v in res["rates"].items()}
         out: dict[str, Any] = {
@@ -195,7 +193,7 @@ def main(argv: list[str]) -> int:
             "baseline_startup_s": round(statistics.median(res["startup"]["baseline"]), 2),
             **checksum,
         }
-        streamed = "dali_s3" if s3 is not None else ("dali" if not _local(url) else None)
+        streamed = "dali_s3" if s3 is not None else ("dali" if is_remote(url) else None)
         if streamed is not None:
             ld = res["loaders"][streamed]
             st = ld.stats
@@ -215,10 +213,6 @@ def main(argv: list[str]) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-
-
-def _local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
 
 
 def _table(out: dict[str, Any]) -> None:

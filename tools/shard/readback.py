@@ -19,7 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from lmim.pipeline.manifest import IMAGE_EXTENSIONS, join_url, read_manifest
+from lmim.pipeline.manifest import IMAGE_EXTENSIONS, read_manifest
+from lmim.pipeline.storage import join
 
 
 @dataclass
@@ -49,8 +50,8 @@ def read_back(root: str, *, decode: bool = True, batch_size: int = 16,
     total = manifest.total_samples
     if total == 0:
         return
-    paths = [join_url(root, s.name) for s in manifest.shards]
-    indices = [join_url(root, s.index) for s in manifest.shards]
+    paths = [join(root, s.name) for s in manifest.shards]
+    indices = [join(root, s.index) for s in manifest.shards]
     bs = max(1, min(batch_size, total))
     labelled = manifest.classes is not None
 

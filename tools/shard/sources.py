@@ -16,7 +16,12 @@ import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from lmim.pipeline.storage import Store, filesystem, has_scheme, is_remote, local_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fsspec import AbstractFileSystem
 
 # Extensions that mark a folder's top level as holding images (used only to tell a flat folder
 # from a class-folder tree); every non-hidden file is still a candidate and checked on its bytes.
@@ -54,14 +59,6 @@ class Corpus:
         for path in self.cleanup:
             shutil.rmtree(path, ignore_errors=True)
         self.cleanup.clear()
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _strip_file(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def _hidden(name: str) -> bool:
@@ -126,35 +123,27 @@ def _label_items(files: list[tuple[str, str, int, int]], labels: str, kind_hint:
     return "class-folders" if kind_hint == "folder" else kind_hint, items, classes, rejects
 
 
-def _list_folder(src: str, labels: str, fs, local: bool) -> Corpus:
-    if local:
-        root = os.path.abspath(_strip_file(src))
+def _list_folder(src: str, labels: str, store: Store) -> Corpus:
+    if store.local:
+        root = os.path.abspath(local_path(src))
         listed, rejects = _walk_local(root)
         files = [(i, p, s, -1) for i, p, s in listed]
     else:
         root = src.rstrip("/")
-        base = fs._strip_protocol(root).rstrip("/")
-        found = fs.find(base, detail=True)
-        protocol = src.split("://", 1)[0]
-        files, rejects = [], []
-        for path, info in sorted(found.items()):
-            if info.get("type") != "file":
-                continue
-            rel = path[len(base):].lstrip("/")
-            if not rel or any(_hidden(part) for part in rel.split("/")):
-                continue
-            files.append((rel, f"{protocol}://{path}", int(info.get("size") or 0), -1))
+        rejects = []
+        files = [(rel, store.url_of(rel), size, -1) for rel, size in store.find()
+                 if not any(_hidden(part) for part in rel.split("/"))]
     kind, items, classes, more = _label_items(files, labels, "folder")
-    return Corpus(kind, root, items, classes, rejects + more, local)
+    return Corpus(kind, root, items, classes, rejects + more, store.local)
 
 
-def _parse_list(text: str, list_url: str, fs, local: bool) -> tuple[list[tuple[str, str, str | None]], list[dict]]:
+def _parse_list(text: str, list_url: str, local: bool) -> tuple[list[tuple[str, str, str | None]], list[dict]]:
     """(id, url, label-or-None) per line of a file list; blank lines and `#` comments are skipped.
 
     A line is `path`, `path<TAB>label`, or `path label` when its last blank-separated word looks
     like a label (no `/` and no `.`) and the whole line is not itself an existing file.
     """
-    base = os.path.dirname(_strip_file(list_url)) if local else list_url.rsplit("/", 1)[0]
+    base = os.path.dirname(local_path(list_url)) if local else list_url.rsplit("/", 1)[0]
     rows, rejects = [], []
     for line in text.splitlines():
         line = line.strip("\r\n")
@@ -167,16 +156,16 @@ def _parse_list(text: str, list_url: str, fs, local: bool) -> tuple[list[tuple[s
             words = line.strip().rsplit(None, 1)
             if len(words) == 2 and "/" not in words[1] and "." not in words[1]:
                 whole = line.strip()
-                whole_url = whole if ("://" in whole or os.path.isabs(whole)) else f"{base}/{whole}"
+                whole_url = whole if (has_scheme(whole) or os.path.isabs(whole)) else f"{base}/{whole}"
                 if not (local and os.path.isfile(whole_url)):
                     path, label = words
-        url = path if ("://" in path or (local and os.path.isabs(path))) else f"{base}/{path}"
-        rows.append((path, _strip_file(url), label or None))
+        url = path if (has_scheme(path) or (local and os.path.isabs(path))) else f"{base}/{path}"
+        rows.append((path, local_path(url), label or None))
     return rows, rejects
 
 
-def _list_file_list(src: str, text: str, labels: str, fs, local: bool) -> Corpus:
-    rows, rejects = _parse_list(text, src, fs, local)
+def _list_file_list(src: str, text: str, labels: str, local: bool) -> Corpus:
+    rows, rejects = _parse_list(text, src, local)
     given = [r[2] for r in rows if r[2] is not None]
     if given and len(given) != len(rows):
         missing = next(r[0] for r in rows if r[2] is None)
@@ -202,7 +191,7 @@ def _list_file_list(src: str, text: str, labels: str, fs, local: bool) -> Corpus
         seen.add(path)
         size = -1
         try:
-            if "://" in url and not url.startswith("file://"):
+            if is_remote(url):
                 size = -1  # sized lazily by the reader; remote stat per file would be one request each
             else:
                 st = os.stat(url)
@@ -218,7 +207,7 @@ def _list_file_list(src: str, text: str, labels: str, fs, local: bool) -> Corpus
     return Corpus("file-list", src, items, classes, rejects, local)
 
 
-def _open_tar_file(src: str, fs, local: bool, tmpdir_holder: list[str]) -> tuple[str, bool]:
+def _open_tar_file(src: str, store: Store, tmpdir_holder: list[str]) -> tuple[str, bool]:
     """The path/URL of an uncompressed tar to read members from; compressed tars are unpacked to a temp tar."""
     lower = src.lower()
     opener = None
@@ -229,24 +218,23 @@ def _open_tar_file(src: str, fs, local: bool, tmpdir_holder: list[str]) -> tuple
     elif lower.endswith((".tar.xz", ".txz")):
         opener = lzma.open
     if opener is None:
-        return (_strip_file(src), local)
+        return (local_path(src), store.local)
     # Random access into a compressed stream is impossible; one sequential pass into a temporary
     # plain tar lets the workers read members by offset like any other tar.
     tmpdir = tempfile.mkdtemp(prefix="lmim-untar-")
     tmpdir_holder.append(tmpdir)
     plain = os.path.join(tmpdir, "source.tar")
-    with (open(_strip_file(src), "rb") if local else fs.open(src, "rb")) as raw, opener(raw) as zin, \
-            open(plain, "wb") as out:
+    with store.open() as raw, opener(raw) as zin, open(plain, "wb") as out:
         shutil.copyfileobj(zin, out, 4 << 20)
     return plain, True
 
 
-def _list_tar(src: str, labels: str, fs, local: bool) -> Corpus:
+def _list_tar(src: str, labels: str, store: Store) -> Corpus:
     cleanup: list[str] = []
     try:
-        url, url_local = _open_tar_file(src, fs, local, cleanup)
+        url, url_local = _open_tar_file(src, store, cleanup)
         files = []
-        with (open(url, "rb") if url_local else fs.open(url, "rb")) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        with (open(url, "rb") if url_local else store.open()) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             for m in tf:
                 name = m.name[2:] if m.name.startswith("./") else m.name
                 if not m.isreg() or any(_hidden(p) for p in name.split("/")):
@@ -266,7 +254,7 @@ def _list_tar(src: str, labels: str, fs, local: bool) -> Corpus:
     items = [SourceItem(prefix + it.id, it.url, it.size, it.label, it.offset) for it in items]
     for r in rejects:
         r["source"] = prefix + r["source"]
-    return Corpus(kind, src, items, classes, rejects, url_local if files else local, cleanup=cleanup)
+    return Corpus(kind, src, items, classes, rejects, url_local if files else store.local, cleanup=cleanup)
 
 
 def open_corpus(src: str, *, labels: str = "auto", storage_options: dict[str, Any] | None = None) -> Corpus:
@@ -277,51 +265,41 @@ def open_corpus(src: str, *, labels: str = "auto", storage_options: dict[str, An
         labels: "auto" (class folders when every image is in a sub-folder), "folders" or "none".
         storage_options: fsspec options for remote sources (override the AWS environment).
     """
-    import fsspec
-
     if labels not in LABEL_MODES:
         raise SourceError(f"--labels must be one of {', '.join(LABEL_MODES)}, not {labels!r}")
-    local = _is_local(src)
     so = dict(storage_options or {})
-    if local:
-        fs = None
-        path = _strip_file(src)
-        if not os.path.exists(path):
+    try:
+        store = Store(src, so)
+    except (ValueError, ImportError) as e:
+        raise SourceError(f"unknown or unavailable storage scheme in SRC {src} ({e}); "
+                          f"use a local path, s3://bucket/prefix or another fsspec URL") from None
+    try:
+        if not store.exists():
             raise SourceError(f"SRC {src} does not exist; give a folder of images, a file list or a tar archive")
-        is_dir = os.path.isdir(path)
-    else:
-        try:
-            fs, path = fsspec.core.url_to_fs(src, **so)
-        except (ValueError, ImportError) as e:
-            raise SourceError(f"unknown or unavailable storage scheme in SRC {src} ({e}); "
-                              f"use a local path, s3://bucket/prefix or another fsspec URL") from None
-        try:
-            if not fs.exists(path):
-                raise SourceError(f"SRC {src} does not exist; give a folder of images, a file list or a tar archive")
-            is_dir = fs.isdir(path)
-        except SourceError:
-            raise
-        except Exception as e:
-            raise SourceError(f"cannot reach SRC {src} ({type(e).__name__}: {e})") from None
+        is_dir = store.is_dir()
+    except SourceError:
+        raise
+    except Exception as e:  # a remote store that does not answer (network, credentials, ...)
+        raise SourceError(f"cannot reach SRC {src} ({type(e).__name__}: {e})") from None
     if is_dir:
-        corpus = _list_folder(src, labels, fs, local)
-    elif src.lower().endswith(TAR_SUFFIXES) or _looks_like_tar(path, fs, local):
-        corpus = _list_tar(src, labels, fs, local)
+        corpus = _list_folder(src, labels, store)
+    elif src.lower().endswith(TAR_SUFFIXES) or _looks_like_tar(store):
+        corpus = _list_tar(src, labels, store)
     else:
-        raw = open(path, "rb").read() if local else fs.cat_file(path)
+        raw = store.read_bytes()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise SourceError(f"SRC {src} is a file but neither a tar archive nor a UTF-8 file list "
                               f"(one image path per line, optional label)") from None
-        corpus = _list_file_list(src, text, labels, fs, local)
+        corpus = _list_file_list(src, text, labels, store.local)
     corpus.storage_options = so
     return corpus
 
 
-def _looks_like_tar(path: str, fs, local: bool) -> bool:
+def _looks_like_tar(store: Store) -> bool:
     try:
-        with (open(path, "rb") if local else fs.open(path, "rb")) as f:
+        with store.open() as f:
             head = f.read(512)
         return len(head) == 512 and head[257:262] == b"ustar"
     except OSError:
@@ -330,7 +308,12 @@ def _looks_like_tar(path: str, fs, local: bool) -> bool:
 
 def read_item(item: SourceItem, storage_options: dict[str, Any] | None = None) -> bytes:
     """The bytes of one item (raises OSError and friends when unreadable)."""
-    if "://" not in item.url:
+    return _read(item, filesystem(item.url, storage_options)[0] if is_remote(item.url) else None)
+
+
+def _read(item: SourceItem, fs: AbstractFileSystem | None) -> bytes:
+    """read_item with the file system of a remote item already open (None for a local one)."""
+    if fs is None:
         fd = os.open(item.url, os.O_RDONLY)
         try:
             if item.offset >= 0:
@@ -343,9 +326,7 @@ def read_item(item: SourceItem, storage_options: dict[str, Any] | None = None) -
             return chunks[0] if len(chunks) == 2 else b"".join(chunks)
         finally:
             os.close(fd)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(item.url, **(storage_options or {}))
+    path = fs._strip_protocol(item.url)
     if item.offset >= 0:
         return fs.cat_file(path, start=item.offset, end=item.offset + item.size)
     return fs.cat_file(path)
@@ -356,16 +337,17 @@ def iter_items(items: list[SourceItem], storage_options: dict[str, Any] | None =
     """(item, bytes or the exception that reading it raised), in order.
 
     Remote items are fetched `batch` at a time with fsspec's concurrent `cat` (one GET each, many
-    in flight), so an object-store source is not read at one round trip per image.
+    in flight), so an object-store source is not read at one round trip per image. They share
+    one file system (one corpus, one scheme and one set of options).
     """
+    fs = None
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
-        remote = [it for it in chunk if "://" in it.url]
+        remote = [it for it in chunk if is_remote(it.url)]
         fetched: dict[int, bytes | Exception] = {}
         if remote:
-            import fsspec
-
-            fs, _ = fsspec.core.url_to_fs(remote[0].url, **(storage_options or {}))
+            if fs is None:
+                fs = filesystem(remote[0].url, storage_options)[0]
             whole = [it for it in remote if it.offset < 0]
             ranged = [it for it in remote if it.offset >= 0]
             try:
@@ -382,14 +364,13 @@ def iter_items(items: list[SourceItem], storage_options: dict[str, Any] | None =
                                         on_error="return")
                     for it, data in zip(ranged, got):
                         fetched[id(it)] = data
-            except Exception as e:  # the batch call itself failed: read one by one below
+            except Exception:  # the batch call itself failed: read one by one below
                 fetched = {}
-                del e
         for it in chunk:
             if id(it) in fetched:
                 yield it, fetched[id(it)]
                 continue
             try:
-                yield it, read_item(it, storage_options)
+                yield it, _read(it, fs if is_remote(it.url) else None)
             except Exception as e:
                 yield it, e

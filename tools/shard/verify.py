@@ -15,7 +15,8 @@ import tarfile
 from typing import Any
 
 from lmim.pipeline.checksum import algorithm_of, format_checksum, hasher_like
-from lmim.pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, join_url, read_manifest
+from lmim.pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, read_manifest
+from lmim.pipeline.storage import Store
 from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 
 
@@ -58,18 +59,13 @@ def _index_from_members(members: list[tuple[str, int, int]]) -> list[str]:
     return lines
 
 
-def _check_shard(root: str, shard: ShardInfo, classes: list[str] | None, fsspec_opts: dict,
-                 seen_keys: dict[str, str]) -> list[str]:
-    import fsspec
-
+def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen_keys: dict[str, str]) -> list[str]:
     where = f"shard {shard.name}"
     problems: list[str] = []
-    url = join_url(root, shard.name)
     members: list[tuple[str, int, int]] = []
     samples: dict[str, dict[str, Any]] = {}
     try:
-        fs, path = fsspec.core.url_to_fs(url, **fsspec_opts)
-        with fs.open(path, "rb", block_size=8 << 20) as raw:
+        with store.open(shard.name, block_size=8 << 20) as raw:
             reader = _HashingReader(raw, hasher_like(shard.checksum))
             try:
                 with tarfile.open(fileobj=reader, mode="r|") as tf:
@@ -87,7 +83,7 @@ def _check_shard(root: str, shard: ShardInfo, classes: list[str] | None, fsspec_
                 problems.append(f"{where}: not a readable tar ({e})")
             reader.drain()
     except FileNotFoundError:
-        return [f"{where}: missing ({url} does not exist)"]
+        return [f"{where}: missing ({store.url_of(shard.name)} does not exist)"]
     if reader.n != shard.bytes:
         problems.append(f"{where}: size is {reader.n} bytes, the manifest says {shard.bytes}")
     if format_checksum(reader.sha, algorithm_of(shard.checksum)) != shard.checksum:
@@ -119,10 +115,8 @@ def _check_shard(root: str, shard: ShardInfo, classes: list[str] | None, fsspec_
         if len(problems) > 20:
             problems.append(f"{where}: (more problems not listed)")
             return problems
-    idx_url = join_url(root, shard.index)
     try:
-        with fsspec.open(idx_url, "rt", encoding="utf-8", **fsspec_opts) as f:
-            idx_lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        idx_lines = [ln for ln in store.read_bytes(shard.index).decode("utf-8").splitlines() if ln.strip()]
     except FileNotFoundError:
         problems.append(f"{where}: index {shard.index} is missing")
         return problems
@@ -152,8 +146,9 @@ def verify_dataset(root: str, storage_options: dict | None = None) -> list[str]:
     if len(set(names)) != len(names):
         problems.append("manifest: a shard is listed twice")
     seen: dict[str, str] = {}
+    store = Store(root, opts)
     for shard in manifest.shards:
-        problems += _check_shard(root, shard, manifest.classes, opts, seen)
+        problems += _check_shard(store, shard, manifest.classes, seen)
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Writing one shard: a tar with its DALI index computed while writing, then an atomic move/upload.
+"""Writing one shard: a tar with its DALI index computed while writing (moved or uploaded into
+place by `lmim.pipeline.storage.Store.put_file`).
 
 The tar is written by hand (ustar headers from `tarfile.TarInfo.tobuf`, data, padding) because
 that gives each member's data offset for free: the DALI index (`v1.2 N`, then per sample
@@ -10,12 +11,10 @@ uninterrupted one.
 from __future__ import annotations
 
 import os
-import socket
-import tarfile
 from dataclasses import dataclass
-from typing import Any
 
 from lmim.pipeline.checksum import format_checksum, new_hasher
+from lmim.pipeline.storage import Store
 
 BLOCK = 512
 INDEX_VERSION = "v1.2"
@@ -119,97 +118,6 @@ class TarShardWriter:
             pass
 
 
-class Destination:
-    """The dataset root (local folder or fsspec URL) with atomic writes.
-
-    Local: write to a temporary name in the same folder, then `os.replace` (atomic on POSIX).
-    Object stores: a PUT (single or multipart) only becomes visible when complete, so uploading
-    the finished local temporary file is atomic too.
-    """
-
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
-        import fsspec
-
-        self.url = root.rstrip("/") or root
-        self.local = "://" not in root or root.startswith("file://")
-        self.storage_options = dict(storage_options or {})
-        if self.local:
-            self.fs = None
-            self.path = os.path.abspath(root[len("file://"):] if root.startswith("file://") else root)
-        else:
-            self.fs, self.path = fsspec.core.url_to_fs(root, **self.storage_options)
-            self.path = self.path.rstrip("/")
-
-    def _p(self, name: str) -> str:
-        return os.path.join(self.path, name) if self.local else f"{self.path}/{name}"
-
-    def url_of(self, name: str) -> str:
-        return self._p(name) if self.local else f"{self.url}/{name}"
-
-    def _fresh(self, path: str) -> str:
-        # other processes (workers, other parts) write here: never answer from fsspec's listing cache
-        self.fs.invalidate_cache(path)
-        return path
-
-    def exists(self, name: str) -> bool:
-        if self.local:
-            return os.path.exists(self._p(name))
-        return self.fs.exists(self._fresh(self._p(name)))
-
-    def size(self, name: str) -> int:
-        if self.local:
-            return os.path.getsize(self._p(name))
-        return int(self.fs.size(self._fresh(self._p(name))))
-
-    def read_bytes(self, name: str) -> bytes:
-        if self.local:
-            with open(self._p(name), "rb") as f:
-                return f.read()
-        return self.fs.cat_file(self._p(name))
-
-    def write_bytes(self, name: str, data: bytes, fsync: bool = True) -> None:
-        """Write a small file atomically (and durably unless fsync=False)."""
-        if self.local:
-            path = self._p(name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # parts may share a network folder
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(self._p(name), data)
-
-    def put_file(self, local_path: str, name: str, fsync: bool = True) -> None:
-        """Move (local; flushed to disk first unless fsync=False) or upload (remote) a finished file."""
-        if self.local:
-            if fsync:
-                fd = os.open(local_path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(local_path, self._p(name))
-        else:
-            self.fs.put_file(local_path, self._p(name))
-            os.remove(local_path)
-
-    def list(self, folder: str) -> list[str]:
-        """Names of files directly in `folder` (relative to the root); [] when it does not exist."""
-        try:
-            if self.local:
-                return sorted(os.listdir(self._p(folder)))
-            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self._fresh(self._p(folder)), detail=False))
-        except FileNotFoundError:
-            return []
-
-    def remove(self, name: str) -> None:
-        try:
-            if self.local:
-                os.remove(self._p(name))
-            else:
-                self.fs.rm_file(self._p(name))
-        except FileNotFoundError:
-            pass
+# The dataset root the builder writes to is a `lmim.pipeline.storage.Store`; `Destination` is the
+# builder's old name for it, kept until tools/shard/build.py imports Store itself.
+Destination = Store
