@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmim.pipeline.manifest import Manifest
+from lmim.pipeline.storage import Store
 from lmim.tools.shard.config import BuildOptions
 from lmim.tools.shard.destination import check_destination, open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError
@@ -43,7 +44,6 @@ from lmim.tools.shard.progress import Counters, ProgressBar, attach, reporting
 from lmim.tools.shard.sources import Corpus, SourceError, open_corpus
 from lmim.tools.shard.state import TMP_DIR, ShardRecord, claim, completed_records, shard_name
 from lmim.tools.shard.tasks import ShardTask, TaskContext, build_shard, run_shards
-from lmim.tools.shard.writer import Destination
 
 __all__ = ["BuildError", "BuildOptions", "BuildSummary", "BuildResult", "build_dataset", "run_build", "merge_parts"]
 
@@ -146,7 +146,7 @@ def run_build(src: str, dst: str, options: BuildOptions) -> BuildResult:
         corpus.close()
 
 
-def _run(dest: Destination, corpus: Corpus, plan: Plan, options: BuildOptions, t0: float) -> BuildSummary:
+def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: float) -> BuildSummary:
     """Build this run's missing shards, then merge (a whole build) or summarise this part."""
     part_i, part_n = options.part_index, options.part_count
     mine = [n for n in range(len(plan.shards)) if n % part_n == part_i]
@@ -180,7 +180,7 @@ def _run(dest: Destination, corpus: Corpus, plan: Plan, options: BuildOptions, t
                         **this_run, complete=False)
 
 
-def _scratch_dir(dest: Destination, mine: set[str]) -> str:
+def _scratch_dir(dest: Store, mine: set[str]) -> str:
     """Where shards are written before they are put in place. Local DST: its own _build/tmp (a rename
     into place is then atomic), cleared of leftovers of a killed run of this part (other parts own
     other names); remote DST: a fresh local temporary folder, removed after the run."""

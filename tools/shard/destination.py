@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import os
 
+from lmim.pipeline.storage import Store, has_scheme
 from lmim.tools.shard.errors import BuildError
-from lmim.tools.shard.writer import Destination
 
 __all__ = ["scrub_url", "open_destination", "check_destination"]
 
 
 def scrub_url(url: str) -> str:
     """The URL without any user:password@ part (never written to logs or manifests)."""
-    if "://" in url:
+    if has_scheme(url):
         scheme, rest = url.split("://", 1)
         host, sep, path = rest.partition("/")
         if "@" in host:
@@ -22,21 +22,21 @@ def scrub_url(url: str) -> str:
     return url
 
 
-def open_destination(dst: str, storage_options: dict | None) -> Destination:
+def open_destination(dst: str, storage_options: dict | None) -> Store:
     try:
-        return Destination(dst, storage_options)
+        return Store(dst, storage_options)
     except (ValueError, ImportError) as e:
         scheme = dst.split("://", 1)[0]
         raise BuildError(f"unknown or unavailable storage scheme {scheme!r} in DST {scrub_url(dst)} ({e}); "
                          f"use a local path, s3://bucket/prefix or another fsspec URL") from None
 
 
-def check_destination(dest: Destination, src: str) -> None:
+def check_destination(dest: Store, src: str) -> None:
     """Refuse a local DST that is SRC, lies inside SRC (its shards would join the corpus) or cannot be
     written. A remote DST is probed later, by the first read of what it holds (`state.claim`)."""
     if not dest.local:
         return
-    if "://" not in src:
+    if not has_scheme(src):
         src_abs = os.path.realpath(src.rstrip("/") or "/")
         dst_real = os.path.realpath(dest.path)
         if src_abs == dst_real:

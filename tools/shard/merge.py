@@ -10,10 +10,10 @@ import os
 import shutil
 
 from lmim.pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest
+from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError
 from lmim.tools.shard.state import PLAN_NAME, TMP_DIR, fingerprint_records, read_json, shard_name
-from lmim.tools.shard.writer import Destination
 
 __all__ = ["merge_parts", "merge"]
 
@@ -26,7 +26,7 @@ def merge_parts(dst: str, *, storage_options: dict | None = None) -> Manifest:
     return merge(open_destination(dst, storage_options))
 
 
-def merge(dest: Destination) -> Manifest:
+def merge(dest: Store) -> Manifest:
     """`merge_parts` on an open DST (the builder's own, at the end of a whole build)."""
     plan_doc = read_json(dest, PLAN_NAME)
     if plan_doc is None:

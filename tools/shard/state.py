@@ -10,16 +10,15 @@ finished by the next.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from lmim.pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import scrub_url
 from lmim.tools.shard.errors import BuildError
 from lmim.tools.shard.plan import Plan
-from lmim.tools.shard.writer import Destination
 
 __all__ = ["BUILD_DIR", "PLAN_NAME", "SIDECAR_DIR", "TMP_DIR", "ShardRecord", "shard_name", "read_json",
            "claim", "completed_records", "fingerprint_records"]
@@ -62,7 +61,7 @@ class ShardRecord:
         return json.dumps(self.to_dict()).encode()
 
 
-def read_json(dest: Destination, name: str) -> dict | None:
+def read_json(dest: Store, name: str) -> dict | None:
     """A JSON file of DST; None when it is absent, torn or foreign (it is then rewritten)."""
     try:
         return json.loads(dest.read_bytes(name))
@@ -72,7 +71,7 @@ def read_json(dest: Destination, name: str) -> dict | None:
         return None
 
 
-def claim(dest: Destination, plan: Plan, plan_doc: dict[str, Any]) -> Manifest | None:
+def claim(dest: Store, plan: Plan, plan_doc: dict[str, Any]) -> Manifest | None:
     """Check DST holds nothing foreign, write the plan (`plan_doc`) unless this build's is there;
     return the manifest when this very dataset is already complete."""
     try:
@@ -95,9 +94,9 @@ def claim(dest: Destination, plan: Plan, plan_doc: dict[str, Any]) -> Manifest |
     return None
 
 
-def _write_plan(dest: Destination, plan_doc: dict[str, Any]) -> None:
+def _write_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
     # a refused first write leaves nothing behind: a local DST this build created is removed again
-    existed = dest.local and os.path.exists(dest.path)
+    existed = dest.local and dest.exists()
     try:
         dest.write_bytes(PLAN_NAME, json.dumps(plan_doc, indent=1).encode())
     except PermissionError:
@@ -111,7 +110,7 @@ def _write_plan(dest: Destination, plan_doc: dict[str, Any]) -> None:
         raise BuildError(f"cannot write to DST {scrub_url(dest.url)} ({type(e).__name__}: {e})") from None
 
 
-def completed_records(dest: Destination, plan: Plan, prefix: str) -> dict[int, ShardRecord]:
+def completed_records(dest: Store, plan: Plan, prefix: str) -> dict[int, ShardRecord]:
     """Records of the shards already complete: this plan's fingerprint, the expected sidecar name,
     and the shard and its index in place at the recorded size (a resume never trusts less)."""
     out = {}
@@ -135,7 +134,7 @@ def completed_records(dest: Destination, plan: Plan, prefix: str) -> dict[int, S
     return out
 
 
-def fingerprint_records(dest: Destination, fingerprint: str) -> dict[int, ShardRecord]:
+def fingerprint_records(dest: Store, fingerprint: str) -> dict[int, ShardRecord]:
     """Every record of the plan `fingerprint`, by shard number (what a merge gathers from all parts)."""
     out = {}
     for fname in dest.list(SIDECAR_DIR):

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from lmim.pipeline.manifest import ShardInfo
+from lmim.pipeline.storage import Store
 from lmim.tools.shard.config import ImageOptions
 from lmim.tools.shard.images import Prepared, Reject, prepare_image
 from lmim.tools.shard.progress import report
 from lmim.tools.shard.sources import SourceItem, iter_items
 from lmim.tools.shard.state import SIDECAR_DIR, ShardRecord
-from lmim.tools.shard.writer import Destination, TarShardWriter
+from lmim.tools.shard.writer import TarShardWriter
 
 __all__ = ["TaskContext", "ShardTask", "Written", "write_shard", "finalize_shard", "build_shard", "run_shards"]
 
@@ -129,7 +130,7 @@ def finalize_shard(task: ShardTask, written: Written) -> ShardRecord:
     """Put a written shard in place (the I/O-bound part): index, then tar, then the sidecar that
     marks it complete. Local: fsync + rename; remote: upload (a PUT is visible only when complete)."""
     ctx = task.context
-    dest = Destination(ctx.root, ctx.storage_options)
+    dest = Store(ctx.root, ctx.storage_options)
     if written.tmp_tar is not None:
         idx_tmp = os.path.join(ctx.tmp_dir, f"{task.name}.idx.tmp-{os.getpid()}")
         with open(idx_tmp, "w", encoding="utf-8") as f:
