@@ -34,13 +34,13 @@ import torch
 
 from lmim.pipeline.batch import Batch
 from lmim.pipeline.config import DataConfig
-from lmim.pipeline.checksum import algorithm_of, checksum_of_file
 from lmim.pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError, StoreUnreachable
-from lmim.pipeline.manifest import Manifest, read_manifest
+from lmim.pipeline.format.checksum import algorithm_of, checksum_of_file, verify_shard_checksum
+from lmim.pipeline.format.manifest import Manifest, read_manifest
 from lmim.pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
 from lmim.pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
 from lmim.pipeline.storage import RetryPolicy, is_remote, join, local_path
-from lmim.pipeline.stream import Prefetcher, ShardFetcher, StreamStats, verify_shard_checksum
+from lmim.pipeline.stream import Prefetcher, ShardFetcher, StreamStats
 
 log = logging.getLogger(__name__)
 

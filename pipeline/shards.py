@@ -2,8 +2,8 @@
 
 The crop windows are computed in Python from the width and height in each sample's
 `{key}.json`, so images need no decode before the crop (DALI then decodes only the window).
-For local shards the `.idx` file (DALI's webdataset index, v1.2: one line per sample with
-`ext offset size name` per component) gives the offsets; metadata is read with `os.pread`
+For local shards the `.idx` file (DALI's webdataset index, `lmim.pipeline.format.index`) gives
+the offsets; metadata is read with `os.pread`
 (two tiny reads per sample, once per shard and process). Remote shards are parsed from their
 bytes in memory (see `lmim.pipeline.stream`).
 """
@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmim.pipeline.errors import ShardError
-from lmim.pipeline.manifest import IMAGE_EXTENSIONS
-
-IMAGE_EXTS = tuple(IMAGE_EXTENSIONS)
+from lmim.pipeline.format.index import Components, index_text, parse_index, sample_line
+from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, split_member
 
 
 @dataclass
@@ -37,53 +36,12 @@ class ShardMeta:
     image_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)[-1]
-    dot = base.find(".")
-    prefix = name[: len(name) - len(base)]
-    return prefix + base[:dot], base[dot + 1:]
-
-
-def parse_index(text: str, shard: str, expected_samples: int, file_size: int) -> list[dict[str, tuple[int, int, str]]]:
-    """Parse and validate a DALI webdataset index: one {ext: (offset, size, name)} per sample."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("v1."):
-        raise ShardError(shard, "bad index: the .idx file has no 'v1.x N' header; rebuild the index (`lmim shard`)")
-    try:
-        declared = int(lines[0].split()[1])
-    except (IndexError, ValueError):
-        raise ShardError(shard, f"bad index: unreadable header {lines[0]!r}") from None
-    rows = [ln for ln in lines[1:] if ln.strip()]
-    if declared != len(rows) or len(rows) != expected_samples:
-        raise ShardError(shard, f"bad index: it lists {len(rows)} samples (header says {declared}), "
-                                f"the manifest says {expected_samples}")
-    out = []
-    for n, row in enumerate(rows):
-        parts = row.split()
-        if len(parts) % 4:
-            raise ShardError(shard, f"bad index: line {n + 2} is not 'ext offset size name' groups")
-        comps = {}
-        for j in range(0, len(parts), 4):
-            ext, off, size, name = parts[j], parts[j + 1], parts[j + 2], parts[j + 3]
-            try:
-                off_i, size_i = int(off), int(size)
-            except ValueError:
-                raise ShardError(shard, f"bad index: line {n + 2} has a non-numeric offset or size") from None
-            if off_i < 0 or size_i < 0 or off_i + size_i > file_size:
-                key = _split_name(name)[0]
-                raise ShardError(shard, f"truncated or bad index: sample {key!r} ({ext}) ends at byte "
-                                        f"{off_i + size_i} but the shard has {file_size} bytes")
-            comps[ext] = (off_i, size_i, name)
-        out.append(comps)
-    return out
-
-
-def _image_component(comps: dict, shard: str) -> tuple[str, tuple[int, int, str]]:
-    for ext in IMAGE_EXTS:
+def _image_component(comps: Components, shard: str) -> tuple[str, tuple[int, int, str]]:
+    for ext in IMAGE_EXTENSIONS:
         if ext in comps:
             return ext, comps[ext]
     name = next(iter(comps.values()))[2]
-    raise ShardError(shard, f"sample {_split_name(name)[0]!r} has no image component ({', '.join(IMAGE_EXTS)})")
+    raise ShardError(shard, f"sample {split_member(name)[0]!r} has no image component ({', '.join(IMAGE_EXTENSIONS)})")
 
 
 def _meta_from(json_bytes: bytes | None, cls_bytes: bytes | None, shard: str, key: str) -> tuple[int, int, int]:
@@ -118,13 +76,13 @@ def read_local_meta(tar_path: str, idx_path: str, shard: str, expected_samples: 
     try:
         for comps in parsed:
             ext, (off, sz, name) = _image_component(comps, shard)
-            key = _split_name(name)[0]
+            key = split_member(name)[0]
             jb = os.pread(fd, comps["json"][1], comps["json"][0]) if "json" in comps else None
             cb = os.pread(fd, comps["cls"][1], comps["cls"][0]) if "cls" in comps else None
             w, h, label = _meta_from(jb, cb, shard, key)
             keys.append(key); widths.append(w); heights.append(h); labels.append(label)
             spans.append((off, sz))
-            lines.append(" ".join(f"{e} {o} {s} {n}" for e, (o, s, n) in comps.items()))
+            lines.append(sample_line(comps))
     finally:
         os.close(fd)
     return ShardMeta(keys, np.asarray(widths, np.int32), np.asarray(heights, np.int32), np.asarray(labels, np.int64),
@@ -140,9 +98,7 @@ def read_span(tar_path: str, span: tuple[int, int]) -> bytes:
 def write_index(path: str, lines: list[str]) -> None:
     """Write a DALI webdataset index listing `lines` (samples) in this order."""
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"v1.2 {len(lines)}\n")
-        f.write("\n".join(lines))
-        f.write("\n")
+        f.write(index_text(lines))
 
 
 @dataclass
@@ -161,7 +117,7 @@ def parse_tar(data: bytes, shard: str, expected_samples: int) -> ShardData:
             for member in tf:
                 if not member.isfile():
                     continue
-                key, ext = _split_name(member.name)
+                key, ext = split_member(member.name)
                 f = tf.extractfile(member)
                 groups.setdefault(key, {})[ext] = f.read() if f is not None else b""
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -170,9 +126,9 @@ def parse_tar(data: bytes, shard: str, expected_samples: int) -> ShardData:
         raise ShardError(shard, f"truncated or corrupt: {len(groups)} samples in the tar, the manifest says {expected_samples}")
     keys, widths, heights, labels, images = [], [], [], [], []
     for key, comps in groups.items():
-        img = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
+        img = next((comps[e] for e in IMAGE_EXTENSIONS if e in comps), None)
         if img is None:
-            raise ShardError(shard, f"sample {key!r} has no image component ({', '.join(IMAGE_EXTS)})")
+            raise ShardError(shard, f"sample {key!r} has no image component ({', '.join(IMAGE_EXTENSIONS)})")
         w, h, label = _meta_from(comps.get("json"), comps.get("cls"), shard, key)
         keys.append(key); widths.append(w); heights.append(h); labels.append(label); images.append(img)
     meta = ShardMeta(keys, np.asarray(widths, np.int32), np.asarray(heights, np.int32), np.asarray(labels, np.int64))

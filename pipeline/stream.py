@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from lmim.pipeline.checksum import algorithm_of, checksum_of
 from lmim.pipeline.errors import DataError, ShardError
-from lmim.pipeline.manifest import ShardInfo
+from lmim.pipeline.format.checksum import algorithm_of, checksum_of, verify_shard_checksum
+from lmim.pipeline.format.manifest import ShardInfo
 from lmim.pipeline.shards import ShardData, parse_tar
 from lmim.pipeline.storage import RetryPolicy, Store, write_atomic
 
@@ -38,14 +38,6 @@ class StreamStats:
         with self._lock:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
-
-
-def verify_shard_checksum(info: ShardInfo, digest: str) -> None:
-    """The one integrity check, local and remote: `digest` (of the shard's bytes) must be the manifest's."""
-    if digest != info.checksum:
-        raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
-                                    f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
-                                    "with `lmim shard`, or check it with `lmim verify`)")
 
 
 class ShardFetcher:

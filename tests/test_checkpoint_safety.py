@@ -33,7 +33,7 @@ def _write_crafted_pickle(path: Path, proof: Path, rehash: bool = True) -> None:
     if rehash:  # an attacker rewrites the marker too, so the digests match the crafted file
         ckpt = path.parent
         marker = json.loads((ckpt / COMPLETE_MARKER).read_text())
-        from lmim.pipeline.checksum import checksum_of_file
+        from lmim.pipeline.format.checksum import checksum_of_file
 
         marker.setdefault("files", {})[path.name] = {"bytes": path.stat().st_size, "checksum": checksum_of_file(str(path))}
         (ckpt / COMPLETE_MARKER).write_text(json.dumps(marker))

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from lmim.pipeline import ShardError, build_loader
-from lmim.pipeline.checksum import algorithm_of, checksum_of, hasher_like, matches
-from lmim.pipeline.manifest import read_manifest
+from lmim.pipeline.format.checksum import algorithm_of, checksum_of, hasher_like, matches
+from lmim.pipeline.format.manifest import read_manifest
 from tests.test_pipeline import GEOM, cfg, copy_dataset, keys_of, make_dataset
 from lmim.tools.cli import main
 

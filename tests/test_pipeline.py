@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lmim.pipeline import Batch, DataError, SampleError, ShardError, build_loader
-from lmim.pipeline.checksum import checksum_of
+from lmim.pipeline.format.checksum import checksum_of
 from lmim.pipeline.config import DataConfig
-from lmim.pipeline.manifest import Manifest, read_manifest
+from lmim.pipeline.format.manifest import Manifest, read_manifest
 from lmim.pipeline.order import eval_plan, rank_shards, train_plan
 
 GEOM = dict(grid_size=4, patch_size=8, patch_gap=2)    # 40 px training crops, 32 px evaluation
@@ -437,7 +437,7 @@ def test_local_shards_are_checked_against_their_checksum_like_remote_ones(datase
     """A local shard whose bytes changed but still decode is refused, as the same shard from S3 is."""
     import shutil
 
-    from lmim.pipeline.manifest import read_manifest
+    from lmim.pipeline.format.manifest import read_manifest
 
     ds = tmp_path / "ds"
     shutil.copytree(dataset, ds)
@@ -455,7 +455,7 @@ def test_local_shards_are_checked_against_their_checksum_like_remote_ones(datase
 def test_a_bad_shard_is_skipped_by_default_named_counted_and_remembered(dataset, tmp_path, backend):
     """data.on_error=skip: the shard is left out, the epoch keeps its length, and a resumed loader
     (its state) skips it too without reading it again."""
-    from lmim.pipeline.manifest import read_manifest
+    from lmim.pipeline.format.manifest import read_manifest
 
     root = copy_dataset(dataset, str(tmp_path / "ds"))
     bad = read_manifest(root).shards[1]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from lmim.pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
+from lmim.pipeline.format.manifest import MANIFEST_NAME, REJECTS_NAME, read_manifest
 from lmim.tools.sample_images import write_photo_jpegs
 from lmim.tools.shard import BuildError, build_dataset, merge_parts, verify_dataset
-from lmim.tools.shard.keys import make_key
+from lmim.pipeline.format.keys import make_key
 from lmim.tools.shard.options import parse_bytes, storage_options_from
 from lmim.tools.shard.readback import read_back
 

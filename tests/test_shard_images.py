@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lmim.pipeline.manifest import REJECTS_NAME
+from lmim.pipeline.format.manifest import REJECTS_NAME
 from tests import images as I
 from tests.test_shard import read_all
 from lmim.tools.shard import build_dataset, verify_dataset

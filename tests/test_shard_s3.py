@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lmim.pipeline.manifest import read_manifest
+from lmim.pipeline.format.manifest import read_manifest
 from tests.test_shard import tree_expected
 from lmim.tools.sample_images import write_photo_jpegs
 from lmim.tools.shard import BuildError, build_dataset, verify_dataset

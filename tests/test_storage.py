@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import pytest
 
 from lmim.pipeline.errors import DatasetNotFound, StoreUnreachable
-from lmim.pipeline.manifest import read_manifest
+from lmim.pipeline.format.manifest import read_manifest
 from lmim.pipeline.storage import (RetryPolicy, Store, is_remote, join, local_path, storage_options_for,
                                    write_atomic)
 from lmim.pipeline.stream import ShardFetcher

@@ -54,7 +54,7 @@ def test_real_shards_end_to_end_with_knn(shards, tmp_path):
 def test_a_truncated_shard_is_skipped_and_the_log_counts_it(shards, tmp_path):
     import shutil
 
-    from lmim.pipeline.manifest import read_manifest
+    from lmim.pipeline.format.manifest import read_manifest
 
     ds = tmp_path / "ds"
     shutil.copytree(shards, ds)

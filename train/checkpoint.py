@@ -44,7 +44,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from lmim.pipeline.checksum import algorithm_of, checksum_of_file
+from lmim.pipeline.format.checksum import algorithm_of, checksum_of_file
 
 __all__ = [
     "COMPLETE_MARKER",

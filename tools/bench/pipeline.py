@@ -28,7 +28,7 @@ import torch
 
 from lmim.pipeline import build_loader
 from lmim.pipeline.config import DataConfig
-from lmim.pipeline.manifest import read_manifest
+from lmim.pipeline.format.manifest import read_manifest
 from lmim.pipeline.storage import Store, is_remote
 from lmim.train.hardware import describe_machine
 
@@ -112,7 +112,7 @@ def _checksum_cost(url: str, manifest) -> dict[str, float]:
     Each shard is read twice (the second read, from the page cache, is timed: the cheapest a
     read gets, so the share is an upper bound) and hashed with its manifest's algorithm.
     """
-    from lmim.pipeline.checksum import algorithm_of, checksum_of
+    from lmim.pipeline.format.checksum import algorithm_of, checksum_of
 
     store = Store(url)
     read_s, hash_s, total = 0.0, 0.0, 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmim.tools.shard.keys import unique_keys
+from lmim.pipeline.format.keys import unique_keys
 from lmim.tools.shard.sources import Corpus
 
 # Three tar headers (image, json, cls) + padding + the json itself, per sample.

@@ -19,7 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from lmim.pipeline.manifest import IMAGE_EXTENSIONS, read_manifest
+from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, split_member
+from lmim.pipeline.format.manifest import read_manifest
 from lmim.pipeline.storage import join
 
 
@@ -76,7 +77,7 @@ def read_back(root: str, *, decode: bool = True, batch_size: int = 16,
             if seen >= total:
                 break
             shard, _, name = bytes(np.asarray(info[i])).decode().rsplit(":", 2)
-            key, _, ext = name.partition(".")
+            key, ext = split_member(name)
             label_raw = bytes(np.asarray(cls[i])) if cls is not None else b""
             yield ReadSample(shard=shard, key=key, ext=ext, data=bytes(np.asarray(image[i])),
                              label=int(label_raw.decode()) if label_raw.strip() else None,

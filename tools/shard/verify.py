@@ -14,8 +14,10 @@ import sys
 import tarfile
 from typing import Any
 
-from lmim.pipeline.checksum import algorithm_of, format_checksum, hasher_like
-from lmim.pipeline.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, read_manifest
+from lmim.pipeline.format.checksum import algorithm_of, format_checksum, hasher_like
+from lmim.pipeline.format.index import INDEX_VERSION, lines_of_members
+from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, is_readable_key, split_member
+from lmim.pipeline.format.manifest import Manifest, ShardInfo, read_manifest
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 
@@ -39,26 +41,6 @@ class _HashingReader:
             pass
 
 
-def _split(name: str) -> tuple[str, str]:
-    base_start = name.rfind("/") + 1
-    dot = name.find(".", base_start)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
-
-def _index_from_members(members: list[tuple[str, int, int]]) -> list[str]:
-    """The index lines DALI's wds2idx would write for these (name, offset, size) members."""
-    lines, last = [], None
-    for name, off, size in members:
-        key, ext = _split(name)
-        comp = f"{ext} {off} {size} {name}"
-        if key == last:
-            lines[-1] += " " + comp
-        else:
-            lines.append(comp)
-            last = key
-    return lines
-
-
 def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen_keys: dict[str, str]) -> list[str]:
     where = f"shard {shard.name}"
     problems: list[str] = []
@@ -73,7 +55,7 @@ def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen
                         if not m.isreg():
                             continue
                         members.append((m.name, m.offset_data, m.size))
-                        key, ext = _split(m.name)
+                        key, ext = split_member(m.name)
                         sample = samples.setdefault(key, {})
                         if ext in ("json", "cls"):
                             sample[ext] = tf.extractfile(m).read()
@@ -91,8 +73,7 @@ def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen
     if len(samples) != shard.samples:
         problems.append(f"{where}: holds {len(samples)} samples, the manifest says {shard.samples}")
     for key, sample in samples.items():
-        base = key.rsplit("/", 1)[-1]
-        if "." in base or " " in key:
+        if not is_readable_key(key):
             problems.append(f"{where}: sample key {key!r} holds a dot or a space")
         if key in seen_keys:
             problems.append(f"{where}: sample key {key!r} also occurs in {seen_keys[key]}")
@@ -120,9 +101,9 @@ def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen
     except FileNotFoundError:
         problems.append(f"{where}: index {shard.index} is missing")
         return problems
-    expected = _index_from_members(members)
-    if not idx_lines or idx_lines[0].split()[:1] != ["v1.2"]:
-        problems.append(f"{where}: index {shard.index} has no 'v1.2 N' header")
+    expected = lines_of_members(members)
+    if not idx_lines or idx_lines[0].split()[:1] != [INDEX_VERSION]:
+        problems.append(f"{where}: index {shard.index} has no '{INDEX_VERSION} N' header")
     else:
         head = idx_lines[0].split()
         if len(head) != 2 or head[1] != str(len(idx_lines) - 1) or len(idx_lines) - 1 != shard.samples:

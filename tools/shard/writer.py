@@ -2,9 +2,8 @@
 place by `lmim.pipeline.storage.Store.put_file`).
 
 The tar is written by hand (ustar headers from `tarfile.TarInfo.tobuf`, data, padding) because
-that gives each member's data offset for free: the DALI index (`v1.2 N`, then per sample
-`ext offset size name` per component, as DALI's `wds2idx` writes it) needs no second pass over
-the tar. Headers carry fixed metadata (mtime 0, uid/gid 0, mode 644), so a shard's bytes, and
+that gives each member's data offset for free: the DALI index (`lmim.pipeline.format.index`)
+needs no second pass over the tar. Headers carry fixed metadata (mtime 0, uid/gid 0, mode 644), so a shard's bytes, and
 therefore its checksum, depend only on its samples: a resumed build is byte-identical to an
 uninterrupted one.
 """
@@ -13,11 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from lmim.pipeline.checksum import format_checksum, new_hasher
+from lmim.pipeline.format.checksum import format_checksum, new_hasher
+from lmim.pipeline.format.index import component, index_text
+from lmim.pipeline.format.keys import member_name
 from lmim.pipeline.storage import Store
 
 BLOCK = 512
-INDEX_VERSION = "v1.2"
 
 # A ustar header is constant except for the name, size and checksum, so it is assembled from a
 # template (tarfile.TarInfo.tobuf costs ~60 us a member, a third of a sample's whole budget).
@@ -45,7 +45,7 @@ def tar_header(name: bytes, size: int) -> bytes:
 class ShardResult:
     samples: int
     bytes: int
-    checksum: str   # "xxh3_128:<hex>" (lmim.pipeline.checksum)
+    checksum: str   # "xxh3_128:<hex>" (lmim.pipeline.format.checksum)
     index_text: str
 
 
@@ -83,11 +83,11 @@ class TarShardWriter:
         chunks = []
         pos = self._pos
         for ext, data in members:
-            name = f"{key}.{ext}"
+            name = member_name(key, ext)
             size = len(data)
             chunks.append(tar_header(name.encode("ascii"), size))
             pos += BLOCK
-            parts.append(f"{ext} {pos} {size} {name}")
+            parts.append(component(ext, pos, size, name))
             chunks.append(data)
             pad = -size % BLOCK
             if pad:
@@ -105,8 +105,7 @@ class TarShardWriter:
         self._write(b"\0" * (2 * BLOCK))  # end-of-archive marker
         os.close(self._fd)
         self._fd = -1
-        index = f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)
-        return ShardResult(len(self._lines), self._pos, format_checksum(self._sha), index)
+        return ShardResult(len(self._lines), self._pos, format_checksum(self._sha), index_text(self._lines))
 
     def abort(self) -> None:
         if self._fd >= 0:

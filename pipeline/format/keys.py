@@ -1,18 +1,42 @@
-"""Sample keys: unique, dot-free, deterministic functions of the source path.
+"""Sample keys and member names: a sample is the tar members `{key}.{ext}` that share one key.
 
-DALI's webdataset reader takes everything after the first dot of a member's base name as its
-extension, and its index format separates fields with spaces, so a key may hold only
-`[A-Za-z0-9_-]`. A key is a readable slug of the tail of the source path plus a short hash of the
-whole path: readable in `tar tf`, unique in practice, and identical on every re-run.
+Readers (DALI's webdataset reader, webdataset's convention, `lmim verify`) take everything after
+the first dot of a member's base name as its extension, and DALI's index separates fields with
+spaces, so a key holds no dot and no space (`is_readable_key`). The builder's keys are stricter,
+`[A-Za-z0-9_-]` only: a readable slug of the tail of the source path plus a short hash of the
+whole path, readable in `tar tf`, unique in practice, and identical on every re-run (`make_key`).
 """
 from __future__ import annotations
 
 import hashlib
 import re
 
+# The extensions a sample's image may carry; DALI's webdataset reader takes them as alternatives.
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 SLUG_CHARS = 40  # keeps `{key}.json` far below the 100-byte ustar name limit
 HASH_CHARS = 12
+
+
+def member_name(key: str, ext: str) -> str:
+    """The tar member name of a sample's component: `{key}.{ext}`."""
+    return f"{key}.{ext}"
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member name, split at the first dot of its base name.
+
+    A folder part stays in the key (`a.b/c.d.e` -> (`a.b/c`, `d.e`)); a name without a dot is all key.
+    """
+    base_start = name.rfind("/") + 1
+    dot = name.find(".", base_start)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def is_readable_key(key: str) -> bool:
+    """Whether readers can find a sample by this key: no dot in its base name, no space."""
+    return "." not in key.rsplit("/", 1)[-1] and " " not in key
 
 
 def path_hash(source_id: str, chars: int = HASH_CHARS) -> str:

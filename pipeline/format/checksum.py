@@ -10,9 +10,14 @@ Manifests written with SHA-256 (the first format) still verify.
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import xxhash
+
+from lmim.pipeline.errors import ShardError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmim.pipeline.format.manifest import ShardInfo
 
 DEFAULT_ALGORITHM = "xxh3_128"
 _ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
@@ -65,3 +70,11 @@ def hasher_like(checksum: str) -> Hasher:
 
 def matches(data: bytes, checksum: str) -> bool:
     return checksum_of(data, algorithm_of(checksum)) == checksum
+
+
+def verify_shard_checksum(info: "ShardInfo", digest: str) -> None:
+    """The one integrity check, local and remote: `digest` (of the shard's bytes) must be the manifest's."""
+    if digest != info.checksum:
+        raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
+                                    f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
+                                    "with `lmim shard`, or check it with `lmim verify`)")

@@ -1,0 +1,53 @@
+"""lmim.pipeline.format: the writer, the reader and `lmim verify` agree on one format.
+
+- The index the builder writes while it writes a tar is the one `lmim verify` derives from the
+  tar's members, and the loader's parser reads it back to the same members.
+- A member name splits into key and extension at the first dot of its base name, everywhere.
+"""
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+
+from lmim.pipeline.errors import ShardError
+from lmim.pipeline.format.index import index_text, lines_of_members, parse_index, sample_line
+from lmim.pipeline.format.keys import is_readable_key, make_key, member_name, split_member
+from lmim.pipeline.shards import write_index
+from lmim.tools.shard.writer import TarShardWriter
+
+
+def test_member_names_split_at_the_first_dot_of_the_base_name():
+    assert split_member(member_name("cat-0a1b", "json")) == ("cat-0a1b", "json")
+    assert split_member("a.b/c.d.e") == ("a.b/c", "d.e")
+    assert split_member("noext") == ("noext", "")
+    assert is_readable_key(make_key("photos/holiday 2024/img.001.JPG"))
+    assert not is_readable_key("a b") and not is_readable_key("x/a.b") and is_readable_key("x.y/a")
+
+
+def test_the_written_index_is_the_one_verify_derives_and_the_loader_parses(tmp_path):
+    path = tmp_path / "s.tar"
+    writer = TarShardWriter(str(path))
+    samples = {"k1": [("jpg", b"\xff\xd8" + b"x" * 700), ("json", b'{"width":1,"height":1}'), ("cls", b"3")],
+               "k2": [("png", b"p" * 10), ("json", b"{}")]}
+    for key, members in samples.items():
+        writer.add(key, members)
+    result = writer.close()
+    with tarfile.open(path) as tf:
+        members = [(m.name, m.offset_data, m.size) for m in tf]
+    lines = lines_of_members(members)
+    assert result.index_text == index_text(lines)
+    parsed = parse_index(result.index_text, "s.tar", expected_samples=2, file_size=result.bytes)
+    assert [sample_line(c) for c in parsed] == lines
+    assert list(parsed[0]) == ["jpg", "json", "cls"] and parsed[1]["png"][1] == 10
+    # the loader's per-epoch index (any subset, any order) is the same text format
+    write_index(str(tmp_path / "e.idx"), lines[::-1])
+    assert (tmp_path / "e.idx").read_text() == index_text(lines[::-1])
+
+
+@pytest.mark.parametrize("text,needle", [("", "no 'v1.x N' header"), ("v1.2 2\njpg 0 1 a.jpg\n", "lists 1 samples"),
+                                         ("v1.2 1\njpg 0 99 a.jpg\n", "'a' (jpg) ends at byte 99")])
+def test_a_bad_index_is_a_shard_error_naming_the_shard(text, needle):
+    with pytest.raises(ShardError, match="shard s.tar") as err:
+        parse_index(text, "s.tar", expected_samples=1, file_size=50)
+    assert needle in str(err.value)
