@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from lmim.pipeline.format.checksum import format_checksum, new_hasher
 from lmim.pipeline.format.index import component, index_text
 from lmim.pipeline.format.keys import member_name
-from lmim.pipeline.storage import Store
 
 BLOCK = 512
 
@@ -116,7 +115,3 @@ class TarShardWriter:
         except OSError:
             pass
 
-
-# The dataset root the builder writes to is a `lmim.pipeline.storage.Store`; `Destination` is the
-# builder's old name for it, kept until tools/shard/build.py imports Store itself.
-Destination = Store
