@@ -42,3 +42,13 @@ def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
 def test_bench_gpu_small():
     assert bench_model.main(["--device", "cuda", "--config", "tiny", "--batch-size", "8", "--steps", "2",
                              "--rounds", "1"]) == 0
+
+
+def test_reference_that_is_not_a_checkout_is_one_sentence(tmp_path, capsys):
+    """--reference needs the user's checkout of the authors' code; lmim ships none of it."""
+    rc = bench_model.main(["--config", "tiny", "--batch-size", "2", "--steps", "1", "--rounds", "1",
+                           "--reference", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"lmim bench model: {tmp_path} has no models_lmim.py: pass a checkout of "
+                   "github.com/yibingwei-1/LatentMIM to --reference.")

@@ -32,7 +32,7 @@ def _batches(net: LatentMIM) -> itertools.repeat:
 
 def _stepper(net: LatentMIM, **kw):
     cfg = load_config("quickstart", ["optim.clip_grad=0.5"])
-    s = local_stepper(cfg, net, steps_per_epoch=5, fused=False)
+    s = local_stepper(cfg, net, steps_per_epoch=5)
     s.schedules = SCHED
     for k, v in kw.items():
         setattr(s, k, v)

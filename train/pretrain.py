@@ -295,8 +295,7 @@ def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
 
 def _make_stepper(cfg: DictConfig, accelerator, model: LatentMIM, sched: Schedules) -> Stepper:
     """AdamW for `model`, then torch.compile (compile=true) and Accelerate's wrapping (DDP, autocast)."""
-    fused = accelerator.device.type == "cuda"  # one kernel for the whole update: less trainer overhead
-    optimizer = make_optimizer(model, cfg.optim, sched.lr(0), fused=fused)
+    optimizer = make_optimizer(model, cfg.optim, sched.lr(0))
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)

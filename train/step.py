@@ -83,11 +83,17 @@ class Stepper:
     ema: Callable[[float], None] | None = None
 
 
-def make_optimizer(net: LatentMIM, optim_cfg: Any, lr: float, *, fused: bool) -> torch.optim.AdamW:
+def make_optimizer(net: LatentMIM, optim_cfg: Any, lr: float) -> torch.optim.AdamW:
     """AdamW over `net.param_groups` (no decay on norms, biases, embeddings, tokens) per `optim_cfg`
-    (TrainConfig.optim). `fused`: one kernel for the whole update (CUDA), less step overhead."""
-    return torch.optim.AdamW(net.param_groups(optim_cfg.weight_decay), lr=lr, betas=tuple(optim_cfg.betas),
-                             eps=optim_cfg.eps, fused=fused)
+    (TrainConfig.optim), fused into one kernel where torch has one for the device (CUDA, and the CPU
+    since torch 2.4: half the per-parameter loop's time there, about 14 vs 28 ms a step on 4.7 M
+    parameters on a 2-core EPYC), else torch's default implementation."""
+    groups = net.param_groups(optim_cfg.weight_decay)
+    options = dict(lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, TypeError):  # no fused kernel for these parameters' device or dtype
+        return torch.optim.AdamW(groups, **options)
 
 
 def train_step(s: Stepper, batches: Iterator[Batch], step: int, *, metrics: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -127,10 +133,10 @@ def _autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.Abs
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def local_stepper(cfg: Any, net: LatentMIM, *, steps_per_epoch: int, fused: bool,
+def local_stepper(cfg: Any, net: LatentMIM, *, steps_per_epoch: int,
                   autocast: torch.dtype | None = None) -> Stepper:
     """A Stepper for `net` on one process without Accelerate (the benchmarks' bare step), with
     TrainConfig `cfg`'s optimizer, schedules (at one process's effective batch) and clipping."""
     sched = Schedules.from_config(cfg, steps_per_epoch, effective_batch_size(cfg, 1))
-    optimizer = make_optimizer(net, cfg.optim, sched.lr(0), fused=fused)
+    optimizer = make_optimizer(net, cfg.optim, sched.lr(0))
     return Stepper(net, net, optimizer, sched, clip_grad=float(cfg.optim.clip_grad), autocast=autocast)

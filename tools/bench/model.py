@@ -3,13 +3,14 @@
     lmim bench model                       # CPU: small config, ours vs plain eager fp32, + FLOPs table
     lmim bench model --config vit_b16 --flops-only
     lmim bench model --config vit_b16 --device cuda --batch-size 256 --compile   # GPU: images/s, MFU
+    lmim bench model --config ref_small --num-visible 7 --batch-size 128 --precision fp32 --reference ~/LatentMIM
 
 A step = the trainer's `train_step` (forward + backward + clipping + AdamW step + EMA target
 update; lr and EMA momentum from the default training config's schedules), on a batch already on
 the device.
 Baseline: the same model, eager fp32, timm's non-fused (explicit softmax) attention, per-parameter
-AdamW (foreach=False) and a per-parameter Python EMA loop. Ours: fused SDPA attention, fused (or
-foreach) AdamW, one `_foreach_lerp_` EMA call, and bf16 autocast where it is faster (on the CPU
+AdamW (foreach=False) and a per-parameter Python EMA loop. Ours: fused SDPA attention, the
+trainer's AdamW (fused where torch has a kernel: CUDA and CPU), one `_foreach_lerp_` EMA call, and bf16 autocast where it is faster (on the CPU
 both fp32 and bf16 are measured and the faster is kept; on CUDA bf16). Timings alternate
 baseline / ours over several rounds; medians are quoted. `ratio` = baseline step time / ours.
 On CUDA the MFU is the model FLOPs per image (FlopCounterMode) x images/s over the bf16 matmul
@@ -23,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,7 +33,7 @@ from lmim.pipeline.batch import Batch
 from lmim.train.config import load_config
 from lmim.train.hardware import describe_machine
 from lmim.train.schedules import Schedules
-from lmim.train.step import Stepper, train_step
+from lmim.train.step import Stepper, make_optimizer, train_step
 
 CONFIGS: dict[str, dict] = {
     # A small ViT a 2-core CPU can step a few times a second.
@@ -66,13 +68,9 @@ def _naive_ema(net, momentum: float) -> None:
             t.mul_(momentum).add_(s, alpha=1 - momentum)
 
 
-def _adamw(params, lr: float, kind: str):
-    if kind == "plain":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), foreach=False)
-    try:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), foreach=True)
+def _plain_adamw(params, lr: float) -> torch.optim.AdamW:
+    """The per-parameter AdamW loop (the baseline)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), foreach=False)
 
 
 class Variant:
@@ -99,6 +97,35 @@ class Variant:
         return dt
 
 
+class ReferenceVariant(Variant):
+    """The reference implementation's step (tools/bench/reference.py) as the baseline."""
+
+    def __init__(self, name: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer, schedules: Schedules,
+                 autocast: torch.dtype | None, device: torch.device):
+        self.name, self.device, self.times, self.warmup_s, self._step = name, device, [], 0.0, 0
+        self.net, self.optimizer, self.schedules, self.autocast = net, optimizer, schedules, autocast
+
+    def step(self, batch: Batch) -> None:
+        from lmim.tools.bench.reference import reference_step
+
+        reference_step(self.net, self.optimizer, batch.images, self.schedules.momentum(self._step), self.autocast)
+        self._step += 1
+
+
+def reference_variant(repo: str, cfg: ModelConfig, ours: Variant, num_visible: int, precision: str,
+                      device: torch.device) -> ReferenceVariant:
+    """The authors' code at lmim's sizes, with the schedules' EMA momentum and lr."""
+    from lmim.tools.bench.reference import build_reference, reference_optimizer
+
+    enc = ours.stepper.net.encoder
+    torch.manual_seed(0)
+    net = build_reference(repo, cfg, num_visible, embed_dim=enc.embed_dim, depth=len(enc.blocks),
+                          num_heads=enc.blocks[0].attn.num_heads).to(device).train()
+    sched = ours.stepper.schedules
+    return ReferenceVariant(f"reference implementation ({precision})", net, reference_optimizer(net, sched.lr(0)),
+                            sched, torch.bfloat16 if precision == "bf16" else None, device)
+
+
 def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str], compile_: bool,
                    batch_size: int) -> list[Variant]:
     from timm.layers import set_fused_attn
@@ -117,14 +144,14 @@ def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str]
     finally:
         set_fused_attn(True)
     state = base_net.state_dict()
-    baseline = Stepper(base_net, base_net, _adamw(base_net.param_groups(0.05), 1e-4, "plain"), sched, clip_grad=clip,
+    baseline = Stepper(base_net, base_net, _plain_adamw(base_net.param_groups(0.05), 1e-4), sched, clip_grad=clip,
                        ema=functools.partial(_naive_ema, base_net))
     variants = [Variant("baseline (eager fp32)", baseline, device)]
     for cand in candidates:
         torch.manual_seed(0)
         net = LatentMIM(cfg).to(device)
         net.load_state_dict(state)
-        opt = _adamw(net.param_groups(0.05), 1e-4, "fused")
+        opt = make_optimizer(net, train_cfg.optim, sched.lr(0))  # the trainer's
         runner = torch.compile(net) if compile_ else net
         ours = Stepper(runner, net, opt, sched, clip_grad=clip, autocast=torch.bfloat16 if cand == "bf16" else None)
         variants.append(Variant(f"ours ({cand}{', compiled' if compile_ else ''})", ours, device))
@@ -175,6 +202,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="ours: auto = try fp32 and bf16 autocast on the CPU, bf16 on CUDA")
     ap.add_argument("--no-baseline", action="store_true", help="time only ours (e.g. a baseline that does not fit)")
+    ap.add_argument("--reference", metavar="DIR", default=None,
+                    help="a checkout of github.com/yibingwei-1/LatentMIM: its training step, at the same sizes and "
+                         "precision, is the baseline instead of the plain eager step")
     ap.add_argument("--flops-only", action="store_true", help="only count FLOPs (no timing)")
     ap.add_argument("--objective", default="infonce", choices=("infonce", "norm_l2", "mae", "naive_mse"))
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -187,6 +217,10 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("lmim bench model: --device cuda but no CUDA device is visible; run on a GPU machine or use --device cpu.",
               file=sys.stderr)
+        return 2
+    if args.reference and not (Path(args.reference).expanduser() / "models_lmim.py").is_file():
+        print(f"lmim bench model: {args.reference} has no models_lmim.py: pass a checkout of "
+              "github.com/yibingwei-1/LatentMIM to --reference.", file=sys.stderr)
         return 2
     on_gpu = device.type == "cuda"
     name = args.config or ("vit_b16" if on_gpu else "small")
@@ -218,6 +252,9 @@ def main(argv: list[str]) -> int:
     else:
         candidates = ["bf16"] if on_gpu else ["fp32", "bf16"]
     variants = build_variants(cfg, device, candidates, args.compile, bs)
+    if args.reference:
+        precision = "bf16" if (on_gpu and args.precision == "auto") else ("fp32" if args.precision == "auto" else args.precision)
+        variants[0] = reference_variant(str(Path(args.reference).expanduser()), cfg, variants[1], k, precision, device)
     if args.no_baseline:
         variants = variants[1:]
     side = cfg.grid_size * (cfg.patch_size + cfg.patch_gap)
@@ -238,7 +275,7 @@ def main(argv: list[str]) -> int:
 
     med = {v.name: statistics.median(v.times) for v in variants}
     ours = min((v for v in variants if v.name.startswith("ours")), key=lambda v: med[v.name])
-    base = next((v for v in variants if v.name.startswith("baseline")), None)
+    base = next((v for v in variants if not v.name.startswith("ours")), None)
     rows = []
     for v in variants:
         ratio = f"{med[base.name] / med[v.name]:.2f}" if base else "-"
@@ -251,6 +288,7 @@ def main(argv: list[str]) -> int:
         "variants_step_s": med,
     })
     if base is not None:
+        result["baseline"] = base.name
         result["baseline_step_s"] = med[base.name]
         result["ratio"] = med[base.name] / med[ours.name]
     if on_gpu:

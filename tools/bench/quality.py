@@ -232,7 +232,7 @@ def calibrate(objectives: dict[str, str], cfg, rounds: int = 3, steps: int = 3,
     steppers = {}
     for name, objective in objectives.items():
         net = LatentMIM(dataclasses.replace(mcfg, objective=objective)).to(dev).train()
-        steppers[name] = local_stepper(cfg, net, steps_per_epoch=steps_per_epoch, fused=dev.type == "cuda",
+        steppers[name] = local_stepper(cfg, net, steps_per_epoch=steps_per_epoch,
                                        autocast=torch.bfloat16 if amp else None)
     done = {n: 0 for n in objectives}   # each method's optimizer steps so far (its schedules' step)
 

@@ -127,7 +127,7 @@ def _bare_steps_per_s(cfg, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
     net = LatentMIM(OmegaConf.to_object(m)).to(dev).train()
     # The trainer's run over the synthetic loader has these steps per epoch: the same schedules.
-    stepper = local_stepper(cfg, net, steps_per_epoch=cfg.synthetic_batches // cfg.grad_accum, fused=True,
+    stepper = local_stepper(cfg, net, steps_per_epoch=cfg.synthetic_batches // cfg.grad_accum,
                             autocast=torch.bfloat16)
     size = m.grid_size * (m.patch_size + m.patch_gap)
     images = torch.randn(d.batch_size, 3, size, size, device=dev)
