@@ -83,7 +83,8 @@ class Variant:
         self._step = 0  # the optimizer step, for the schedules' lr and EMA momentum
 
     def step(self, batch: Batch) -> None:
-        train_step(self.stepper, iter((batch,)), self._step, metrics=True)
+        # No diagnostics (their SVD syncs a GPU): the trainer computes them only on logged steps.
+        train_step(self.stepper, iter((batch,)), self._step, metrics=False)
         self._step += 1
 
     def timed(self, batch: Batch, steps: int) -> float:
