@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lmim.pipeline.manifest import ShardInfo
+from lmim.pipeline.format.manifest import ShardInfo
 from lmim.tools.shard import BuildError, BuildOptions, build_dataset
 from lmim.tools.shard.processes import FORKS, run_forked
 from lmim.tools.shard.state import ShardRecord

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lmim.pipeline.manifest import Manifest
+from lmim.pipeline.format.manifest import Manifest
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.config import BuildOptions
 from lmim.tools.shard.destination import check_destination, open_destination, scrub_url

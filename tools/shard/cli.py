@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from lmim.pipeline.manifest import REJECTS_NAME
+from lmim.pipeline.format.manifest import REJECTS_NAME
 from lmim.tools.shard.build import BuildResult, run_build
 from lmim.tools.shard.config import BuildOptions
 from lmim.tools.shard.errors import BuildError

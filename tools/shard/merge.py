@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 
-from lmim.pipeline.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest
+from lmim.pipeline.format.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError

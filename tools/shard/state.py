@@ -14,7 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lmim.pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from lmim.pipeline.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import scrub_url
 from lmim.tools.shard.errors import BuildError

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from lmim.pipeline.manifest import ShardInfo
+from lmim.pipeline.format.manifest import ShardInfo
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.config import ImageOptions
 from lmim.tools.shard.images import Prepared, Reject, prepare_image
