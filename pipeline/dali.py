@@ -11,12 +11,25 @@ decodes only the window (less work than a full decode) and the randomness is exa
 Decoding is "mixed" (nvJPEG on the GPU) when the process has a CUDA device, "cpu" otherwise;
 on the CPU the resize/flip/normalise tail runs in torch (`lmim.pipeline.resize`), which is several
 times faster there than DALI's CPU resampler.
+
+`DaliBatches` is the loader backend (`lmim.pipeline.backend`): it runs one epoch's plan through
+such a pipeline.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from lmim.pipeline.backend import DecodedBatch, EpochPlan, ImageSpec
+from lmim.pipeline.errors import BatchFailed
+from lmim.pipeline.order import runs
+from lmim.pipeline.shards import ShardMeta, write_index
+from lmim.pipeline.source import ShardSource
+from lmim.pipeline.stream import Prefetcher
 
 
 def build_pipeline(
@@ -107,3 +120,159 @@ def to_torch(output, device) -> "torch.Tensor":
 
 def as_encoded(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
+
+
+class DaliBatches:
+    """One epoch's plan through a DALI pipeline: `DecodedBatch`es in plan order.
+
+    Local shards: DALI's webdataset reader reads per-run index files (written to a temporary
+    folder) that list the plan's samples in plan order; the feed gives only crop windows and
+    flips. Remote shards: a `Prefetcher` fetches whole shards in plan order and the feed hands
+    DALI the encoded images as well. DALI prefetches, so the feed runs ahead of the batches
+    returned; a failure in the feed comes back from `Pipeline.run()` and is raised as itself.
+    """
+
+    def __init__(self, plan: EpochPlan, source: ShardSource, spec: ImageSpec):
+        self.plan, self.source, self.spec = plan, source, spec
+        dev = spec.device
+        if dev.type == "cuda":
+            import torch
+
+            self._device_id: int | None = dev.index if dev.index is not None else torch.cuda.current_device()
+        else:
+            self._device_id = None
+        self._resize_in_dali = self._device_id is not None  # on the CPU, torch finishes the crops
+        self._flips: dict[int, np.ndarray] = {}   # iteration -> flips, for the CPU tail
+        self._seen: dict[int, ShardMeta] = {}     # streaming: metadata of the shards the feed reached
+        self._last_fed: tuple | None = None       # repeated when DALI's prefetch runs past the plan
+        # The feed's failure, kept because DALI may hand it back from run() wrapped (versions differ).
+        self._feed_error: BaseException | None = None
+        self._prefetcher: Prefetcher | None = None
+        self._index_dir: str | None = None
+        self._pipe: Any = None
+        self._gen: Iterator[DecodedBatch] | None = None
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        self._gen = self._batches()
+        return self._gen
+
+    def close(self) -> None:
+        """Stop: the pipeline, the prefetch thread and the index files go now (idempotent)."""
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()
+        self._release()
+
+    def _batches(self) -> Iterator[DecodedBatch]:
+        try:
+            spec = self.spec
+            self._pipe = build_pipeline(batch_size=self.plan.batch_size, num_threads=spec.threads,
+                                        device_id=self._device_id, train=spec.train, out_size=spec.size,
+                                        mean=spec.mean, std=spec.std, source=self._feed, files=self._start(),
+                                        resize_in_dali=self._resize_in_dali)
+            for it in range(self.plan.num_batches):
+                yield self._decoded(it, self._run(it))
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        # Drop the pipeline now, in this process: it holds the feed, the feed this object, and a
+        # kept error the frames of its traceback; left to the garbage collector, a forked child
+        # could finalize the pipeline (see lmim.pipeline.forking).
+        self._pipe = None
+        self._feed_error = None
+        self._last_fed = None
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+        if self._index_dir is not None:
+            shutil.rmtree(self._index_dir, ignore_errors=True)
+            self._index_dir = None
+
+    # ------------------------------------------------------------------ set-up
+    def _start(self) -> tuple[list[str], list[str]] | None:
+        """Start the prefetcher (remote), or write the per-run indices (local) and return (tars, indices)."""
+        plan, source = self.plan, self.source
+        if source.streaming:
+            self._prefetcher = source.prefetch(sid for sid, _, _ in runs(plan.shards))
+            return None
+        self._index_dir = tempfile.mkdtemp(prefix="lmim-idx-")
+        paths, indices = [], []
+        for n, (sid, lo, hi) in enumerate(runs(plan.shards)):
+            meta = source.meta(sid)
+            idx_path = os.path.join(self._index_dir, f"{n:06d}.idx")
+            write_index(idx_path, [meta.index_lines[int(i)] for i in plan.samples[lo:hi]])
+            paths.append(os.path.abspath(source.tar_path(sid)))
+            indices.append(idx_path)
+        return paths, indices
+
+    def _meta(self, sid: int) -> ShardMeta:
+        if self.source.streaming:
+            if sid not in self._seen:
+                self._seen[sid] = self._prefetcher.get(sid).meta
+            return self._seen[sid]
+        return self.source.meta(sid)
+
+    # ------------------------------------------------------------------ DALI's side
+    def _feed(self, info) -> tuple:
+        """`fn.external_source` callback for iteration `info.iteration`: (encoded?, anchors, shapes, flips?)."""
+        try:
+            return self._feed_batch(int(info.iteration))
+        except BaseException as e:
+            self._feed_error = e
+            raise
+
+    def _feed_batch(self, it: int) -> tuple:
+        plan, streaming = self.plan, self.source.streaming
+        B, npos = plan.batch_size, len(plan.shards)
+        lo = it * B
+        if streaming and lo >= npos:
+            return self._last_fed  # DALI's prefetch runs past the end: repeated, never consumed
+        # Past the end, local positions wrap (DALI's reader loops too); remote ones repeat the last.
+        pos = np.arange(lo, lo + B) % npos if not streaming else np.minimum(np.arange(lo, lo + B), npos - 1)
+        sids, idxs = plan.shards[pos], plan.samples[pos]
+        out: list[Any] = []
+        if streaming:
+            datas = {}
+            for s in sids:  # in plan order: the prefetcher hands shards out sequentially
+                if int(s) not in datas:
+                    datas[int(s)] = self._prefetcher.get(int(s))
+                    self._seen[int(s)] = datas[int(s)].meta
+            out.append([as_encoded(datas[int(s)].images[int(i)]) for s, i in zip(sids, idxs)])
+        metas = [self._meta(int(s)) for s in sids]
+        if self.spec.train:
+            w = np.array([m.widths[int(i)] for m, i in zip(metas, idxs)])
+            h = np.array([m.heights[int(i)] for m, i in zip(metas, idxs)])
+            anchors, shapes, flips = plan.windows(plan.start + it, w, h)
+            out += [list(anchors), list(shapes)]
+            if self._resize_in_dali:
+                out.append(list(flips))
+            else:
+                self._flips[it] = flips
+        self._last_fed = tuple(out)
+        return self._last_fed
+
+    def _run(self, it: int):
+        try:
+            (out,) = self._pipe.run()
+        except Exception as e:
+            if self._feed_error is not None:
+                raise self._feed_error from None
+            raise BatchFailed(self.plan.start + it, e) from e
+        return out
+
+    def _decoded(self, it: int, out) -> DecodedBatch:
+        from lmim.pipeline.resize import finish_batch
+
+        plan, spec = self.plan, self.spec
+        b = plan.start + it
+        lo, hi = plan.span(b)
+        if self._resize_in_dali:
+            images = to_torch(out, spec.device)[: hi - lo]
+        else:
+            images = finish_batch([out.at(i) for i in range(hi - lo)], spec.size, spec.mean, spec.std,
+                                  flips=self._flips.pop(it, None), eval_resize=not spec.train)
+        metas = [self._meta(int(s)) for s in plan.shards[lo:hi]]
+        idxs = plan.samples[lo:hi]
+        return DecodedBatch(b, images, [m.keys[int(i)] for m, i in zip(metas, idxs)],
+                            np.array([m.labels[int(i)] for m, i in zip(metas, idxs)], np.int64))

@@ -38,11 +38,28 @@ class StoreUnreachable(ShardError):
 
 
 class SampleError(DataError):
-    """One sample cannot be decoded (raised when `on_error="raise"`)."""
+    """One sample cannot be decoded (raised when `on_error="raise"`).
 
-    def __init__(self, shard: str, key: str, message: str):
+    `position` is (shard id, sample index in the shard) when the loader knows it: what it records
+    to leave the sample out of later plans (data.on_error=skip).
+    """
+
+    def __init__(self, shard: str, key: str, message: str, *, position: tuple[int, int] | None = None):
         super().__init__(f"sample {key!r} in shard {shard}: {message}")
-        self.shard, self.key, self.message = shard, key, message
+        self.shard, self.key, self.message, self.position = shard, key, message, position
 
     def __reduce__(self):
-        return (type(self), (self.shard, self.key, self.message))
+        return (_sample_error, (type(self), self.shard, self.key, self.message, self.position))
+
+
+def _sample_error(cls: type, shard: str, key: str, message: str, position: tuple[int, int] | None) -> "SampleError":
+    return cls(shard, key, message, position=position)
+
+
+class BatchFailed(DataError):
+    """A backend could not make batch `batch` and cannot name the sample to blame (DALI reports a
+    failed decode per batch, not per image): the loader re-reads the batch's samples to find it."""
+
+    def __init__(self, batch: int, cause: BaseException):
+        super().__init__(f"batch {batch}: {type(cause).__name__}: {cause}")
+        self.batch, self.cause = batch, cause

@@ -5,7 +5,9 @@ The loader is three layers:
    windows and flips) as a pure function of (seed, epoch, rank, batch);
 2. a backend that turns the plan into image tensors: DALI (`loader="dali"`, the default: the
    webdataset reader for local shards, whole-shard streaming for remote ones) or the plain
-   PyTorch baseline (`loader="torch"`: PIL + torchvision in DataLoader workers);
+   PyTorch baseline (`loader="torch"`: PIL + torchvision in DataLoader workers). A backend sees
+   only the plan, the shards (`lmim.pipeline.source.ShardSource`) and the image spec, and fails
+   with typed errors that say where (`lmim.pipeline.backend`); the loader applies data.on_error;
 3. masks made on the device with `lmim.model.masks.make_masks` from a `torch.Generator` on that
    device seeded by (seed, epoch, rank, batch): masks are a few hundred int64 per image, so
    this costs nothing next to decoding, is exactly resumable, and is the torch reference by
@@ -23,24 +25,21 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from lmim.pipeline.backend import Backend, CropPlan, DecodedBatch, EpochPlan, ImageSpec
 from lmim.pipeline.batch import Batch
 from lmim.pipeline.config import DataConfig
-from lmim.pipeline.errors import DataError, DatasetTooSmall, SampleError, ShardError, StoreUnreachable
-from lmim.pipeline.format.checksum import algorithm_of, checksum_of_file, verify_shard_checksum
+from lmim.pipeline.errors import (BatchFailed, DataError, DatasetTooSmall, SampleError, ShardError,
+                                  StoreUnreachable)
 from lmim.pipeline.format.manifest import Manifest, read_manifest
-from lmim.pipeline.order import check_ranks, crop_windows, eval_plan, mask_seed, runs, train_plan
-from lmim.pipeline.shards import ShardMeta, read_local_meta, read_span, write_index
-from lmim.pipeline.storage import RetryPolicy, is_remote, join, local_path
-from lmim.pipeline.stream import Prefetcher, ShardFetcher, StreamStats
+from lmim.pipeline.order import check_ranks, eval_plan, mask_seed, train_plan
+from lmim.pipeline.source import ShardSource
+from lmim.pipeline.storage import RetryPolicy, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +99,19 @@ class Loader:
         else:
             n = len(eval_plan(self.counts, world_size, rank)[0])
             self._num_batches = math.ceil(n / cfg.batch_size)
+        self.source = ShardSource(self.manifest, self.url, streaming=self.streaming, verify_local=cfg.verify_local,
+                                  storage_options=cfg.storage_options, retry=self.retry, cache_dir=cfg.cache_dir,
+                                  cache_max_bytes=cfg.cache_max_bytes, prefetch_depth=cfg.prefetch_shards)
+        self.spec = ImageSpec(train=train, size=self.out_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                              threads=cfg.num_threads, device=self.device)
+        self._crops = (CropPlan(seed, rank, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip)
+                       if train else None)
         self.epoch = 0
         self._next_batch = 0
         self._bad: set[tuple[int, int]] = set()
-        self._meta: dict[int, ShardMeta] = {}
-        self._stream_stats = StreamStats()
         self._skipped_keys: list[str] = []
         self._bad_shards: list[int] = []  # shards found unreadable and skipped (data.on_error=skip)
-        self._fetcher: ShardFetcher | None = None
-        self._active = None  # the backend generator of the epoch in progress
+        self._active: Backend | None = None  # the backend of the epoch in progress
         self._token: object | None = None  # identifies the live iterator
 
     # ------------------------------------------------------------------ public
@@ -118,9 +121,9 @@ class Loader:
     @property
     def stats(self) -> dict[str, Any]:
         """Counters: samples skipped as undecodable (and their keys), and streaming I/O."""
-        s = self._stream_stats
+        s = self.source.stats
         return {"skipped": len(self._skipped_keys), "skipped_keys": list(self._skipped_keys),
-                "skipped_shards": [self.shard_name(s) for s in self._bad_shards],
+                "skipped_shards": [self.source.name(sid) for sid in self._bad_shards],
                 "shards_fetched": s.shards_fetched, "bytes_fetched": s.bytes_fetched, "retries": s.retries,
                 "cache_hits": s.cache_hits}
 
@@ -154,10 +157,10 @@ class Loader:
 
     def close(self) -> None:
         """Stop the epoch in progress (its DALI pipeline, prefetch thread, workers) and drop caches."""
-        gen, self._active = self._active, None
-        if gen is not None:
-            gen.close()
-        self._meta.clear()
+        backend, self._active = self._active, None
+        if backend is not None:
+            backend.close()
+        self.source.forget()
 
     def __iter__(self) -> Iterator[Batch]:
         # Only the newest iterator is live: starting another one stops the older one's pipeline,
@@ -171,19 +174,20 @@ class Loader:
             epoch, start = self.epoch, self._next_batch
             if start >= self._num_batches:
                 break
-            gen = self._backend(epoch, start, *self._plan(epoch))
-            self._active = gen
+            plan = self._epoch_plan(epoch, start)
+            backend = self._backend(plan)
+            self._active = backend
             try:
-                for b, images, keys, labels in gen:
+                for decoded in self._guarded(backend, plan):
                     if self._token is not token:
                         return
-                    self._next_batch = b + 1
-                    yield self._batch(epoch, b, images, keys, labels)
+                    self._next_batch = decoded.index + 1
+                    yield self._batch(epoch, decoded)
             except _Skipped:
-                continue  # a bad sample was excluded: re-plan and continue from the failed batch
+                continue  # a bad sample or shard was excluded: re-plan and continue from the failed batch
             finally:
-                gen.close()
-                if self._active is gen:
+                backend.close()
+                if self._active is backend:
                     self._active = None
             break
         if self._token is token and self._next_batch >= self._num_batches:
@@ -198,67 +202,28 @@ class Loader:
             return shards[:n], samples[:n]
         return eval_plan(self.counts, self.world_size, self.rank)
 
-    def _positions(self, start: int, shards: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch_plan(self, epoch: int, start: int) -> EpochPlan:
+        """What is left of `epoch` from batch `start` on."""
+        shards, samples = self._plan(epoch)
         lo = start * self.batch_size
-        return shards[lo:], samples[lo:]
-
-    # ------------------------------------------------------------------ shards and metadata
-    def shard_name(self, sid: int) -> str:
-        return self.manifest.shards[sid].name
-
-    def _local_paths(self, sid: int) -> tuple[str, str]:
-        info = self.manifest.shards[sid]
-        root = local_path(self.url)
-        return join(root, info.name), join(root, info.index)
-
-    def local_meta(self, sid: int) -> ShardMeta:
-        meta = self._meta.get(sid)
-        if meta is None:
-            tar, idx = self._local_paths(sid)
-            info = self.manifest.shards[sid]
-            meta = read_local_meta(tar, idx, info.name, info.samples)
-            if os.path.getsize(tar) != info.bytes:
-                raise ShardError(info.name, f"truncated or changed: {os.path.getsize(tar)} bytes on disk, the manifest "
-                                            f"says {info.bytes} (rebuild it with `lmim shard`)")
-            # One integrity policy for both paths: remote shards are checked on every fetch, local
-            # ones once per process before their first use (XXH3 hashes at tens of GB/s, so this
-            # costs one extra read of the shard, not a decode).
-            if self.cfg.verify_local and info.checksum:
-                verify_shard_checksum(info, checksum_of_file(tar, algorithm_of(info.checksum)))
-            self._meta[sid] = meta
-        return meta
-
-    def fetcher(self) -> ShardFetcher:
-        if self._fetcher is None:
-            self._fetcher = ShardFetcher(self.url, self.cfg.storage_options, retry=self.retry,
-                                         cache_dir=self.cfg.cache_dir, cache_max_bytes=self.cfg.cache_max_bytes,
-                                         stats=self._stream_stats)
-        return self._fetcher
-
-    def _sample(self, sid: int, idx: int, loaded: dict[int, Any]) -> tuple[bytes, str]:
-        """(encoded image, key) of one sample, read again (only to diagnose a failed batch)."""
-        if self.streaming:
-            if sid not in loaded:
-                loaded[sid] = self.fetcher().load(self.manifest.shards[sid])
-            return loaded[sid].images[idx], loaded[sid].meta.keys[idx]
-        meta = self.local_meta(sid)
-        return read_span(self._local_paths(sid)[0], meta.image_spans[idx]), meta.keys[idx]
+        return EpochPlan(epoch, start, shards[lo:], samples[lo:], self.batch_size, self._crops)
 
     # ------------------------------------------------------------------ backends
-    def _backend(self, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
-        shards, samples = self._positions(start, shards, samples)
+    def _backend(self, plan: EpochPlan) -> Backend:
         if self.cfg.loader == "torch":
-            from lmim.pipeline.torch_loader import torch_batches
+            from lmim.pipeline.torch_loader import TorchBatches
 
-            return self._guard(torch_batches(self, epoch, start, shards, samples), start, shards, samples)
-        return self._guard(_dali_batches(self, epoch, start, shards, samples), start, shards, samples)
+            return TorchBatches(plan, self.source, self.spec)
+        from lmim.pipeline.dali import DaliBatches
 
-    def _guard(self, gen, start: int, shards: np.ndarray, samples: np.ndarray):
-        """Turn a backend failure into a named error, or skip the undecodable sample (policy)."""
+        return DaliBatches(plan, self.source, self.spec)
+
+    def _guarded(self, backend: Backend, plan: EpochPlan) -> Iterator[DecodedBatch]:
+        """The backend's batches; a failure becomes a named error, or a skip (data.on_error)."""
         try:
-            yield from gen
+            yield from backend
         except SampleError as e:
-            if self.cfg.on_error == "skip" and getattr(e, "where", None) is not None:
+            if self.cfg.on_error == "skip" and e.position is not None:
                 self._skip(e)
             raise
         except StoreUnreachable:
@@ -269,53 +234,45 @@ class Loader:
             if self.cfg.on_error == "skip" and self.train:
                 self._skip_shard(e)
             raise
-        except _BackendFailure as e:
-            failed = e.batch
-            lo = (failed - start) * self.batch_size
-            loaded: dict[int, Any] = {}
-            for pos in range(lo, min(lo + 3 * self.batch_size, len(shards))):  # the batch, and DALI's prefetch
-                sid, idx = int(shards[pos]), int(samples[pos])
-                data, key = self._sample(sid, idx, loaded)
-                reason = decodable(data)
-                if reason is not None:
-                    err = SampleError(self.shard_name(sid), key, f"undecodable ({reason})")
-                    err.where = (sid, idx)
-                    if self.cfg.on_error == "raise":
-                        raise err from e.__cause__
-                    self._skip(err)
-            names = sorted({self.shard_name(int(s)) for s in shards[lo:lo + self.batch_size]})
-            raise DataError(f"the pipeline failed on batch {failed} of epoch {self.epoch} (shards "
-                            f"{', '.join(names)}): {e.__cause__}") from e.__cause__
-        finally:
-            close = getattr(gen, "close", None)
-            if close is not None:
-                close()
+        except BatchFailed as e:
+            self._pinpoint(e, plan)
+
+    def _pinpoint(self, failure: BatchFailed, plan: EpochPlan) -> None:
+        """Find the undecodable sample of a failed batch (the batch, and DALI's prefetch after it) and
+        raise (or skip) it by name; when every sample decodes, say which batch and shards failed."""
+        lo = plan.span(failure.batch)[0]
+        positions = [(int(plan.shards[p]), int(plan.samples[p]))
+                     for p in range(lo, min(lo + 3 * self.batch_size, len(plan.shards)))]
+        for (sid, idx), (data, key) in zip(positions, self.source.samples(positions)):
+            reason = decodable(data)
+            if reason is not None:
+                err = SampleError(self.source.name(sid), key, f"undecodable ({reason})", position=(sid, idx))
+                if self.cfg.on_error == "raise":
+                    raise err from failure.cause
+                self._skip(err)
+        names = sorted({self.source.name(int(s)) for s in plan.shards[lo:lo + self.batch_size]})
+        raise DataError(f"the pipeline failed on batch {failure.batch} of epoch {self.epoch} (shards "
+                        f"{', '.join(names)}): {failure.cause}") from failure.cause
 
     def _skip_shard(self, err: ShardError) -> None:
-        sid = next((i for i, s in enumerate(self.manifest.shards) if s.name == err.shard), None)
+        sid = self.source.id_of(err.shard)
         if sid is None or sid in self._bad_shards:
             return
         self._bad_shards.append(sid)
-        self._meta.pop(sid, None)
+        self.source.forget(sid)
         log.warning("skipping shard %s (data.on_error=skip; %d shard(s) skipped so far)", err, len(self._bad_shards))
         raise _Skipped()
 
     def _skip(self, err: SampleError) -> None:
-        sid, idx = err.where
-        self._bad.add((sid, idx))
+        self._bad.add(err.position)
         self._skipped_keys.append(err.key)
         log.warning("skipping %s (data.on_error=skip; %d skipped so far)", err, len(self._skipped_keys))
         raise _Skipped()
 
     # ------------------------------------------------------------------ batch assembly
-    def crops(self, epoch: int, batch: int, widths: np.ndarray, heights: np.ndarray):
-        c = self.cfg
-        return crop_windows(widths, heights, self.seed, epoch, self.rank, batch, tuple(c.crop_scale),
-                            tuple(c.crop_ratio), c.hflip)
-
-    def _batch(self, epoch: int, b: int, images: torch.Tensor, keys: list[str], labels: np.ndarray) -> Batch:
-        dev = self.device
-        images = images.to(dev, non_blocking=True)
+    def _batch(self, epoch: int, decoded: DecodedBatch) -> Batch:
+        dev, b = self.device, decoded.index
+        images = decoded.images.to(dev, non_blocking=True)
         n = self.grid_size * self.grid_size
         bsz = images.shape[0]
         if self.train:
@@ -330,128 +287,12 @@ class Loader:
         else:
             visible = torch.arange(n, device=dev).expand(bsz, n).contiguous()
             target = torch.zeros(bsz, 0, dtype=torch.int64, device=dev)
-        lab = torch.as_tensor(np.asarray(labels, np.int64)).to(dev) if self.has_labels else None
-        return Batch(images=images, visible=visible, target=target, labels=lab, keys=list(keys))
+        lab = torch.as_tensor(np.asarray(decoded.labels, np.int64)).to(dev) if self.has_labels else None
+        return Batch(images=images, visible=visible, target=target, labels=lab, keys=list(decoded.keys))
 
 
 class _Skipped(Exception):
     """Internal: a sample was added to the skip list; the epoch is re-planned."""
-
-
-class _BackendFailure(Exception):
-    def __init__(self, batch: int):
-        super().__init__(f"batch {batch}")
-        self.batch = batch
-
-
-# ---------------------------------------------------------------------- DALI backend
-def _dali_batches(loader: Loader, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
-    """Yield (batch index, images on the device, keys, labels) for batches start.. of this plan."""
-    from lmim.pipeline.dali import as_encoded, build_pipeline, to_torch
-    from lmim.pipeline.resize import finish_batch
-
-    B = loader.batch_size
-    npos = len(shards)
-    nb = math.ceil(npos / B)
-    dev = loader.device
-    device_id = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else None
-    tmp = None
-    prefetcher = None
-    pipe = None
-    last: list[Any] = []
-    state: dict[str, Any] = {}
-
-    flips_of: dict[int, np.ndarray] = {}  # iteration -> flips (the CPU tail applies them)
-    resize_in_dali = device_id is not None
-    seen: dict[int, ShardMeta] = {}  # streaming: metadata of the shards the source has reached
-
-    def meta(sid: int) -> ShardMeta:
-        if loader.streaming:
-            if sid not in seen:
-                seen[sid] = prefetcher.get(sid).meta
-            return seen[sid]
-        return loader.local_meta(sid)
-
-    def source(info):
-        it = int(info.iteration)
-        lo = it * B
-        if loader.streaming and lo >= npos:
-            return last[0]  # DALI's prefetch runs past the end: repeat, never consumed
-        pos = np.arange(lo, lo + B) % npos if not loader.streaming else np.minimum(np.arange(lo, lo + B), npos - 1)
-        sids, idxs = shards[pos], samples[pos]
-        out: list[Any] = []
-        try:
-            if loader.streaming:
-                datas = {}
-                for s in sids:  # in plan order: the prefetcher hands shards out sequentially
-                    if int(s) not in datas:
-                        datas[int(s)] = prefetcher.get(int(s))
-                        seen[int(s)] = datas[int(s)].meta
-                out.append([as_encoded(datas[int(s)].images[int(i)]) for s, i in zip(sids, idxs)])
-            metas = [meta(int(s)) for s in sids]
-        except BaseException as e:
-            state["error"] = e
-            raise
-        if loader.train:
-            w = np.array([m.widths[int(i)] for m, i in zip(metas, idxs)])
-            h = np.array([m.heights[int(i)] for m, i in zip(metas, idxs)])
-            anchors, shapes, flips = loader.crops(epoch, start + it, w, h)
-            out += [list(anchors), list(shapes)]
-            if resize_in_dali:
-                out.append(list(flips))
-            else:
-                flips_of[it] = flips
-        last[:] = [tuple(out)]
-        return tuple(out)
-
-    try:
-        if loader.streaming:
-            seq = [s for s, _, _ in runs(shards)]
-            fetch = loader.fetcher()
-            prefetcher = Prefetcher(lambda sid: fetch.load(loader.manifest.shards[sid]), seq,
-                                    max(1, loader.cfg.prefetch_shards))
-            files = None
-        else:
-            tmp = tempfile.mkdtemp(prefix="lmim-idx-")
-            paths, indices = [], []
-            for n, (sid, lo, hi) in enumerate(runs(shards)):
-                m = loader.local_meta(sid)
-                idx_path = os.path.join(tmp, f"{n:06d}.idx")
-                write_index(idx_path, [m.index_lines[int(i)] for i in samples[lo:hi]])
-                paths.append(os.path.abspath(loader._local_paths(sid)[0]))
-                indices.append(idx_path)
-            files = (paths, indices)
-        pipe = build_pipeline(batch_size=B, num_threads=loader.cfg.num_threads, device_id=device_id,
-                              train=loader.train, out_size=loader.out_size, mean=loader.cfg.mean, std=loader.cfg.std,
-                              source=source, files=files, resize_in_dali=resize_in_dali)
-        for it in range(nb):
-            try:
-                (out,) = pipe.run()
-            except Exception as e:
-                if "error" in state:
-                    raise state["error"] from None
-                raise _BackendFailure(start + it) from e
-            lo, hi = it * B, min((it + 1) * B, npos)
-            if resize_in_dali:
-                images = to_torch(out, dev)[: hi - lo]
-            else:
-                images = finish_batch([out.at(i) for i in range(hi - lo)], loader.out_size, loader.cfg.mean,
-                                      loader.cfg.std, flips=flips_of.pop(it, None), eval_resize=not loader.train)
-            sids, idxs = shards[lo:hi], samples[lo:hi]
-            metas = [meta(int(s)) for s in sids]
-            keys = [m.keys[int(i)] for m, i in zip(metas, idxs)]
-            labels = np.array([m.labels[int(i)] for m, i in zip(metas, idxs)], np.int64)
-            yield start + it, images, keys, labels
-    finally:
-        # Break the cycles (pipeline -> source callback -> state -> exception -> this frame) so the
-        # pipeline is destroyed now, in this process, and not later by a forked child's GC.
-        state.clear()
-        last.clear()
-        pipe = None  # noqa: F841
-        if prefetcher is not None:
-            prefetcher.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_loader(cfg: DataConfig, *, grid_size: int, patch_size: int, patch_gap: int, train: bool = True,

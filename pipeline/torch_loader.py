@@ -8,41 +8,43 @@ each worker in turn, so batches come out in order and resume is exact here too.
 """
 from __future__ import annotations
 
-import math
-from typing import Any
+import io
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lmim.pipeline.backend import DecodedBatch, EpochPlan, ImageSpec
 from lmim.pipeline.errors import DataError, SampleError
 from lmim.pipeline.forking import fork_safe_gc
+from lmim.pipeline.shards import ShardMeta
+from lmim.pipeline.source import ShardSource
 
 
 class _Batches(IterableDataset):
-    def __init__(self, loader, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
-        self.loader, self.epoch, self.start = loader, epoch, start
-        self.shards, self.samples = shards, samples
-        self._cache: dict[int, Any] = {}
+    """The batches of one worker. A failure travels as a value (the exception itself, which
+    pickles with its fields): DataLoader re-raises a worker's exception as a new one built from
+    its message alone, which would lose its type and where it happened."""
 
-    def _shard(self, sid: int):
+    def __init__(self, plan: EpochPlan, source: ShardSource, spec: ImageSpec):
+        self.plan, self.source, self.spec = plan, source, spec
+        self._cache: dict[int, tuple[ShardMeta, Callable[[int], bytes]]] = {}
+
+    def _shard(self, sid: int) -> tuple[ShardMeta, Callable[[int], bytes]]:
         """(meta, image getter) for a shard; remote shards are fetched whole (2 kept per worker)."""
-        ld = self.loader
+        src = self.source
         if sid not in self._cache:
-            if ld.streaming:
-                data = ld.fetcher().load(ld.manifest.shards[sid])
+            if src.streaming:
+                data = src.load(sid)
                 if len(self._cache) >= 2:
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[sid] = (data.meta, data.images.__getitem__)
             else:
-                from lmim.pipeline.shards import read_span
-
-                meta = ld.local_meta(sid)
-                path = ld._local_paths(sid)[0]
-                self._cache[sid] = (meta, lambda i, m=meta, p=path: read_span(p, m.image_spans[i]))
+                self._cache[sid] = (src.meta(sid), lambda i, s=sid: src.image(s, i))
         return self._cache[sid]
 
-    def _one(self, b: int):
+    def _one(self, b: int) -> DecodedBatch | SampleError:
         from PIL import Image, ImageOps
 
         from lmim._torchvision_compat import ensure_torchvision_importable
@@ -51,29 +53,27 @@ class _Batches(IterableDataset):
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        ld = self.loader
-        bsz = ld.batch_size
-        lo, hi = (b - self.start) * bsz, min((b - self.start + 1) * bsz, len(self.shards))
-        sids, idxs = self.shards[lo:hi], self.samples[lo:hi]
+        plan, spec = self.plan, self.spec
+        lo, hi = plan.span(b)
+        sids, idxs = plan.shards[lo:hi], plan.samples[lo:hi]
         metas = [self._shard(int(s))[0] for s in sids]
-        if ld.train:
+        if spec.train:
             w = np.array([m.widths[int(i)] for m, i in zip(metas, idxs)])
             h = np.array([m.heights[int(i)] for m, i in zip(metas, idxs)])
-            anchors, shapes, flips = ld.crops(self.epoch, b, w, h)
-        S = ld.out_size
-        mean, std = list(ld.cfg.mean), list(ld.cfg.std)
+            anchors, shapes, flips = plan.windows(b, w, h)
+        S = spec.size
+        mean, std = list(spec.mean), list(spec.std)
         out = torch.empty(hi - lo, 3, S, S)
         for j, (s, i) in enumerate(zip(sids, idxs)):
             s, i = int(s), int(i)
             meta, get = self._shard(s)
-            import io
-
             try:
                 # Upright as displayed, like DALI's decoders and the sizes in the sample's .json.
                 img = ImageOps.exif_transpose(Image.open(io.BytesIO(get(i)))).convert("RGB")
             except Exception as e:  # PIL raises many types for corrupt data
-                return ("error", s, i, meta.keys[i], f"undecodable ({type(e).__name__}: {e})")
-            if ld.train:
+                return SampleError(self.source.name(s), meta.keys[i], f"undecodable ({type(e).__name__}: {e})",
+                                   position=(s, i))
+            if spec.train:
                 x, y = anchors[j]
                 cw, ch = shapes[j]
                 img = TF.resized_crop(img, int(y), int(x), int(ch), int(cw), [S, S],
@@ -86,41 +86,54 @@ class _Batches(IterableDataset):
             out[j] = TF.normalize(TF.to_tensor(img), mean, std)
         keys = [m.keys[int(i)] for m, i in zip(metas, idxs)]
         labels = np.array([m.labels[int(i)] for m, i in zip(metas, idxs)], np.int64)
-        return (b, out, keys, labels)
+        return DecodedBatch(b, out, keys, labels)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[DecodedBatch | DataError]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         torch.set_num_threads(1)  # one decode per worker process: workers are the parallelism
-        nb = math.ceil(len(self.shards) / self.loader.batch_size)
-        for b in range(self.start + wid, self.start + nb, nw):
+        plan = self.plan
+        for b in range(plan.start + wid, plan.start + plan.num_batches, nw):
             try:
                 item = self._one(b)
-            except DataError as e:  # a shard-level fault: hand it over with its type intact
-                yield ("raise", e)
+            except DataError as e:  # a shard-level fault: handed over with its type intact
+                yield e
                 return
             yield item
-            if item[0] == "error":
+            if isinstance(item, DataError):
                 return
 
 
-def torch_batches(loader, epoch: int, start: int, shards: np.ndarray, samples: np.ndarray):
-    """Yield (batch index, images, keys, labels) like the DALI backend; raise SampleError on a bad image."""
-    ds = _Batches(loader, epoch, start, shards, samples)
-    nw = max(0, int(loader.cfg.num_threads))
-    dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=loader.device.type == "cuda",
-                    persistent_workers=False, multiprocessing_context="fork" if nw else None)
-    with fork_safe_gc():  # the workers are forked here; see pipeline/forking.py
-        it = iter(dl)
-    try:
-        for item in it:
-            if item[0] == "raise":
-                raise item[1]
-            if item[0] == "error":
-                _, sid, idx, key, msg = item
-                err = SampleError(loader.shard_name(sid), key, msg)
-                err.where = (sid, idx)
-                raise err
-            yield item
-    finally:
-        del it
+class TorchBatches:
+    """One epoch's plan through DataLoader workers: `DecodedBatch`es in plan order; a worker's
+    `ShardError` or `SampleError` is raised here as itself."""
+
+    def __init__(self, plan: EpochPlan, source: ShardSource, spec: ImageSpec):
+        self._dataset = _Batches(plan, source, spec)
+        self._workers = max(0, int(spec.threads))
+        self._pin = spec.device.type == "cuda"
+        self._gen: Iterator[DecodedBatch] | None = None
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        self._gen = self._batches()
+        return self._gen
+
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent)."""
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()
+
+    def _batches(self) -> Iterator[DecodedBatch]:
+        nw = self._workers
+        dl = DataLoader(self._dataset, batch_size=None, num_workers=nw, pin_memory=self._pin,
+                        persistent_workers=False, multiprocessing_context="fork" if nw else None)
+        with fork_safe_gc():  # the workers are forked here; see pipeline/forking.py
+            it = iter(dl)
+        try:
+            for item in it:
+                if isinstance(item, DataError):
+                    raise item
+                yield item
+        finally:
+            del it  # the last reference: the workers shut down now
