@@ -10,6 +10,7 @@ import errno
 from dataclasses import dataclass
 
 from lmim.pipeline.errors import DataError, StoreUnreachable
+from lmim.pipeline.storage import is_remote
 from lmim.train.checkpoint import CheckpointError
 from lmim.train.config import ConfigError
 
@@ -48,10 +49,6 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _is_remote(name: str) -> bool:
-    return "://" in name and not name.startswith("file://")
-
-
 def classify(err: BaseException) -> Failure:
     """What the user reads for `err`: one sentence naming the thing and what to do."""
     if isinstance(err, KeyboardInterrupt):
@@ -74,7 +71,7 @@ def classify(err: BaseException) -> Failure:
             return Failure(EXIT_DISK, "disk",
                            f"cannot write {where} ({err.strerror}): free some space or fix the disk, then rerun "
                            "with resume=auto (the last complete checkpoint is intact).")
-        if isinstance(err, PermissionError) and (not err.filename or _is_remote(where)):
+        if isinstance(err, PermissionError) and (not err.filename or is_remote(where)):
             return Failure(EXIT_STORAGE, "storage",
                            f"the data store refused access ({_one_line(err)}): check the credentials "
                            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or data.storage_options) "
