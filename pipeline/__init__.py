@@ -1,8 +1,8 @@
 """Shards on storage -> masked batches on the device (NVIDIA DALI, or a plain PyTorch baseline).
 
 `from lmim.pipeline import build_loader, Batch, DataError` is the public entry point. The names are
-resolved lazily so that the format and storage modules below the loader (`lmim.pipeline.manifest`,
-`lmim.pipeline.checksum`, ...) can be imported without importing torch and the loader.
+resolved lazily so that the format and storage modules below the loader (`lmim.pipeline.format`,
+`lmim.pipeline.storage`, ...) can be imported without importing torch and the loader.
 """
 from __future__ import annotations
 

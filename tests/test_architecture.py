@@ -31,9 +31,8 @@ TINY_SYNTHETIC = [
 # Lowest first. Longest matching prefix wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("package root", ("lmim", "lmim._torchvision_compat")),
-    ("format, model, storage", ("lmim.pipeline.errors", "lmim.pipeline.format", "lmim.pipeline.manifest",
-                                "lmim.pipeline.checksum", "lmim.pipeline.storage", "lmim.pipeline.forking",
-                                "lmim.model")),
+    ("format, model, storage", ("lmim.pipeline.errors", "lmim.pipeline.format", "lmim.pipeline.storage",
+                                "lmim.pipeline.forking", "lmim.model")),
     ("data and shard building", ("lmim.pipeline", "lmim.tools.shard", "lmim.tools.datasets",
                                  "lmim.tools.shapes", "lmim.tools.sample_images")),
     ("evaluation", ("lmim.train.evaluate",)),

@@ -412,7 +412,7 @@ def _run(args, setting: Setting, methods: list[str], work: Path) -> int:
     from omegaconf import OmegaConf
 
     from lmim.model import LatentMIM
-    from lmim.pipeline.manifest import read_manifest
+    from lmim.pipeline.format.manifest import read_manifest
     from lmim.train.config import effective_batch_size, load_config
 
     t_start = time.perf_counter()
