@@ -100,19 +100,22 @@ def test_s3_errors_are_one_sentence_and_hide_secrets(corpus, s3_server, capsys):
 
 
 def test_s3_parts_resume_and_merge(corpus, s3_server, s3_bucket, tmp_path):
-    """Two parts into one s3:// prefix, a lost shard rebuilt on re-run, one merge == one local build."""
+    """Two parts into one s3:// prefix: a part killed before a sidecar rebuilds only that shard on
+    re-run, the last part writes the manifest, and the result equals one local build."""
     import s3fs
 
     from lmim.tools.cli import main
 
     url = f"s3://{s3_bucket}/parted"
-    build_dataset(str(corpus), url, shard_max_samples=3, part=(0, 2), progress=False)
-    build_dataset(str(corpus), url, shard_max_samples=3, part=(1, 2), progress=False)
+    first = build_dataset(str(corpus), url, shard_max_samples=3, part=(0, 2), progress=False)
+    assert not first.complete
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.rm(f"{s3_bucket}/parted/_build/shards/shard-000003.json")   # as if killed before its sidecar
-    again = build_dataset(str(corpus), url, shard_max_samples=3, part=(1, 2), progress=False)
-    assert (again.built_shards, again.resumed_shards) == (1, 1)
-    assert main(["merge", url]) == 0
+    fs.rm(f"{s3_bucket}/parted/_build/shards/shard-000002.json")   # as if killed before its sidecar
+    again = build_dataset(str(corpus), url, shard_max_samples=3, part=(0, 2), progress=False)
+    assert (again.built_shards, again.resumed_shards, again.complete) == (1, 1, False)
+    last = build_dataset(str(corpus), url, shard_max_samples=3, part=(1, 2), progress=False)
+    assert last.complete and last.samples == 12   # the last part merged: the whole dataset's counts
+    assert main(["merge", url]) == 0              # merging again by hand changes nothing
     ref = tmp_path / "ref"
     build_dataset(str(corpus), str(ref), shard_max_samples=3, progress=False)
     remote = json.loads(fs.cat_file(f"{s3_bucket}/parted/manifest.json"))

@@ -8,7 +8,7 @@ This module orchestrates; each step has its own module:
     tasks.py        building one shard, and one process's loop over shards
     processes.py    worker processes (fork on Linux, a spawn pool elsewhere)
     progress.py     the shared counters and the progress bar
-    merge.py        manifest.json and rejects.jsonl, written last
+    merge.py        manifest.json and rejects.jsonl, written last (by a whole build, or by the last part)
 The command line (cli.py) prints; nothing here does, but the progress bar.
 
 Layout of a dataset root while and after it is built:
@@ -37,7 +37,7 @@ from lmim.pipeline.storage import Store
 from lmim.tools.shard.config import BuildOptions
 from lmim.tools.shard.destination import check_destination, open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError
-from lmim.tools.shard.merge import merge, merge_parts
+from lmim.tools.shard.merge import merge, merge_if_complete, merge_parts
 from lmim.tools.shard.plan import Plan, make_plan
 from lmim.tools.shard.processes import FORKS, context, run_forked, run_spawned
 from lmim.tools.shard.progress import Counters, ProgressBar, attach, reporting
@@ -95,7 +95,8 @@ def build_dataset(src: str, dst: str, options: BuildOptions | None = None, **key
         shard_max_samples: sample limit per shard (None: no count limit).
         workers: worker processes (0 or 1: build in this process).
         seed: seed of the global shuffle.
-        part: (i, N): build only part i of N (shards n with n % N == i); run `merge_parts` after all.
+        part: (i, N): build only part i of N (shards n with n % N == i); the part that finds every
+            part's shards complete when it ends writes the manifest (`merge_parts` re-runs that).
         max_side: re-encode images whose longer side is larger (JPEG at `quality`).
         quality: JPEG quality for re-encoded and converted images.
         full_decode: decode every image to check it (default: header and end-marker checks).
@@ -169,8 +170,11 @@ def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: flo
     seconds = time.perf_counter() - t0
     this_run = dict(built_shards=len(tasks), resumed_shards=len(mine) - len(tasks),
                     images_read=sum(r.images_read for r in results), bytes_read=sum(r.bytes_read for r in results))
-    if part_n == 1:
-        manifest = merge(dest)
+    # A whole build merges; so does the part that finds every part's shards complete (the last to
+    # finish: merging is deterministic and each file is written atomically, so two parts finishing
+    # at once both write the same bytes, and no lock can be left behind by a part that dies).
+    manifest = merge(dest) if part_n == 1 else merge_if_complete(dest)
+    if manifest is not None:
         return BuildSummary(manifest.total_samples, len(manifest.shards), len(manifest.classes or []),
                             int(manifest.build.get("rejects", 0)), seconds, manifest.total_bytes, **this_run)
     records = [r for r in list(done.values()) + results if r.shard % part_n == part_i]

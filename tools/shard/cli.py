@@ -7,13 +7,14 @@ import os
 import sys
 from dataclasses import asdict
 
-from lmim.pipeline.format.manifest import REJECTS_NAME
+from lmim.pipeline.format.manifest import MANIFEST_NAME, REJECTS_NAME
 from lmim.tools.shard.build import BuildResult, run_build
 from lmim.tools.shard.config import BuildOptions
 from lmim.tools.shard.errors import BuildError
 from lmim.tools.shard.images import DEFAULT_MAX_PIXELS
 from lmim.tools.shard.merge import merge_parts
 from lmim.tools.shard.options import add_storage_arguments, parse_bytes, parse_part, parse_storage_cli
+from lmim.tools.shard.scheduler import part_from_environment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="worker processes (default: CPU count, at most 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
-    p.add_argument("--part", type=parse_part, default=None, metavar="i/N",
-                   help="build slice i of N (e.g. one SLURM array task each), then run `lmim merge DST`")
+    p.add_argument("--part", type=parse_part, default=None, metavar="i/N|auto",
+                   help="build slice i of N (one machine each); auto: i and N from a SLURM array, a Kubernetes "
+                        "indexed Job or RANK/WORLD_SIZE. The last part to finish writes the manifest")
     p.add_argument("--labels", choices=("auto", "folders", "none"), default="auto",
                    help="class labels from sub-folder names (auto: when every image is in a sub-folder)")
     p.add_argument("--max-side", type=int, default=None, metavar="PX",
@@ -56,9 +58,10 @@ def main(argv: list[str]) -> int:
         return 2
     args, storage_options = parsed
     try:
+        part = part_from_environment(os.environ) if args.part == "auto" else args.part
         options = BuildOptions(
             shard_max_bytes=args.shard_max_bytes, shard_max_samples=args.shard_max_samples, workers=args.workers,
-            seed=args.seed, part=args.part, max_side=args.max_side, quality=args.quality, full_decode=args.full_decode,
+            seed=args.seed, part=part, max_side=args.max_side, quality=args.quality, full_decode=args.full_decode,
             storage_options=storage_options, progress=not args.quiet, labels=args.labels, max_pixels=args.max_pixels,
             prefix=args.prefix, fsync=not args.no_fsync)
         result = run_build(args.src, args.dst, options)
@@ -89,8 +92,12 @@ def _report(result: BuildResult) -> str:
              f"  this run: {s.built_shards} shards built, {s.resumed_shards} already complete, "
              f"{s.images_read} images in {s.seconds:.1f} s ({s.images_per_s:.0f} img/s, {s.mb_per_s:.1f} MB/s)",
              f"  output: {s.bytes / 1e6:.1f} MB"]
-    if part_n > 1:
-        lines.append(f"  run `lmim merge {result.dataset}` once all {part_n} parts are done")
+    if part_n > 1 and s.complete:
+        lines.append(f"  every part is done: this part, the last to finish, wrote {MANIFEST_NAME} (the counts "
+                     f"above are the whole dataset's)")
+    elif part_n > 1:
+        lines.append(f"  other parts are still building; the last part to finish writes {MANIFEST_NAME} "
+                     f"(or run `lmim merge {result.dataset}` once all {part_n} parts are done)")
     return "\n".join(lines)
 
 

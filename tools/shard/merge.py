@@ -1,7 +1,8 @@
 """The last step of every build: `manifest.json` and `rejects.jsonl` from the plan and the shard records.
 
-A whole build merges at its end; a `--part i/N` build leaves it to `lmim merge DST`, run once
-every part is done. The manifest is written last: its presence means the dataset is complete.
+A whole build merges at its end; of a `--part i/N` build, the part that finds every shard
+complete when it ends merges (`lmim merge DST` does it again by hand). The manifest is written
+last: its presence means the dataset is complete.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lmim.tools.shard.destination import open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError
 from lmim.tools.shard.state import PLAN_NAME, TMP_DIR, fingerprint_records, read_json, shard_name
 
-__all__ = ["merge_parts", "merge"]
+__all__ = ["merge_parts", "merge", "merge_if_complete"]
 
 
 def merge_parts(dst: str, *, storage_options: dict | None = None) -> Manifest:
@@ -24,6 +25,17 @@ def merge_parts(dst: str, *, storage_options: dict | None = None) -> Manifest:
     Raises BuildError naming the missing shards (and the parts that own them) otherwise.
     """
     return merge(open_destination(dst, storage_options))
+
+
+def merge_if_complete(dest: Store) -> Manifest | None:
+    """`merge` when every planned shard of every part has its record, else None (other parts still build)."""
+    plan_doc = read_json(dest, PLAN_NAME)
+    if plan_doc is None:
+        return None
+    records = fingerprint_records(dest, plan_doc["fingerprint"])
+    if any(n not in records for n in range(int(plan_doc["planned_shards"]))):
+        return None
+    return merge(dest)
 
 
 def merge(dest: Store) -> Manifest:

@@ -18,10 +18,13 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def parse_part(text: str) -> tuple[int, int]:
+def parse_part(text: str) -> tuple[int, int] | str:
+    """`--part i/N`, or "auto" (resolved from the scheduler's environment by `scheduler.part_from_environment`)."""
+    if text.strip() == "auto":
+        return "auto"
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
-        raise argparse.ArgumentTypeError(f"--part {text!r} must be i/N with 0 <= i < N, e.g. 0/4")
+        raise argparse.ArgumentTypeError(f"--part {text!r} must be i/N with 0 <= i < N (e.g. 0/4) or auto")
     return int(m.group(1)), int(m.group(2))
 
 
