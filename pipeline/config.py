@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lmim.pipeline.storage import is_remote
+
 # The accepted values of each choice key (the trainer adds its own loaders, e.g. "synthetic").
 DATA_CHOICES: dict[str, tuple[str, ...]] = {
     "loader": ("dali", "torch"),
@@ -107,3 +109,11 @@ def check_data_config(cfg: Any, extra_loaders: tuple[str, ...] = ()) -> None:
     lo, hi = cfg.block_aspect
     if not 0 < lo <= hi:
         fail("block_aspect", "a range [lo, hi] of aspect ratios with 0 < lo <= hi")
+    check_reader(cfg.reader, cfg.url)
+
+
+def check_reader(reader: str, url: str) -> None:
+    """DALI's own reader opens local files only; a remote data set is streamed."""
+    if reader == "dali" and is_remote(url):
+        raise DataConfigError(f"Config key 'data.reader' is 'dali', which reads local shards only, but {url} is "
+                              "remote; use data.reader=stream (or auto).")

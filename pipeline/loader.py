@@ -33,7 +33,7 @@ import torch
 
 from lmim.pipeline.backend import Backend, CropPlan, DecodedBatch, EpochPlan, ImageSpec
 from lmim.pipeline.batch import Batch
-from lmim.pipeline.config import DataConfig
+from lmim.pipeline.config import DataConfig, check_data_config, check_reader
 from lmim.pipeline.errors import (BatchFailed, DataError, DatasetTooSmall, SampleError, ShardError,
                                   StoreUnreachable)
 from lmim.pipeline.format.manifest import Manifest, read_manifest
@@ -64,14 +64,7 @@ class Loader:
     def __init__(self, cfg: DataConfig, *, grid_size: int, patch_size: int, patch_gap: int, train: bool = True,
                  rank: int = 0, world_size: int = 1, device: torch.device | str | None = None, seed: int = 0,
                  url: str | None = None):
-        if cfg.loader not in ("dali", "torch"):
-            raise ValueError(f"data.loader must be 'dali' or 'torch', got {cfg.loader!r}.")
-        if cfg.reader not in ("auto", "dali", "stream"):
-            raise ValueError(f"data.reader must be 'auto', 'dali' or 'stream', got {cfg.reader!r}.")
-        if cfg.on_error not in ("skip", "raise"):
-            raise ValueError(f"data.on_error must be 'skip' or 'raise', got {cfg.on_error!r}.")
-        if cfg.batch_size < 1:
-            raise ValueError(f"data.batch_size must be at least 1, got {cfg.batch_size}.")
+        check_data_config(cfg)  # the config loader ran it already; callers from Python may not have
         self.cfg = cfg
         self.train = train
         self.grid_size, self.patch_size, self.patch_gap = grid_size, patch_size, patch_gap
@@ -80,9 +73,7 @@ class Loader:
         self.device = torch.device(device if device is not None else "cpu")
         self.url = url or cfg.url
         self.local = not is_remote(self.url)
-        if cfg.reader == "dali" and not self.local:
-            raise ValueError(f"data.reader='dali' reads local shards only; {self.url} is remote: use "
-                             "data.reader='stream' (or 'auto').")
+        check_reader(cfg.reader, self.url)
         self.streaming = cfg.reader == "stream" or (cfg.reader == "auto" and not self.local)
         self.retry = RetryPolicy(budget_s=cfg.retry_budget_s, max_retries=cfg.max_retries)
         self.manifest: Manifest = read_manifest(self.url, cfg.storage_options, retry=self.retry)
