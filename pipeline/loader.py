@@ -37,7 +37,7 @@ from lmim.pipeline.config import DataConfig, check_data_config, check_reader
 from lmim.pipeline.errors import (BatchFailed, DataError, DatasetTooSmall, SampleError, ShardError,
                                   StoreUnreachable)
 from lmim.pipeline.format.manifest import Manifest, read_manifest
-from lmim.pipeline.order import check_ranks, eval_plan, mask_seed, train_plan
+from lmim.pipeline.order import check_ranks, eval_plan, mask_seed, shard_mode, train_plan
 from lmim.pipeline.source import ShardSource
 from lmim.pipeline.storage import RetryPolicy, is_remote
 
@@ -81,8 +81,10 @@ class Loader:
         self.has_labels = self.manifest.classes is not None
         self.batch_size = cfg.batch_size
         total = sum(self.counts)
+        check_ranks(world_size, rank)
+        # how the ranks share the shards (pipeline/order.py): "whole shards", "shared shards", or one ordered pass
+        self.shard_mode = shard_mode(len(self.counts), world_size) if train else "evaluation pass"
         if train:
-            check_ranks(len(self.counts), world_size, rank)
             self._num_batches = (total // world_size) // cfg.batch_size
             if self._num_batches == 0:
                 raise DatasetTooSmall(f"batch size {cfg.batch_size} x {world_size} rank(s) is larger than the dataset "

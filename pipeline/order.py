@@ -4,14 +4,22 @@ Everything random about the data stream is a pure function of (seed, epoch, rank
 computed here in Python with NumPy, so a resumed run reproduces the uninterrupted one exactly
 and the DALI, streaming and PyTorch loaders see the very same samples and crop windows.
 
-Training order of one epoch on one rank:
-1. the shard order is shuffled with a seed of (seed, epoch); rank r takes shards r, r + W, ...
-   (shards, not samples, are split so every rank reads whole shards, sequentially);
-2. inside each shard the samples are permuted with a seed of (seed, epoch, shard);
-3. the concatenated stream is cut or wrapped (repeated from its start) to exactly
-   `total // W` samples, so every rank yields the same number of batches even when the shard
-   sizes are uneven (the cut drops a few samples that epoch; the next epoch's reshuffle changes
-   which). Samples found undecodable (policy "skip") are left out before the cut.
+Training order of one epoch on one rank, in one of two modes (`shard_mode`):
+- "whole shards" (at least as many shards as ranks: the scalable path):
+  1. the shard order is shuffled with a seed of (seed, epoch); rank r takes shards r, r + W, ...
+     (shards, not samples, are split so every rank reads whole shards, sequentially, and each
+     shard is read by one rank an epoch);
+  2. inside each shard the samples are permuted with a seed of (seed, epoch, shard);
+  3. the concatenated stream is cut or wrapped (repeated from its start) to exactly
+     `total // W` samples, so every rank yields the same number of batches even when the shard
+     sizes are uneven (the cut drops a few samples that epoch; the next epoch's reshuffle changes
+     which).
+- "shared shards" (fewer shards than ranks, e.g. a small data set in one shard on 2 GPUs): steps
+  1-2 make ONE stream for all ranks (every shard, shuffled, each permuted) and rank r takes its
+  contiguous `total // W` samples, r-th of W. The ranks' samples are disjoint; a shard is read
+  by the ranks whose ranges cross it (at most about W / shards + 1 of them; locally DALI's
+  per-epoch index reads only the rank's own samples, while a streamed shard is fetched whole).
+Samples found undecodable, and unreadable shards (policy "skip"), are left out before the cut.
 Evaluation: all samples in manifest order, split into W contiguous near-equal ranges (no
 duplicates, nothing dropped; per-rank counts differ by at most one sample).
 """
@@ -34,19 +42,20 @@ def derive_seed(*parts: int) -> int:
     return int((int(state[0]) << 32 | int(state[1])) & (2**63 - 1))
 
 
-def check_ranks(num_shards: int, world_size: int, rank: int) -> None:
+def check_ranks(world_size: int, rank: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}.")
-    if num_shards < world_size:
-        raise ValueError(
-            f"the dataset has {num_shards} shard(s) but there are {world_size} ranks: each rank needs at least one "
-            f"shard; rebuild it with smaller shards (`lmim shard --shard-max-samples ...`) or use fewer processes."
-        )
+
+
+def shard_mode(num_shards: int, world_size: int) -> str:
+    """"whole shards" (each rank its own shards) when there are enough shards, else "shared shards"."""
+    return "whole shards" if num_shards >= world_size else "shared shards"
 
 
 def rank_shards(num_shards: int, world_size: int, rank: int, seed: int, epoch: int) -> np.ndarray:
-    """The shards rank `rank` reads in `epoch`, in reading order."""
-    check_ranks(num_shards, world_size, rank)
+    """The shards rank `rank` reads in `epoch` in "whole shards" mode, in reading order (all ranks'
+    order, the epoch's shard permutation, when `world_size` is 1)."""
+    check_ranks(world_size, rank)
     perm = np.random.default_rng(derive_seed(seed, _SHARD_ORDER, epoch)).permutation(num_shards)
     return perm[rank::world_size]
 
@@ -75,8 +84,11 @@ def train_plan(
     bad: dict[int, set[int]] = {}
     for s, i in excluded:
         bad.setdefault(int(s), set()).add(int(i))
+    whole = shard_mode(len(counts), world_size) == "whole shards"
+    # whole shards: this rank's shards; shared shards: every shard, the same stream on every rank
+    shard_ids = rank_shards(len(counts), world_size if whole else 1, rank if whole else 0, seed, epoch)
     shard_parts, sample_parts = [], []
-    for s in rank_shards(len(counts), world_size, rank, seed, epoch):
+    for s in shard_ids:
         s = int(s)
         if s in skip_shards:
             continue
@@ -87,6 +99,9 @@ def train_plan(
         sample_parts.append(perm.astype(np.int64))
     shards = np.concatenate(shard_parts) if shard_parts else np.zeros(0, np.int64)
     samples = np.concatenate(sample_parts) if sample_parts else np.zeros(0, np.int64)
+    if not whole:  # this rank's contiguous range of the one stream
+        size = len(shards) // world_size
+        shards, samples = shards[rank * size:(rank + 1) * size], samples[rank * size:(rank + 1) * size]
     if len(shards) == 0:
         raise NoReadableSamples(f"rank {rank} has no readable samples in epoch {epoch} (all its shards are empty or "
                                 "skipped as unreadable); repair the dataset (`lmim verify`) or use fewer ranks.")

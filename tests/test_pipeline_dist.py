@@ -1,4 +1,5 @@
-"""Two real processes (gloo): disjoint shards, equal batch counts, no hang; and the GPU path where there is one."""
+"""Two real processes (gloo): disjoint shards (or disjoint halves of one shared shard), equal batch counts,
+no hang; and the GPU path where there is one."""
 from __future__ import annotations
 
 import json
@@ -41,6 +42,22 @@ def test_two_processes_gloo(tmp_path):
         a = {k for b in res[0]["keys"][epoch * n:(epoch + 1) * n] for k in b}
         b = {k for b in res[1]["keys"][epoch * n:(epoch + 1) * n] for k in b}
         assert a.isdisjoint(b)
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_share_one_shard(tmp_path):
+    """A data set in ONE shard on two ranks (shared-shards mode): each epoch the ranks take disjoint
+    halves of it, together every sample once, in equal batch counts (the all_reduce would hang otherwise)."""
+    url = make_dataset(str(tmp_path / "ds"), n=16, per_shard=16)
+    torch.multiprocessing.spawn(_rank_main, args=(2, url, str(tmp_path)), nprocs=2, join=True)
+    res = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    n = res[0]["len"]
+    assert res[0]["steps"] == res[1]["steps"] == 2 * n == 4
+    for epoch in range(2):
+        a = [k for b in res[0]["keys"][epoch * n:(epoch + 1) * n] for k in b]
+        b = [k for b in res[1]["keys"][epoch * n:(epoch + 1) * n] for k in b]
+        assert set(a).isdisjoint(b) and len(set(a) | set(b)) == 16
+    assert res[0]["keys"][:n] != res[0]["keys"][n:]   # reshuffled between epochs
 
 
 @pytest.mark.gpu

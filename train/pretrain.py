@@ -283,6 +283,9 @@ def _seeded_model(cfg: DictConfig) -> LatentMIM:
 def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
     """This process's training loader and the optimizer steps in one of its epochs."""
     loader = make_loader(cfg, accelerator, train=True)
+    if getattr(loader, "shard_mode", None) == "shared shards":
+        accelerator.print(f"data: {len(loader.counts)} shard(s) for {accelerator.num_processes} processes: the "
+                          "processes share shards, each taking its own samples (docs/TRAINING.md, shards and ranks)")
     micro_per_epoch = len(loader)
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
