@@ -20,6 +20,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from lmim.model.attention import attention_kernels
 from lmim.model.config import ModelConfig
 from lmim.model.decoder import LatentDecoder, MAEDecoder
 from lmim.model.encoder import Projector, build_encoder, encode_patches
@@ -142,6 +143,11 @@ class LatentMIM(nn.Module):
               online features (1 = all images alike, up to min(B, D)).
             `sim_target` may be a 0-dim tensor (avoids recompiles under torch.compile).
         """
+        with attention_kernels(images.device):
+            return self._forward(images, visible, target, sim_target, metrics)
+
+    def _forward(self, images: torch.Tensor, visible: torch.Tensor, target: torch.Tensor,
+                 sim_target: float | torch.Tensor | None, metrics: bool) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         if visible.shape[0] != images.shape[0] or target.shape[0] != images.shape[0]:
             raise ValueError(

@@ -399,3 +399,20 @@ def test_mae_baseline_gets_the_same_reference_init():
 def test_patch_gap_of_one_is_refused():
     with pytest.raises(ValueError, match="1 cannot jitter"):
         LatentMIM(tiny(patch_gap=1))
+
+
+def test_cpu_bf16_attention_takes_the_math_path():
+    """On the CPU under bf16 autocast the forward runs SDPA's math backend (the flash kernel's bf16
+    backward is several times slower there); fp32 and other devices keep SDPA's own choice."""
+    from lmim.model.attention import attention_kernels
+
+    flash = torch.backends.cuda.flash_sdp_enabled  # SDPA's backend switches (they govern the CPU too)
+    assert flash()
+    with attention_kernels(torch.device("cpu")):
+        assert flash()                              # fp32: SDPA chooses
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with attention_kernels(torch.device("cpu")):
+            assert not flash() and torch.backends.cuda.math_sdp_enabled()
+        with attention_kernels(torch.device("meta")):
+            assert flash()
+    assert flash()
