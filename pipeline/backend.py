@@ -108,3 +108,27 @@ class Backend(Protocol):
     def __iter__(self) -> Iterator[DecodedBatch]: ...
 
     def close(self) -> None: ...
+
+
+class GeneratorBackend:
+    """A Backend whose batches come from one generator, `_batches()`; closing it closes the
+    generator (its `finally` blocks stop the work) and then calls `_release()`."""
+
+    _gen: Iterator[DecodedBatch] | None = None
+
+    def _batches(self) -> Iterator[DecodedBatch]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what outlives the generator (a pipeline, a thread, temporary files); idempotent."""
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        self._gen = self._batches()
+        return self._gen
+
+    def close(self) -> None:
+        """Stop now (idempotent)."""
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            gen.close()
+        self._release()

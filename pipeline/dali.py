@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from lmim.pipeline.backend import DecodedBatch, EpochPlan, ImageSpec
+from lmim.pipeline.backend import DecodedBatch, EpochPlan, GeneratorBackend, ImageSpec
 from lmim.pipeline.errors import BatchFailed
 from lmim.pipeline.order import runs
 from lmim.pipeline.shards import ShardMeta, write_index
@@ -122,7 +122,7 @@ def as_encoded(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-class DaliBatches:
+class DaliBatches(GeneratorBackend):
     """One epoch's plan through a DALI pipeline: `DecodedBatch`es in plan order.
 
     Local shards: DALI's webdataset reader reads per-run index files (written to a temporary
@@ -150,18 +150,6 @@ class DaliBatches:
         self._prefetcher: Prefetcher | None = None
         self._index_dir: str | None = None
         self._pipe: Any = None
-        self._gen: Iterator[DecodedBatch] | None = None
-
-    def __iter__(self) -> Iterator[DecodedBatch]:
-        self._gen = self._batches()
-        return self._gen
-
-    def close(self) -> None:
-        """Stop: the pipeline, the prefetch thread and the index files go now (idempotent)."""
-        gen, self._gen = self._gen, None
-        if gen is not None:
-            gen.close()
-        self._release()
 
     def _batches(self) -> Iterator[DecodedBatch]:
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lmim.pipeline.backend import DecodedBatch, EpochPlan, ImageSpec
+from lmim.pipeline.backend import DecodedBatch, EpochPlan, GeneratorBackend, ImageSpec
 from lmim.pipeline.errors import DataError, SampleError
 from lmim.pipeline.forking import fork_safe_gc
 from lmim.pipeline.shards import ShardMeta
@@ -104,7 +104,7 @@ class _Batches(IterableDataset):
                 return
 
 
-class TorchBatches:
+class TorchBatches(GeneratorBackend):
     """One epoch's plan through DataLoader workers: `DecodedBatch`es in plan order; a worker's
     `ShardError` or `SampleError` is raised here as itself."""
 
@@ -112,17 +112,6 @@ class TorchBatches:
         self._dataset = _Batches(plan, source, spec)
         self._workers = max(0, int(spec.threads))
         self._pin = spec.device.type == "cuda"
-        self._gen: Iterator[DecodedBatch] | None = None
-
-    def __iter__(self) -> Iterator[DecodedBatch]:
-        self._gen = self._batches()
-        return self._gen
-
-    def close(self) -> None:
-        """Stop the worker processes now (idempotent)."""
-        gen, self._gen = self._gen, None
-        if gen is not None:
-            gen.close()
 
     def _batches(self) -> Iterator[DecodedBatch]:
         nw = self._workers
