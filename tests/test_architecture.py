@@ -120,7 +120,7 @@ def test_import_lmim_prepares_timm_without_importing_it():
 
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_package_that_runs(tmp_path):
-    """A non-editable install: build the wheel, install it into a folder, train from it elsewhere."""
+    """A non-editable install: build the wheel, install it into a folder, run the quickstart from it elsewhere."""
     # Build from a copy of the tracked files: setuptools writes build/ into the source tree.
     source = tmp_path / "source"
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
@@ -153,7 +153,14 @@ def test_the_wheel_installs_one_top_level_package_that_runs(tmp_path):
                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr[-3000:]
     assert Path(where.stdout.strip()).is_relative_to(site)
-    run = subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY_SYNTHETIC,
-                          f"run_dir={work / 'run'}"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    # The quickstart (shortened), as a user of the installed wheel runs it.
+    run = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "quickstart", "--dataset", "digits", "--data-dir",
+                          str(work / "data"), "--run-dir", str(work / "run"), "max_steps=4", "progress=false"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "k-NN top-1" in run.stdout and (work / "run" / "quickstart.json").is_file()
     assert (work / "run" / "status.json").read_text().count('"completed"') == 1
+    # the pretrain module runs from the wheel too, as `accelerate launch -m lmim.train.pretrain` would
+    pre = subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY_SYNTHETIC,
+                          f"run_dir={work / 'run2'}"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert pre.returncode == 0, pre.stderr[-3000:]
