@@ -88,6 +88,7 @@ def test_overrides_types_and_file_path(tmp_path):
         (["ema.end=1.01"], "'ema.end' must be between 0 and 1"),
         (["model.tau=0"], "'model.tau' must be a positive temperature"),
         (["eval.knn_k=0"], "'eval.knn_k' must be positive"),
+        (["synthetic_batches=0"], "'synthetic_batches' must be positive"),
         (["data.reader=dali", "data.url=s3://bucket/train"], "'data.reader' is 'dali', which reads local shards only"),
     ],
 )

@@ -135,3 +135,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [4]
     status = json.loads((tmp_path / "r" / "status.json").read_text())
     assert status["status"] == "failed"
+
+
+def test_an_epoch_without_batches_is_an_error_not_a_hang():
+    """A loader that gives nothing for a whole epoch would give nothing forever: stop with one sentence."""
+    from lmim.pipeline.errors import DataError
+    from lmim.train.meter import Meter
+    from lmim.train.pretrain import _epochs
+
+    batches = _epochs([], Meter(8, start_step=0, stop_step=10))
+    with pytest.raises(DataError, match="no batch for a whole epoch"):
+        next(batches)

@@ -273,7 +273,7 @@ def _check_values(cfg: DictConfig) -> None:
     positive = ["epochs", "grad_accum", "log_every", "eval.batch_size", "eval.knn_k", "checkpoint.keep",
                 "model.patch_size", "model.grid_size", "model.in_chans", "model.projector_hidden_dim",
                 "model.projector_layers", "model.decoder_dim", "model.decoder_depth", "model.decoder_num_heads",
-                "collapse_guard.patience"]
+                "collapse_guard.patience", "synthetic_batches"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"Config key {key!r} must be positive, got {OmegaConf.select(cfg, key)!r}.")

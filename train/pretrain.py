@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lmim.pipeline.errors import DataError
 from lmim.train.cadence import Cadence
 from lmim.train.checkpoint import (
     CheckpointError,
@@ -425,7 +426,13 @@ def _epochs(loader, meter: Meter) -> Iterator[Batch]:
     """The loader's batches, epoch after epoch (each pass starts the loader's next epoch), their
     data wait measured. A step's micro-batches span two epochs when grad_accum does not divide one."""
     while True:
-        yield from meter.timed(loader)
+        empty = True
+        for batch in meter.timed(loader):
+            empty = False
+            yield batch
+        if empty:  # another pass would give nothing too: stop instead of spinning forever
+            raise DataError("the data loader gave no batch for a whole epoch (every sample or shard skipped?); "
+                            "check the dataset with `lmim verify`.")
 
 
 def main(argv: list[str] | None = None) -> int:
