@@ -19,6 +19,9 @@ def test_bench_pipeline_json(capsys, tmp_path):
     # Whole-shard streaming: one GET per shard (3 shards) plus the manifest, per pass.
     assert 0 < out["stream_requests_per_sample"] <= 0.5
     assert out["stream_bytes_per_sample"] > 0
+    # More ranks (5) than shards (3): each rank fetches the shards its range crosses, whole.
+    assert out["shared_shards_world_size"] == 5
+    assert out["stream_requests_per_sample"] < out["shared_shards_requests_per_sample"] <= 1.0
     # The integrity check's cost per local shard, and the machine the figures came from.
     assert out["checksum_algorithm"] == "xxh3_128" and out["checksum_ms_per_shard"] > 0
     assert out["checksum_share_of_read"] > 0 and out["machine"].startswith("CPU ")

@@ -11,7 +11,8 @@ with the same number of threads (DALI) / worker processes (DataLoader). Each rou
 epoch (or --max-batches) of each loader, alternating DALI / baseline, from its first batch to its
 last (the start-up is excluded and reported apart); medians over rounds are quoted.
 `ratio` = DALI images/s / baseline images/s. With --s3-loopback (or an s3:// URL) the streaming
-reader's requests and bytes per sample are reported too.
+reader's requests and bytes per sample are reported too; with --s3-loopback also the requests per
+sample when there are more ranks than shards (the "shared shards" mode of pipeline/order.py).
 """
 from __future__ import annotations
 
@@ -104,6 +105,21 @@ def _measure(cfgs: dict[str, DataConfig], args, device: torch.device, url_of: di
             print(f"  round {r + 1}: {name:<8} {rate:8.1f} images/s  ({nb} batches, start-up {s:.2f} s)",
                   file=sys.stderr)
     return {"rates": rates, "startup": startup, "loaders": loaders, "samples": samples}
+
+
+def _shared_shard_requests(cfg: DataConfig, args, device: torch.device, s3, num_shards: int) -> dict[str, Any]:
+    """GETs per sample when there are more ranks than shards ("shared shards", pipeline/order.py):
+    every rank of a world of `num_shards + 2` streams one epoch in turn, counted by the server."""
+    world = num_shards + 2
+    s3.clear()
+    samples = 0
+    for rank in range(world):
+        loader = build_loader(cfg, grid_size=args.grid, patch_size=args.patch, patch_gap=args.gap, device=device,
+                              rank=rank, world_size=world)
+        samples += sum(len(batch) for batch in loader)
+        loader.close()
+    return {"shared_shards_world_size": world,
+            "shared_shards_requests_per_sample": round(len(s3.gets("/bench/ds/")) / samples, 5)}
 
 
 def _checksum_cost(url: str, manifest) -> dict[str, float]:
@@ -204,6 +220,8 @@ def main(argv: list[str]) -> int:
                         "stream_bytes_per_sample": round(st["bytes_fetched"] / n_samples, 1),
                         "stream_bytes_per_sample_stored": round(manifest.total_bytes / manifest.total_samples, 1),
                         "stream_requests_counted_by": "server log" if s3 is not None else "loader stats"})
+        if s3 is not None:
+            out.update(_shared_shard_requests(cfgs["dali_s3"], args, device, s3, len(manifest.shards)))
         _table(out)
         if args.json:
             print(json.dumps({**out, "machine": describe_machine(str(out["device"]))}))
@@ -239,6 +257,9 @@ def _table(out: dict[str, Any]) -> None:
     if "stream_images_per_s" in out:
         t.add_row("DALI streaming s3://", f"{out['stream_images_per_s']:.1f}", "", "")
         t.add_row("  requests / sample", str(out["stream_requests_per_sample"]), "", "")
+    if "shared_shards_requests_per_sample" in out:
+        t.add_row(f"  shared shards ({out['shared_shards_world_size']} ranks): requests / sample",
+                  str(out["shared_shards_requests_per_sample"]), "", "")
         t.add_row("  bytes read / sample", f"{out['stream_bytes_per_sample']:.0f} "
                                            f"(stored: {out['stream_bytes_per_sample_stored']:.0f})", "", "")
     Console().print(t)
