@@ -12,9 +12,9 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("lmim.tools.shard.cli", "build WebDataset shards from a raw image corpus (local or s3://)"),
-    "merge": ("lmim.tools.shard.cli:merge_main", "merge the manifests of a build done in --part i/N slices"),
+    "merge": ("lmim.tools.shard.cli:merge_main", "write the manifest of a --part i/N build again (the last part to finish writes it already)"),
     "verify": ("lmim.tools.shard.verify", "re-read a dataset and check it against its manifest"),
-    "export": ("lmim.tools.export", "export a checkpoint's online encoder as a timm ViT (safetensors)"),
+    "export": ("lmim.tools.export", "export a checkpoint's encoder for timm: one .safetensors file, or a timm / Hugging Face folder"),
     "pretrain": ("lmim.train.pretrain", "pretrain Latent MIM (same as `accelerate launch -m lmim.train.pretrain`)"),
     "quickstart": ("lmim.tools.quickstart", "shard a small real dataset, pretrain a tiny ViT on the CPU, evaluate, export"),
     "eval": ("lmim.tools.eval_cli", "evaluate an encoder: knn | linear | collapse"),
