@@ -37,7 +37,7 @@ from lmim.pipeline.config import DataConfig, check_data_config, check_reader
 from lmim.pipeline.errors import (BatchFailed, DataError, DatasetTooSmall, SampleError, ShardError,
                                   StoreUnreachable)
 from lmim.pipeline.format.manifest import Manifest, read_manifest
-from lmim.pipeline.order import check_ranks, eval_plan, mask_seed, shard_mode, train_plan
+from lmim.pipeline.order import check_ranks, eval_plan, mask_seed, remainder_plan, shard_mode, train_plan
 from lmim.pipeline.source import ShardSource
 from lmim.pipeline.storage import RetryPolicy, is_remote
 
@@ -104,6 +104,9 @@ class Loader:
         self._bad: set[tuple[int, int]] = set()
         self._skipped_keys: list[str] = []
         self._bad_shards: list[int] = []  # shards found unreadable and skipped (data.on_error=skip)
+        # Elastic resume: the epoch that another number of ranks interrupted, and what it had left
+        # (`order.remainder_plan`'s arguments); None when every epoch is a whole one.
+        self._carry: dict[str, int] | None = None
         self._active: Backend | None = None  # the backend of the epoch in progress
         self._token: object | None = None  # identifies the live iterator
 
@@ -125,7 +128,39 @@ class Loader:
                 "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
                 "train": self.train, "num_samples": sum(self.counts), "num_shards": len(self.counts),
                 "bad": sorted([int(s), int(i)] for s, i in self._bad), "skipped_keys": list(self._skipped_keys),
-                "bad_shards": list(self._bad_shards)}
+                "bad_shards": list(self._bad_shards), "carry": self._carry}
+
+    def batches_left(self) -> int:
+        """Batches this rank still yields in the current epoch."""
+        return self._batches_in(self.epoch) - self._next_batch
+
+    def load_elastic_state(self, states: list[dict[str, Any]]) -> bool:
+        """Resume from the states of every rank of a run with another number of ranks.
+
+        Mid-epoch, the samples no old rank consumed are re-split over this run's ranks
+        (`order.remainder_plan`); later epochs follow this run's world size. Returns False (and
+        changes nothing) when that cannot be exact: another data set, seed, batch size or an
+        evaluation loader, ranks at different positions, or an epoch that was itself resumed
+        elastically; the caller then falls back to the next epoch boundary.
+        """
+        first = states[0]
+        same = all(int(st.get("version", 0)) == STATE_VERSION and st["epoch"] == first["epoch"]
+                   and st["batch"] == first["batch"] and not st.get("carry") for st in states)
+        same = same and first["train"] and self.train and first["seed"] == self.seed
+        same = same and first["batch_size"] == self.batch_size and first["world_size"] == len(states)
+        same = same and (first["num_samples"], first["num_shards"]) == (sum(self.counts), len(self.counts))
+        if not same:
+            return False
+        self._bad = {(int(s), int(i)) for st in states for s, i in st.get("bad", [])}
+        self._skipped_keys = [k for st in states for k in st.get("skipped_keys", [])]
+        self._bad_shards = sorted({int(s) for st in states for s in st.get("bad_shards", [])})
+        old_world, epoch, done = len(states), int(first["epoch"]), int(first["batch"])
+        self.epoch, self._next_batch, self._carry = epoch, 0, None
+        if done > 0:
+            old_batches = (sum(self.counts) // old_world) // self.batch_size
+            self._carry = {"epoch": epoch, "old_world": old_world, "old_rank_length": old_batches * self.batch_size,
+                           "consumed": done * self.batch_size}
+        return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("version", 0)) != STATE_VERSION:
@@ -136,6 +171,7 @@ class Loader:
         self._bad = {(int(s), int(i)) for s, i in state.get("bad", [])} if same_data else set()
         self._skipped_keys = list(state.get("skipped_keys", [])) if same_data else []
         self._bad_shards = [int(s) for s in state.get("bad_shards", [])] if same_data else []
+        self._carry = state.get("carry") if same_data else None
         same = (same_data and state["world_size"] == self.world_size and state["rank"] == self.rank
                 and state["batch_size"] == self.batch_size and state["seed"] == self.seed
                 and state["train"] == self.train)
@@ -165,7 +201,7 @@ class Loader:
             self._active = None
         while True:
             epoch, start = self.epoch, self._next_batch
-            if start >= self._num_batches:
+            if start >= self._batches_in(epoch):
                 break
             plan = self._epoch_plan(epoch, start)
             backend = self._backend(plan)
@@ -183,17 +219,31 @@ class Loader:
                 if self._active is backend:
                     self._active = None
             break
-        if self._token is token and self._next_batch >= self._num_batches:
+        if self._token is token and self._next_batch >= self._batches_in(self.epoch):
             self.epoch, self._next_batch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------ plan
+    def _batches_in(self, epoch: int) -> int:
+        """Batches of `epoch` on this rank (fewer in an epoch resumed on another number of ranks)."""
+        carry = self._carry
+        if carry is not None and carry["epoch"] == epoch:
+            left = carry["old_world"] * (carry["old_rank_length"] - carry["consumed"])
+            return (left // self.world_size) // self.batch_size
+        return self._num_batches
+
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.train:
+        if not self.train:
+            return eval_plan(self.counts, self.world_size, self.rank)
+        carry = self._carry
+        if carry is not None and carry["epoch"] == epoch:
+            shards, samples = remainder_plan(self.counts, carry["old_world"], carry["old_rank_length"],
+                                             carry["consumed"], self.world_size, self.rank, self.seed, epoch,
+                                             self._bad, self._bad_shards)
+        else:
             shards, samples = train_plan(self.counts, self.world_size, self.rank, self.seed, epoch, self._bad,
                                          self._bad_shards)
-            n = self._num_batches * self.batch_size  # drop_last
-            return shards[:n], samples[:n]
-        return eval_plan(self.counts, self.world_size, self.rank)
+        n = self._batches_in(epoch) * self.batch_size  # drop_last
+        return shards[:n], samples[:n]
 
     def _epoch_plan(self, epoch: int, start: int) -> EpochPlan:
         """What is left of `epoch` from batch `start` on."""

@@ -151,3 +151,43 @@ def test_quickstart_command_runs_end_to_end(tmp_path):
     # A second run reuses the shards.
     again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
     assert again.returncode == 0 and "reusing train shards" in again.stdout
+
+
+def _keys(run_dir: Path, ranks: int) -> list[list[str]]:
+    """Each rank's micro-batches' keys, in order, from the debug rank log."""
+    logs = [(run_dir / "debug" / f"rank{r}.jsonl").read_text().splitlines() for r in range(ranks)]
+    return [[k for line in log for k in json.loads(line).get("keys", [])] for log in logs]
+
+
+def _launch(processes: int, run_dir: Path, shards: str, *extra: str) -> subprocess.CompletedProcess:
+    head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+            if processes > 1 else [sys.executable])
+    cmd = [*head, "-m", "lmim.train.pretrain", "--config", "quickstart", *REAL, f"data.url={shards}",
+           "data.batch_size=4", "debug_rank_log=true", f"run_dir={run_dir}", *extra]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_mid_epoch_on_another_number_of_processes(shards, tmp_path, before, after):
+    """Preempted mid-epoch on `before` processes, resumed on `after`: across the two runs every sample of
+    every epoch is trained on exactly once, and the resumed processes get equal batches."""
+    run_dir = tmp_path / "r"
+    _launch(before, run_dir, shards, "max_steps=2")            # 2 steps of batch 4 per process, then stop
+    first = _keys(run_dir, before)
+    assert [len(k) for k in first] == [8] * before
+    (run_dir / "debug").rename(tmp_path / "debug-first")
+    done = _launch(after, run_dir, shards, "resume=auto")       # to the end of epoch 2 (TINY: epochs=2)
+    assert f"resumed on {after} process(es) from a checkpoint of {before}" in done.stdout
+    second = _keys(run_dir, after)
+    assert len({len(k) for k in second}) == 1                   # equal batches on every process
+    left = (40 - 8 * before) // after                           # what each resumed process takes of epoch 1
+    epoch1 = [k for ks in first for k in ks] + [k for ks in second for k in ks[:left]]
+    epoch2 = [k for ks in second for k in ks[left:]]
+    assert len(epoch1) == len(set(epoch1)) == 40                # nothing lost, nothing twice
+    assert len(epoch2) == len(set(epoch2)) == 40                # and the next epoch on the new count
+    state = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())
+    assert state["world_size"] == after and state["step"] == 2 * 40 // (4 * after)

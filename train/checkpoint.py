@@ -114,12 +114,15 @@ class RankedState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state["world_size"])
         if saved != self.world_size:
-            # Relaunched on a different number of processes (e.g. after losing a node). The loader
-            # notices that its saved rank/world differ and restarts at the next epoch boundary.
+            # Relaunched on a different number of processes (a preempted job back smaller or larger):
+            # the loader re-splits what the interrupted epoch had left over this run's processes.
+            elastic = getattr(self.obj, "load_elastic_state", None)
+            if elastic is not None and elastic(state["states"]):
+                return
             warnings.warn(
-                f"this checkpoint was written by {saved} processes and the run now has {self.world_size}: "
-                "the data position resumes at an epoch boundary, not exactly (relaunch with the same count "
-                "for an exact resume).",
+                f"this checkpoint was written by {saved} processes and the run now has {self.world_size}, and "
+                "its data position cannot be re-split exactly (another data set, seed or batch size, or an "
+                "epoch already resumed on another count): data resumes at the next epoch boundary.",
                 stacklevel=2,
             )
         self.obj.load_state_dict(state["states"][self.rank % saved])

@@ -323,6 +323,22 @@ def _restore(cfg: DictConfig, accelerator, loader, resume_from: Path | None) -> 
     return state, saved_states, resumed
 
 
+def _rebase_steps(state: TrainState, loader, steps_per_epoch: int, cfg: DictConfig, accelerator,
+                  sched: Schedules) -> None:
+    """A run resumed on another number of processes has another number of steps per epoch: move the
+    step counter to where this run's schedules expect the rest of the interrupted epoch, so that the
+    epoch ends on a multiple of steps_per_epoch and lr, EMA momentum and the cadence go on from the
+    same point of training. The peak lr follows the new effective batch (the linear scaling rule)."""
+    old_world, old_step = state.world_size, state.step
+    state.step = max(0, (loader.epoch + 1) * steps_per_epoch - loader.batches_left() // cfg.grad_accum)
+    state.world_size = accelerator.num_processes
+    accelerator.print(
+        f"resumed on {accelerator.num_processes} process(es) from a checkpoint of {old_world}: the rest of epoch "
+        f"{loader.epoch} is split over the new processes; step {old_step} becomes {state.step} of "
+        f"{sched.total_steps}; peak lr {sched.peak_lr:.3g} for the effective batch "
+        f"{effective_batch_size(cfg, accelerator.num_processes)} (set grad_accum to keep the old one)")
+
+
 # ---------------------------------------------------------------------------------------------- eval
 def knn_evaluate(cfg: DictConfig, accelerator, encoder: torch.nn.Module) -> dict[str, float]:
     """k-NN top-1 of `encoder` on data.eval_url: weighted k-NN against eval.knn_train_url when set,
@@ -373,6 +389,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cadence = Cadence.from_config(cfg, steps_per_epoch, sched.total_steps)
     stepper = _make_stepper(cfg, accelerator, model, sched)
     state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
+    if resumed is not None and state.world_size != accelerator.num_processes:
+        _rebase_steps(state, loader, steps_per_epoch, cfg, accelerator, sched)
     reporter = Reporter(cfg, accelerator, schedules=sched, steps_per_epoch=steps_per_epoch, loader=loader,
                         start_step=state.step, stop_step=cadence.stop_step)
     meter = Meter(eff_batch, start_step=state.step, stop_step=cadence.stop_step)
