@@ -162,7 +162,7 @@ _OTHER_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".h5", ".npz")
 
 
 def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, which: str = "online",
-                  figures: dict[str, float] | None = None) -> Path:
+                  figures: dict[str, float] | None = None) -> dict:
     """Write the encoder of `checkpoint_dir` as a timm / Hugging Face Hub folder (atomically).
 
     Args:
@@ -173,7 +173,7 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
             k-NN top-1 is added when the run logged one.
 
     Returns:
-        The folder, holding exactly FOLDER_FILES.
+        The timm kwargs (as `export_encoder`); the folder holds exactly FOLDER_FILES.
     """
     from timm.models._hub import save_config_for_hf  # timm's own writer, so its loader reads the file back
 
@@ -201,7 +201,7 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return kwargs
 
 
 def _drop_inherited_weight_facts(config_json: Path) -> None:
@@ -363,11 +363,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     as_file = args.out.endswith(".safetensors")
     try:
-        if as_file or Path(args.out).suffix in _OTHER_WEIGHT_SUFFIXES:
-            kwargs = export_encoder(args.checkpoint, args.out, args.encoder)
-        else:
-            export_folder(args.checkpoint, args.out, args.encoder)
-            kwargs = read_export_metadata(Path(args.out) / "model.safetensors")[1]
+        export = export_encoder if as_file or Path(args.out).suffix in _OTHER_WEIGHT_SUFFIXES else export_folder
+        kwargs = export(args.checkpoint, args.out, args.encoder)
     except ExportError as exc:
         print(f"lmim export: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,15 +115,10 @@ class RankedState:
         if saved != self.world_size:
             # Relaunched on a different number of processes (a preempted job back smaller or larger):
             # the loader re-splits what the interrupted epoch had left over this run's processes.
+            # When that cannot be exact, the loader's own load warns and moves to the next epoch boundary.
             elastic = getattr(self.obj, "load_elastic_state", None)
             if elastic is not None and elastic(state["states"]):
                 return
-            warnings.warn(
-                f"this checkpoint was written by {saved} processes and the run now has {self.world_size}, and "
-                "its data position cannot be re-split exactly (another data set, seed or batch size, or an "
-                "epoch already resumed on another count): data resumes at the next epoch boundary.",
-                stacklevel=2,
-            )
         self.obj.load_state_dict(state["states"][self.rank % saved])
 
 

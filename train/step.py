@@ -108,8 +108,9 @@ def train_step(s: Stepper, batches: Iterator[Batch], step: int, *, metrics: bool
     """
     acc = s.accelerator
     # The values of this step (pure functions of it), the same for each of its micro-batches.
+    lr = s.schedules.lr(step)
     for group in s.optimizer.param_groups:
-        group["lr"] = s.schedules.lr(step)
+        group["lr"] = lr
     sim_target = s.schedules.sim_target(step) if s.net.cfg.sim_reg_coef > 0 else None
     outs = []
     while True:

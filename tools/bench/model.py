@@ -99,17 +99,14 @@ class Variant:
 
 
 class ReferenceVariant(Variant):
-    """The reference implementation's step (tools/bench/reference.py) as the baseline."""
-
-    def __init__(self, name: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer, schedules: Schedules,
-                 autocast: torch.dtype | None, device: torch.device):
-        self.name, self.device, self.times, self.warmup_s, self._step = name, device, [], 0.0, 0
-        self.net, self.optimizer, self.schedules, self.autocast = net, optimizer, schedules, autocast
+    """The reference implementation's step (tools/bench/reference.py) as the baseline; its Stepper
+    holds the reference model, its optimizer, the schedules and the autocast dtype."""
 
     def step(self, batch: Batch) -> None:
         from lmim.tools.bench.reference import reference_step
 
-        reference_step(self.net, self.optimizer, batch.images, self.schedules.momentum(self._step), self.autocast)
+        s = self.stepper
+        reference_step(s.net, s.optimizer, batch.images, s.schedules.momentum(self._step), s.autocast)
         self._step += 1
 
 
@@ -123,8 +120,9 @@ def reference_variant(repo: str, cfg: ModelConfig, ours: Variant, num_visible: i
     net = build_reference(repo, cfg, num_visible, embed_dim=enc.embed_dim, depth=len(enc.blocks),
                           num_heads=enc.blocks[0].attn.num_heads).to(device).train()
     sched = ours.stepper.schedules
-    return ReferenceVariant(f"reference implementation ({precision})", net, reference_optimizer(net, sched.lr(0)),
-                            sched, torch.bfloat16 if precision == "bf16" else None, device)
+    stepper = Stepper(net, net, reference_optimizer(net, sched.lr(0)), sched,
+                      autocast=torch.bfloat16 if precision == "bf16" else None)
+    return ReferenceVariant(f"reference implementation ({precision})", stepper, device)
 
 
 def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str], compile_: bool,

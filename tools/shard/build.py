@@ -37,7 +37,7 @@ from lmim.pipeline.storage import Store
 from lmim.tools.shard.config import BuildOptions
 from lmim.tools.shard.destination import check_destination, open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError
-from lmim.tools.shard.merge import merge, merge_if_complete, merge_parts
+from lmim.tools.shard.merge import merge, merge_parts
 from lmim.tools.shard.plan import Plan, make_plan
 from lmim.tools.shard.processes import FORKS, context, run_forked, run_spawned
 from lmim.tools.shard.progress import Counters, ProgressBar, attach, reporting
@@ -173,7 +173,7 @@ def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: flo
     # A whole build merges; so does the part that finds every part's shards complete (the last to
     # finish: merging is deterministic and each file is written atomically, so two parts finishing
     # at once both write the same bytes, and no lock can be left behind by a part that dies).
-    manifest = merge(dest) if part_n == 1 else merge_if_complete(dest)
+    manifest = merge(dest, only_if_complete=part_n > 1)
     if manifest is not None:
         return BuildSummary(manifest.total_samples, len(manifest.shards), len(manifest.classes or []),
                             int(manifest.build.get("rejects", 0)), seconds, manifest.total_bytes, **this_run)

@@ -16,7 +16,7 @@ from lmim.tools.shard.destination import open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError
 from lmim.tools.shard.state import PLAN_NAME, TMP_DIR, fingerprint_records, read_json, shard_name
 
-__all__ = ["merge_parts", "merge", "merge_if_complete"]
+__all__ = ["merge_parts", "merge"]
 
 
 def merge_parts(dst: str, *, storage_options: dict | None = None) -> Manifest:
@@ -27,21 +27,15 @@ def merge_parts(dst: str, *, storage_options: dict | None = None) -> Manifest:
     return merge(open_destination(dst, storage_options))
 
 
-def merge_if_complete(dest: Store) -> Manifest | None:
-    """`merge` when every planned shard of every part has its record, else None (other parts still build)."""
+def merge(dest: Store, *, only_if_complete: bool = False) -> Manifest | None:
+    """`merge_parts` on an open DST (the builder's own, at the end of a whole build or of a part).
+
+    With `only_if_complete`, shards still missing mean None (other parts are building) instead of an error.
+    """
     plan_doc = read_json(dest, PLAN_NAME)
     if plan_doc is None:
-        return None
-    records = fingerprint_records(dest, plan_doc["fingerprint"])
-    if any(n not in records for n in range(int(plan_doc["planned_shards"]))):
-        return None
-    return merge(dest)
-
-
-def merge(dest: Store) -> Manifest:
-    """`merge_parts` on an open DST (the builder's own, at the end of a whole build)."""
-    plan_doc = read_json(dest, PLAN_NAME)
-    if plan_doc is None:
+        if only_if_complete:
+            return None
         if read_json(dest, MANIFEST_NAME) is not None:
             return Manifest.from_json(dest.read_bytes(MANIFEST_NAME).decode())
         raise BuildError(f"{scrub_url(dest.url)} holds no lmim build (no {PLAN_NAME}); run `lmim shard SRC DST` first")
@@ -49,6 +43,8 @@ def merge(dest: Store) -> Manifest:
     n_planned = int(plan_doc["planned_shards"])
     records = fingerprint_records(dest, plan_doc["fingerprint"])
     missing = [n for n in range(n_planned) if n not in records]
+    if missing and only_if_complete:
+        return None
     if missing:
         names = ", ".join(shard_name(prefix, n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise BuildError(f"{len(missing)} of {n_planned} shards are not built yet ({names}); finish every "
