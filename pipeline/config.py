@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from lmim.pipeline.storage import is_remote
 
@@ -30,8 +30,20 @@ REMOVED_DATA_KEYS: dict[str, str] = {
 
 
 @dataclass
+class SourceConfig:
+    """One data set of a weighted mixture (`data.sources`)."""
+
+    url: str = "???"                       # a dataset built by `lmim shard`: local path or fsspec URL
+    weight: float = 1.0                    # relative share of each epoch's samples (any positive scale)
+    name: Optional[str] = None             # in logs and metrics; default: the URL's last path component
+
+
+@dataclass
 class DataConfig:
     url: str = "data/quickstart"           # dataset root: local path or fsspec URL (s3://bucket/prefix)
+    # Weighted mixture of several datasets (pipeline/mix.py); when given, it replaces `url` for training.
+    sources: list[SourceConfig] = field(default_factory=list)
+    samples_per_epoch: Optional[int] = None  # one epoch of training: null = every sample of the dataset(s) once
     eval_url: Optional[str] = None         # labelled split for k-NN monitoring / evaluation
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec override; AWS env vars by default
 
@@ -109,7 +121,60 @@ def check_data_config(cfg: Any, extra_loaders: tuple[str, ...] = ()) -> None:
     lo, hi = cfg.block_aspect
     if not 0 < lo <= hi:
         fail("block_aspect", "a range [lo, hi] of aspect ratios with 0 < lo <= hi")
-    check_reader(cfg.reader, cfg.url)
+    if cfg.samples_per_epoch is not None and cfg.samples_per_epoch < 1:
+        fail("samples_per_epoch", "a positive number of samples or null (every sample of the data once)")
+    for source in training_sources(cfg):
+        check_reader(cfg.reader, source.url)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A training data set, resolved: where, how much of each epoch, and what the logs call it."""
+
+    url: str
+    weight: float
+    name: str
+
+
+def training_sources(cfg: Any) -> list[Source]:
+    """`data.sources` (validated, named uniquely), or `data.url` as the one source of weight 1.
+
+    Entries may be `SourceConfig`s, mappings (from Python) or an OmegaConf config's nodes.
+
+    Raises:
+        DataConfigError: an entry without a URL, an unknown key, or a weight that is not positive.
+    """
+    entries = list(getattr(cfg, "sources", None) or [])
+    if not entries:
+        return [Source(str(cfg.url), 1.0, _default_name(str(cfg.url)))]
+    out: list[Source] = []
+    for n, entry in enumerate(entries):
+        if isinstance(entry, Mapping):  # a dict from Python, or an OmegaConf node
+            get = entry.get
+            unknown = sorted(set(map(str, entry)) - {"url", "weight", "name"})
+        else:
+            get, unknown = (lambda key, default=None, e=entry: getattr(e, key, default)), []
+        if unknown:
+            raise DataConfigError(f"Config key 'data.sources[{n}]' has unknown key(s) {', '.join(unknown)}; "
+                                  "an entry is {url, weight, name}.")
+        url, weight, name = get("url"), get("weight", 1.0), get("name")
+        if not url or url == "???":
+            raise DataConfigError(f"Config key 'data.sources[{n}].url' must be a dataset URL or path, got {url!r}.")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            weight = float("nan")
+        if not math.isfinite(weight) or weight <= 0:
+            raise DataConfigError(f"Config key 'data.sources[{n}].weight' must be a positive number, "
+                                  f"got {get('weight', 1.0)!r}.")
+        out.append(Source(str(url), weight, str(name) if name else _default_name(str(url))))
+    names = [s.name for s in out]
+    return [Source(s.url, s.weight, s.name if names.count(s.name) == 1 else f"{s.name}#{i}")
+            for i, s in enumerate(out)]
+
+
+def _default_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1] or url
 
 
 def check_reader(reader: str, url: str) -> None:

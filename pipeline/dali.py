@@ -4,7 +4,9 @@ Two sources of encoded images:
 - local shards: DALI's `fn.readers.webdataset`, given per-run index files listing exactly the
   samples of the plan in plan order (an index may list a shard's samples in any order or any
   subset, so the deterministic order of `lmim.pipeline.order` needs no extra copy of the data);
-- remote shards: `fn.external_source` fed from whole-shard streaming reads (`lmim.pipeline.stream`).
+- remote shards: `fn.external_source` fed from whole-shard streaming reads (`lmim.pipeline.stream`);
+  so is a mixture of datasets (`data.sources`), whose plan interleaves the datasets sample by
+  sample: its local shards are read in place by byte span (`lmim.pipeline.source`).
 Crop windows and flips always come from Python (`fn.external_source`), computed by
 `lmim.pipeline.order.crop_windows` from the sizes in each sample's `.json`, so `decoders.image_slice`
 decodes only the window (less work than a full decode) and the randomness is exactly resumable.
@@ -28,8 +30,7 @@ from lmim.pipeline.backend import DecodedBatch, EpochPlan, GeneratorBackend, Ima
 from lmim.pipeline.errors import BatchFailed
 from lmim.pipeline.order import runs
 from lmim.pipeline.shards import ShardMeta, write_index
-from lmim.pipeline.source import ShardSource
-from lmim.pipeline.stream import Prefetcher
+from lmim.pipeline.source import MixedSource, PlanReader, ShardSource
 
 
 def build_pipeline(
@@ -127,12 +128,12 @@ class DaliBatches(GeneratorBackend):
 
     Local shards: DALI's webdataset reader reads per-run index files (written to a temporary
     folder) that list the plan's samples in plan order; the feed gives only crop windows and
-    flips. Remote shards: a `Prefetcher` fetches whole shards in plan order and the feed hands
-    DALI the encoded images as well. DALI prefetches, so the feed runs ahead of the batches
+    flips. Remote shards (and mixtures): the source's plan reader fetches whole shards in plan
+    order (or reads local ones in place) and the feed hands DALI the encoded images as well. DALI prefetches, so the feed runs ahead of the batches
     returned; a failure in the feed comes back from `Pipeline.run()` and is raised as itself.
     """
 
-    def __init__(self, plan: EpochPlan, source: ShardSource, spec: ImageSpec):
+    def __init__(self, plan: EpochPlan, source: ShardSource | MixedSource, spec: ImageSpec):
         self.plan, self.source, self.spec = plan, source, spec
         dev = spec.device
         if dev.type == "cuda":
@@ -147,7 +148,7 @@ class DaliBatches(GeneratorBackend):
         self._last_fed: tuple | None = None       # repeated when DALI's prefetch runs past the plan
         # The feed's failure, kept because DALI may hand it back from run() wrapped (versions differ).
         self._feed_error: BaseException | None = None
-        self._prefetcher: Prefetcher | None = None
+        self._reader: PlanReader | None = None     # feeding encoded bytes: the plan's shards in plan order
         self._index_dir: str | None = None
         self._pipe: Any = None
 
@@ -170,19 +171,20 @@ class DaliBatches(GeneratorBackend):
         self._pipe = None
         self._feed_error = None
         self._last_fed = None
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._index_dir is not None:
             shutil.rmtree(self._index_dir, ignore_errors=True)
             self._index_dir = None
 
     # ------------------------------------------------------------------ set-up
     def _start(self) -> tuple[list[str], list[str]] | None:
-        """Start the prefetcher (remote), or write the per-run indices (local) and return (tars, indices)."""
+        """Open the plan's shards to feed their bytes (remote, or a mixture of datasets), or write the
+        per-run indices of DALI's reader (local) and return (tars, indices)."""
         plan, source = self.plan, self.source
-        if source.streaming:
-            self._prefetcher = source.prefetch(sid for sid, _, _ in runs(plan.shards))
+        if source.feeds_bytes:
+            self._reader = source.open_plan(plan.shards)
             return None
         self._index_dir = tempfile.mkdtemp(prefix="lmim-idx-")
         paths, indices = [], []
@@ -195,9 +197,9 @@ class DaliBatches(GeneratorBackend):
         return paths, indices
 
     def _meta(self, sid: int) -> ShardMeta:
-        if self.source.streaming:
+        if self.source.feeds_bytes:
             if sid not in self._seen:
-                self._seen[sid] = self._prefetcher.get(sid).meta
+                self._seen[sid] = self._reader.get(sid).meta
             return self._seen[sid]
         return self.source.meta(sid)
 
@@ -211,7 +213,7 @@ class DaliBatches(GeneratorBackend):
             raise
 
     def _feed_batch(self, it: int) -> tuple:
-        plan, streaming = self.plan, self.source.streaming
+        plan, streaming = self.plan, self.source.feeds_bytes  # "streaming": fed bytes, remote or mixed
         B, npos = plan.batch_size, len(plan.shards)
         lo = it * B
         if streaming and lo >= npos:
@@ -222,9 +224,9 @@ class DaliBatches(GeneratorBackend):
         out: list[Any] = []
         if streaming:
             datas = {}
-            for s in sids:  # in plan order: the prefetcher hands shards out sequentially
+            for s in sids:  # in plan order: the reader hands shards out sequentially
                 if int(s) not in datas:
-                    datas[int(s)] = self._prefetcher.get(int(s))
+                    datas[int(s)] = self._reader.get(int(s))
                     self._seen[int(s)] = datas[int(s)].meta
             out.append([as_encoded(datas[int(s)].images[int(i)]) for s, i in zip(sids, idxs)])
         metas = [self._meta(int(s)) for s in sids]

@@ -33,12 +33,13 @@ import torch
 
 from lmim.pipeline.backend import Backend, CropPlan, DecodedBatch, EpochPlan, ImageSpec
 from lmim.pipeline.batch import Batch
-from lmim.pipeline.config import DataConfig, check_data_config, check_reader
+from lmim.pipeline.config import DataConfig, Source, check_data_config, check_reader, training_sources
 from lmim.pipeline.errors import (BatchFailed, DataError, DatasetTooSmall, SampleError, ShardError,
                                   StoreUnreachable)
 from lmim.pipeline.format.manifest import Manifest, read_manifest
+from lmim.pipeline.mix import Mixture, check_mixture, default_samples_per_epoch, mixed_plan
 from lmim.pipeline.order import check_ranks, eval_plan, mask_seed, remainder_plan, shard_mode, train_plan
-from lmim.pipeline.source import ShardSource
+from lmim.pipeline.source import MixedSource, ShardSource
 from lmim.pipeline.storage import RetryPolicy, is_remote
 
 log = logging.getLogger(__name__)
@@ -71,30 +72,39 @@ class Loader:
         self.out_size = grid_size * (patch_size + (patch_gap if train else 0))
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device if device is not None else "cpu")
-        self.url = url or cfg.url
-        self.local = not is_remote(self.url)
-        check_reader(cfg.reader, self.url)
-        self.streaming = cfg.reader == "stream" or (cfg.reader == "auto" and not self.local)
-        self.retry = RetryPolicy(budget_s=cfg.retry_budget_s, max_retries=cfg.max_retries)
-        self.manifest: Manifest = read_manifest(self.url, cfg.storage_options, retry=self.retry)
-        self.counts = [s.samples for s in self.manifest.shards]
-        self.has_labels = self.manifest.classes is not None
-        self.batch_size = cfg.batch_size
-        total = sum(self.counts)
         check_ranks(world_size, rank)
-        # how the ranks share the shards (pipeline/order.py): "whole shards", "shared shards", or one ordered pass
-        self.shard_mode = shard_mode(len(self.counts), world_size) if train else "evaluation pass"
+        # Training reads data.sources (or data.url); an evaluation loader, or an explicit `url`, one dataset.
+        self.sources: list[Source] = (training_sources(cfg) if train and url is None
+                                      else [Source(url or cfg.url, 1.0, url or cfg.url)])
+        self.url = ", ".join(s.url for s in self.sources)
+        self.retry = RetryPolicy(budget_s=cfg.retry_budget_s, max_retries=cfg.max_retries)
+        sources = [self._open_source(s.url) for s in self.sources]
+        self.manifest: Manifest = sources[0].manifest
+        self.counts = [info.samples for src in sources for info in src.manifest.shards]
+        self.has_labels = len(sources) == 1 and self.manifest.classes is not None
+        self.batch_size = cfg.batch_size
+        # A mixture (several sources, or an epoch of a set size): pipeline/mix.py plans the epochs.
+        self.mix: Mixture | None = None
+        if train and (len(sources) > 1 or cfg.samples_per_epoch is not None):
+            per_source = tuple(tuple(info.samples for info in src.manifest.shards) for src in sources)
+            self.mix = Mixture(per_source, tuple(s.weight for s in self.sources),
+                               int(cfg.samples_per_epoch or default_samples_per_epoch(per_source)), cfg.batch_size)
+            check_mixture([s.url for s in self.sources], self.mix, world_size)
+        # how the ranks share the shards (pipeline/order.py): "whole shards", "shared shards", a
+        # mixture (each source split its own way, pipeline/mix.py), or one ordered pass
+        self.shard_mode = ("evaluation pass" if not train else "mixed sources" if self.mix is not None
+                           else shard_mode(len(self.counts), world_size))
         if train:
-            self._num_batches = (total // world_size) // cfg.batch_size
+            self._num_batches = self._rank_length(world_size) // cfg.batch_size
             if self._num_batches == 0:
+                size = f"{self.mix.samples_per_epoch} samples per epoch" if self.mix else f"{sum(self.counts)} samples"
                 raise DatasetTooSmall(f"batch size {cfg.batch_size} x {world_size} rank(s) is larger than the dataset "
-                                 f"({total} samples at {self.url}): lower data.batch_size.")
+                                      f"({size} at {self.url}): lower data.batch_size.")
         else:
             n = len(eval_plan(self.counts, world_size, rank)[0])
             self._num_batches = math.ceil(n / cfg.batch_size)
-        self.source = ShardSource(self.manifest, self.url, streaming=self.streaming, verify_local=cfg.verify_local,
-                                  storage_options=cfg.storage_options, retry=self.retry, cache_dir=cfg.cache_dir,
-                                  cache_max_bytes=cfg.cache_max_bytes, prefetch_depth=cfg.prefetch_shards)
+        self.source: ShardSource | MixedSource = sources[0] if len(sources) == 1 else MixedSource(sources)
+        self._source_samples = [0] * len(sources)  # samples this process took from each source, over the run
         self.spec = ImageSpec(train=train, size=self.out_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
                               threads=cfg.num_threads, device=self.device)
         self._crops = (CropPlan(seed, rank, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip)
@@ -110,6 +120,27 @@ class Loader:
         self._active: Backend | None = None  # the backend of the epoch in progress
         self._token: object | None = None  # identifies the live iterator
 
+    def _open_source(self, url: str) -> ShardSource:
+        cfg = self.cfg
+        check_reader(cfg.reader, url)
+        streaming = cfg.reader == "stream" or (cfg.reader == "auto" and is_remote(url))
+        manifest = read_manifest(url, cfg.storage_options, retry=self.retry)
+        return ShardSource(manifest, url, streaming=streaming, verify_local=cfg.verify_local,
+                           storage_options=cfg.storage_options, retry=self.retry, cache_dir=cfg.cache_dir,
+                           cache_max_bytes=cfg.cache_max_bytes, prefetch_depth=cfg.prefetch_shards)
+
+    def _rank_length(self, world_size: int) -> int:
+        """Training samples per rank per epoch on `world_size` ranks (whole batches)."""
+        if self.mix is not None:
+            return self.mix.rank_length(world_size)
+        return ((sum(self.counts) // world_size) // self.batch_size) * self.batch_size
+
+    def _data_fingerprint(self) -> list | None:
+        """What a mid-epoch position depends on besides the shard counts: the mixture, if any."""
+        if self.mix is None:
+            return None
+        return [[s.url, s.weight] for s in self.sources] + [self.mix.samples_per_epoch]
+
     # ------------------------------------------------------------------ public
     def __len__(self) -> int:
         return self._num_batches
@@ -121,14 +152,16 @@ class Loader:
         return {"skipped": len(self._skipped_keys), "skipped_keys": list(self._skipped_keys),
                 "skipped_shards": [self.source.name(sid) for sid in self._bad_shards],
                 "shards_fetched": s.shards_fetched, "bytes_fetched": s.bytes_fetched, "retries": s.retries,
-                "cache_hits": s.cache_hits}
+                "cache_hits": s.cache_hits,
+                "source_samples": {src.name: n for src, n in zip(self.sources, self._source_samples)}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self._next_batch, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
                 "train": self.train, "num_samples": sum(self.counts), "num_shards": len(self.counts),
                 "bad": sorted([int(s), int(i)] for s, i in self._bad), "skipped_keys": list(self._skipped_keys),
-                "bad_shards": list(self._bad_shards), "carry": self._carry}
+                "bad_shards": list(self._bad_shards), "carry": self._carry, "mix": self._data_fingerprint(),
+                "source_samples": list(self._source_samples)}
 
     def batches_left(self) -> int:
         """Batches this rank still yields in the current epoch."""
@@ -149,16 +182,18 @@ class Loader:
         same = same and first["train"] and self.train and first["seed"] == self.seed
         same = same and first["batch_size"] == self.batch_size and first["world_size"] == len(states)
         same = same and (first["num_samples"], first["num_shards"]) == (sum(self.counts), len(self.counts))
+        same = same and first.get("mix") == self._data_fingerprint()
         if not same:
             return False
+        self._source_samples = [sum(c) for c in zip(*(st.get("source_samples") or [0] * len(self.sources)
+                                                     for st in states))]
         self._bad = {(int(s), int(i)) for st in states for s, i in st.get("bad", [])}
         self._skipped_keys = [k for st in states for k in st.get("skipped_keys", [])]
         self._bad_shards = sorted({int(s) for st in states for s in st.get("bad_shards", [])})
         old_world, epoch, done = len(states), int(first["epoch"]), int(first["batch"])
         self.epoch, self._next_batch, self._carry = epoch, 0, None
         if done > 0:
-            old_batches = (sum(self.counts) // old_world) // self.batch_size
-            self._carry = {"epoch": epoch, "old_world": old_world, "old_rank_length": old_batches * self.batch_size,
+            self._carry = {"epoch": epoch, "old_world": old_world, "old_rank_length": self._rank_length(old_world),
                            "consumed": done * self.batch_size}
         return True
 
@@ -167,7 +202,10 @@ class Loader:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}: "
                              "the checkpoint comes from another lmim version.")
         self.epoch, self._next_batch = int(state["epoch"]), int(state["batch"])
-        same_data = (state["num_samples"], state["num_shards"]) == (sum(self.counts), len(self.counts))
+        same_data = ((state["num_samples"], state["num_shards"]) == (sum(self.counts), len(self.counts))
+                     and state.get("mix") == self._data_fingerprint())
+        if same_data and state.get("source_samples"):
+            self._source_samples = [int(n) for n in state["source_samples"]]
         self._bad = {(int(s), int(i)) for s, i in state.get("bad", [])} if same_data else set()
         self._skipped_keys = list(state.get("skipped_keys", [])) if same_data else []
         self._bad_shards = [int(s) for s in state.get("bad_shards", [])] if same_data else []
@@ -211,6 +249,7 @@ class Loader:
                     if self._token is not token:
                         return
                     self._next_batch = decoded.index + 1
+                    self._count_sources(plan, decoded.index)
                     yield self._batch(epoch, decoded)
             except _Skipped:
                 continue  # a bad sample or shard was excluded: re-plan and continue from the failed batch
@@ -236,14 +275,19 @@ class Loader:
             return eval_plan(self.counts, self.world_size, self.rank)
         carry = self._carry
         if carry is not None and carry["epoch"] == epoch:
-            shards, samples = remainder_plan(self.counts, carry["old_world"], carry["old_rank_length"],
-                                             carry["consumed"], self.world_size, self.rank, self.seed, epoch,
-                                             self._bad, self._bad_shards)
+            old = [self._rank_plan(carry["old_world"], r, epoch) for r in range(carry["old_world"])]
+            shards, samples = remainder_plan(old, carry["old_rank_length"], carry["consumed"], self.world_size,
+                                             self.rank)
         else:
-            shards, samples = train_plan(self.counts, self.world_size, self.rank, self.seed, epoch, self._bad,
-                                         self._bad_shards)
+            shards, samples = self._rank_plan(self.world_size, self.rank, epoch)
         n = self._batches_in(epoch) * self.batch_size  # drop_last
         return shards[:n], samples[:n]
+
+    def _rank_plan(self, world_size: int, rank: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rank `rank` of `world_size`'s whole training plan of `epoch`."""
+        if self.mix is not None:
+            return mixed_plan(self.mix, world_size, rank, self.seed, epoch, self._bad, self._bad_shards)
+        return train_plan(self.counts, world_size, rank, self.seed, epoch, self._bad, self._bad_shards)
 
     def _epoch_plan(self, epoch: int, start: int) -> EpochPlan:
         """What is left of `epoch` from batch `start` on."""
@@ -313,6 +357,15 @@ class Loader:
         raise _Skipped()
 
     # ------------------------------------------------------------------ batch assembly
+    def _count_sources(self, plan: EpochPlan, batch: int) -> None:
+        if len(self.sources) == 1:
+            self._source_samples[0] += plan.span(batch)[1] - plan.span(batch)[0]
+            return
+        lo, hi = plan.span(batch)
+        which = np.searchsorted(self.source.offsets, plan.shards[lo:hi], side="right") - 1
+        for i, n in enumerate(np.bincount(which, minlength=len(self.sources))):
+            self._source_samples[i] += int(n)
+
     def _batch(self, epoch: int, decoded: DecodedBatch) -> Batch:
         dev, b = self.device, decoded.index
         images = decoded.images.to(dev, non_blocking=True)

@@ -112,29 +112,23 @@ def train_plan(
 
 
 def remainder_plan(
-    counts: Sequence[int],
-    old_world: int,
+    old_plans: Sequence[tuple[np.ndarray, np.ndarray]],
     old_rank_length: int,
     consumed: int,
     new_world: int,
     rank: int,
-    seed: int,
-    epoch: int,
-    excluded: Iterable[tuple[int, int]] = (),
-    excluded_shards: Iterable[int] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank `rank` of `new_world`'s share of what an interrupted epoch had left (elastic resume).
 
-    The epoch ran on `old_world` ranks, each planned `old_rank_length` samples (`train_plan`, cut
-    to whole batches) and consumed its first `consumed`. What no rank consumed is joined in old
-    rank order and cut into `new_world` contiguous ranges of equal length: across the two runs
-    every sample of the epoch is taken once; the `< new_world` left over by the division are not.
+    The epoch ran on `len(old_plans)` ranks with these plans (`train_plan` or
+    `mix.mixed_plan` of each old rank), each cut to `old_rank_length` samples (whole batches), and
+    every rank consumed its first `consumed`. What no rank consumed is joined in old rank order and
+    cut into `new_world` contiguous ranges of equal length: across the two runs every sample of the
+    epoch is taken once; the `< new_world` left over by the division are not.
     """
     check_ranks(new_world, rank)
-    excluded, excluded_shards = list(excluded), list(excluded_shards)
-    parts = [train_plan(counts, old_world, r, seed, epoch, excluded, excluded_shards) for r in range(old_world)]
-    shards = np.concatenate([sh[consumed:old_rank_length] for sh, _ in parts])
-    samples = np.concatenate([sa[consumed:old_rank_length] for _, sa in parts])
+    shards = np.concatenate([sh[consumed:old_rank_length] for sh, _ in old_plans])
+    samples = np.concatenate([sa[consumed:old_rank_length] for _, sa in old_plans])
     size = len(shards) // new_world
     return shards[rank * size:(rank + 1) * size], samples[rank * size:(rank + 1) * size]
 

@@ -19,7 +19,7 @@ from lmim.pipeline.backend import DecodedBatch, EpochPlan, GeneratorBackend, Ima
 from lmim.pipeline.errors import DataError, SampleError
 from lmim.pipeline.forking import fork_safe_gc
 from lmim.pipeline.shards import ShardMeta
-from lmim.pipeline.source import ShardSource
+from lmim.pipeline.source import MixedSource, ShardSource
 
 
 class _Batches(IterableDataset):
@@ -27,17 +27,18 @@ class _Batches(IterableDataset):
     pickles with its fields): DataLoader re-raises a worker's exception as a new one built from
     its message alone, which would lose its type and where it happened."""
 
-    def __init__(self, plan: EpochPlan, source: ShardSource, spec: ImageSpec):
+    def __init__(self, plan: EpochPlan, source: ShardSource | MixedSource, spec: ImageSpec):
         self.plan, self.source, self.spec = plan, source, spec
         self._cache: dict[int, tuple[ShardMeta, Callable[[int], bytes]]] = {}
 
     def _shard(self, sid: int) -> tuple[ShardMeta, Callable[[int], bytes]]:
-        """(meta, image getter) for a shard; remote shards are fetched whole (2 kept per worker)."""
+        """(meta, image getter) for a shard; remote shards are fetched whole (one per dataset, plus one,
+        kept per worker: a mixture's batches interleave its datasets)."""
         src = self.source
         if sid not in self._cache:
-            if src.streaming:
+            if src.streamed(sid):
                 data = src.load(sid)
-                if len(self._cache) >= 2:
+                if len(self._cache) >= src.num_sources + 1:
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[sid] = (data.meta, data.images.__getitem__)
             else:
@@ -108,7 +109,7 @@ class TorchBatches(GeneratorBackend):
     """One epoch's plan through DataLoader workers: `DecodedBatch`es in plan order; a worker's
     `ShardError` or `SampleError` is raised here as itself."""
 
-    def __init__(self, plan: EpochPlan, source: ShardSource, spec: ImageSpec):
+    def __init__(self, plan: EpochPlan, source: ShardSource | MixedSource, spec: ImageSpec):
         self._dataset = _Batches(plan, source, spec)
         self._workers = max(0, int(spec.threads))
         self._pin = spec.device.type == "cuda"

@@ -22,6 +22,10 @@ def test_bench_pipeline_json(capsys, tmp_path):
     # More ranks (5) than shards (3): each rank fetches the shards its range crosses, whole.
     assert out["shared_shards_world_size"] == 5
     assert out["stream_requests_per_sample"] < out["shared_shards_requests_per_sample"] <= 1.0
+    # The two-source weighted mix: timed beside one source, and streamed whole shard by whole shard
+    # (each source fetches its shards once a run, not once a sample: 24 samples would be ~1.0).
+    assert out["mix_images_per_s"] > 0 and out["mix_ratio"] > 0 and len(out["mix_rounds"]) == 2
+    assert 0 < out["mix_stream_requests_per_sample"] <= 0.5
     # The integrity check's cost per local shard, and the machine the figures came from.
     assert out["checksum_algorithm"] == "xxh3_128" and out["checksum_ms_per_shard"] > 0
     assert out["checksum_share_of_read"] > 0 and out["machine"].startswith("CPU ")

@@ -54,6 +54,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmim.pipeline.errors import DataError
+from lmim.pipeline.mix import describe_mixture
 from lmim.train.cadence import Cadence
 from lmim.train.checkpoint import (
     CheckpointError,
@@ -287,6 +288,8 @@ def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
     if getattr(loader, "shard_mode", None) == "shared shards":
         accelerator.print(f"data: {len(loader.counts)} shard(s) for {accelerator.num_processes} processes: the "
                           "processes share shards, each taking its own samples (docs/TRAINING.md, shards and ranks)")
+    if getattr(loader, "mix", None) is not None:
+        accelerator.print(describe_mixture(loader.sources, loader.mix, accelerator.num_processes))
     micro_per_epoch = len(loader)
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:

@@ -104,7 +104,7 @@ class Reporter:
             **self.schedules.at(step - 1),
             "images_per_s": w.images_per_s,
             "data_wait_share": w.data_wait_share,
-            **_skip_counts(self.loader),
+            **_data_counts(self.loader),
         }
         acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         self.metrics_log.write(record)
@@ -163,9 +163,14 @@ def _param_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _skip_counts(loader) -> dict[str, int]:
-    """How much data this process skipped so far (data.on_error=skip), for the metrics log."""
+def _data_counts(loader) -> dict[str, int]:
+    """For the metrics log: how much data this process skipped so far (data.on_error=skip) and,
+    training on several sources (data.sources), how many samples it took from each."""
     stats = getattr(loader, "stats", None)
     if not isinstance(stats, dict):
         return {}
-    return {"data_skipped_samples": int(stats.get("skipped", 0)), "data_skipped_shards": len(stats.get("skipped_shards", []))}
+    counts = {"data_skipped_samples": int(stats.get("skipped", 0)),
+              "data_skipped_shards": len(stats.get("skipped_shards", []))}
+    if getattr(loader, "mix", None) is not None:
+        counts |= {f"data_samples/{name}": int(n) for name, n in stats.get("source_samples", {}).items()}
+    return counts

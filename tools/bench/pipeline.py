@@ -13,6 +13,9 @@ last (the start-up is excluded and reported apart); medians over rounds are quot
 `ratio` = DALI images/s / baseline images/s. With --s3-loopback (or an s3:// URL) the streaming
 reader's requests and bytes per sample are reported too; with --s3-loopback also the requests per
 sample when there are more ranks than shards (the "shared shards" mode of pipeline/order.py).
+The cost of mixing (`data.sources`, pipeline/mix.py): DALI on a two-source weighted mix (the
+dataset twice, weights 0.7 / 0.3, an epoch as long as the dataset) timed in the same rounds,
+`mix_ratio` = its images/s / one source's; with --s3-loopback also the mix's requests per sample.
 """
 from __future__ import annotations
 
@@ -122,6 +125,22 @@ def _shared_shard_requests(cfg: DataConfig, args, device: torch.device, s3, num_
             "shared_shards_requests_per_sample": round(len(s3.gets("/bench/ds/")) / samples, 5)}
 
 
+def _mix_config(url: str, storage_options: dict, samples_per_epoch: int, common: dict[str, Any]) -> DataConfig:
+    """DALI on the dataset mixed with itself as two weighted sources (0.7 / 0.3), one dataset's worth an epoch."""
+    sources = [{"url": url, "weight": 0.7, "name": "first"}, {"url": url, "weight": 0.3, "name": "second"}]
+    return DataConfig(loader="dali", sources=sources, samples_per_epoch=samples_per_epoch,
+                      storage_options=storage_options, **common)
+
+
+def _mix_requests(cfg: DataConfig, args, device: torch.device, s3) -> dict[str, Any]:
+    """GETs per sample of one epoch of the two-source mix streamed from the loopback S3, counted by the server."""
+    s3.clear()
+    loader = build_loader(cfg, grid_size=args.grid, patch_size=args.patch, patch_gap=args.gap, device=device)
+    samples = sum(len(batch) for batch in loader)
+    loader.close()
+    return {"mix_stream_requests_per_sample": round(len(s3.gets("/bench/ds/")) / samples, 5)}
+
+
 def _checksum_cost(url: str, manifest) -> dict[str, float]:
     """What the integrity check adds per local shard: read time vs hash time (data.verify_local).
 
@@ -171,7 +190,8 @@ def main(argv: list[str]) -> int:
         manifest = read_manifest(url)
         common = dict(url=url, batch_size=args.batch_size, num_threads=args.threads, mask=args.mask,
                       num_visible=args.num_visible)
-        cfgs = {"dali": DataConfig(loader="dali", **common), "baseline": DataConfig(loader="torch", **common)}
+        cfgs = {"dali": DataConfig(loader="dali", **common), "baseline": DataConfig(loader="torch", **common),
+                "dali_mix": _mix_config(url, {}, manifest.total_samples, common)}
         s3 = None
         url_of: dict[str, str] = {}
         if args.s3_loopback:
@@ -206,6 +226,8 @@ def main(argv: list[str]) -> int:
             "dali_rounds": [round(x, 1) for x in res["rates"]["dali"]],
             "baseline_rounds": [round(x, 1) for x in res["rates"]["baseline"]],
             "dali_startup_s": round(statistics.median(res["startup"]["dali"]), 2),
+            "mix_images_per_s": round(med["dali_mix"], 1), "mix_ratio": round(med["dali_mix"] / med["dali"], 3),
+            "mix_rounds": [round(x, 1) for x in res["rates"]["dali_mix"]],
             "baseline_startup_s": round(statistics.median(res["startup"]["baseline"]), 2),
             **checksum,
         }
@@ -222,6 +244,8 @@ def main(argv: list[str]) -> int:
                         "stream_requests_counted_by": "server log" if s3 is not None else "loader stats"})
         if s3 is not None:
             out.update(_shared_shard_requests(cfgs["dali_s3"], args, device, s3, len(manifest.shards)))
+            out.update(_mix_requests(_mix_config("s3://bench/ds", s3.storage_options, manifest.total_samples, common),
+                                     args, device, s3))
         _table(out)
         if args.json:
             print(json.dumps({**out, "machine": describe_machine(str(out["device"]))}))
@@ -251,6 +275,8 @@ def _table(out: dict[str, Any]) -> None:
     t.add_row("PyTorch baseline (PIL + torchvision, DataLoader)", f"{out['baseline_images_per_s']:.1f}",
               str(out["baseline_rounds"]), str(out["baseline_startup_s"]))
     t.add_row("ratio DALI / baseline", f"{out['ratio']:.2f}x", "", "")
+    t.add_row("DALI, two-source weighted mix (0.7 / 0.3)", f"{out['mix_images_per_s']:.1f}", str(out["mix_rounds"]), "")
+    t.add_row("  ratio mix / one source", f"{out['mix_ratio']:.2f}x", "", "")
     if "checksum_ms_per_shard" in out:
         t.add_row(f"integrity check per shard ({out['checksum_algorithm']}, ms)", f"{out['checksum_ms_per_shard']:.2f}",
                   f"{out['checksum_share_of_read']:.0%} of a cached read ({out['read_ms_per_shard']:.2f} ms)", "")
@@ -262,4 +288,6 @@ def _table(out: dict[str, Any]) -> None:
                   str(out["shared_shards_requests_per_sample"]), "", "")
         t.add_row("  bytes read / sample", f"{out['stream_bytes_per_sample']:.0f} "
                                            f"(stored: {out['stream_bytes_per_sample_stored']:.0f})", "", "")
+    if "mix_stream_requests_per_sample" in out:
+        t.add_row("  two-source mix: requests / sample", str(out["mix_stream_requests_per_sample"]), "", "")
     Console().print(t)
