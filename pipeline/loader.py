@@ -147,7 +147,8 @@ class Loader:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters: samples skipped as undecodable (and their keys), and streaming I/O."""
+        """Counters: samples skipped as undecodable (and their keys), streaming I/O, and the samples
+        this process took from each source (summed over processes, the run's; see load_elastic_state)."""
         s = self.source.stats
         return {"skipped": len(self._skipped_keys), "skipped_keys": list(self._skipped_keys),
                 "skipped_shards": [self.source.name(sid) for sid in self._bad_shards],
@@ -185,8 +186,9 @@ class Loader:
         same = same and first.get("mix") == self._data_fingerprint()
         if not same:
             return False
-        self._source_samples = [sum(c) for c in zip(*(st.get("source_samples") or [0] * len(self.sources)
-                                                     for st in states))]
+        # The run's per-source counts are the sum over processes: the old processes' go to rank 0.
+        old_counts = [st.get("source_samples") or [0] * len(self.sources) for st in states]
+        self._source_samples = [sum(c) if self.rank == 0 else 0 for c in zip(*old_counts)]
         self._bad = {(int(s), int(i)) for st in states for s, i in st.get("bad", [])}
         self._skipped_keys = [k for st in states for k in st.get("skipped_keys", [])]
         self._bad_shards = sorted({int(s) for st in states for s in st.get("bad_shards", [])})

@@ -146,6 +146,8 @@ def test_elastic_resume_of_a_mixture(sources):
     full = [k for r in range(2) for k in keys_of(list(build_loader(c, rank=r, world_size=2, **GEOM)))]
     assert Counter(taken + rest) == Counter(full) and len(full) == 48
     assert per_source(taken + rest, sources) == {"a": 12, "b": 36}
+    # the run's per-source counts (summed over processes, as the trainer logs them) carry over too
+    assert dict(sum((Counter(ld.stats["source_samples"]) for ld in new), Counter())) == {"a": 12, "b": 36}
     assert all(ld.epoch == 1 for ld in new)
 
 
@@ -240,3 +242,28 @@ def test_plan_lengths_are_whole_batches_and_equal_on_every_rank(sources):
         lens = {len(build_loader(mixed(sources, samples_per_epoch=50), rank=r, world_size=world, **GEOM))
                 for r in range(world)}
         assert len(lens) == 1 and lens.pop() == (50 // world) // 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_trainer_on_two_processes_logs_the_runs_per_source_counts(sources, tmp_path):
+    """torchrun, 2 processes (gloo): equal steps, and `data_samples/<source>` summed over the processes."""
+    import subprocess
+    import sys
+
+    from lmim.train.observe import read_metrics
+    from tests.test_train import TINY
+
+    repo = Path(__file__).resolve().parents[1]
+    mix = f"data.sources=[{{url: {sources['a']}, weight: 1}}, {{url: {sources['b']}, weight: 3}}]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "lmim.train.pretrain", "--config", "quickstart", *TINY, "data.loader=dali", "data.num_threads=1",
+           "data.batch_size=4", mix, "data.samples_per_epoch=40", "eval.knn_every_epochs=0",
+           f"run_dir={tmp_path / 'r'}"]
+    done = subprocess.run(cmd, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mixing 2 source(s), 40 samples an epoch" in done.stdout
+    last = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r][-1]
+    # 2 epochs x 2 processes x 5 batches of 4: 20 samples of A and 60 of B in all
+    assert last["step"] == 10 and (last["data_samples/a"], last["data_samples/b"]) == (20, 60)

@@ -105,6 +105,7 @@ class Reporter:
             "images_per_s": w.images_per_s,
             "data_wait_share": w.data_wait_share,
             **_data_counts(self.loader),
+            **self._source_counts(),
         }
         acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         self.metrics_log.write(record)
@@ -113,6 +114,17 @@ class Reporter:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
                                       wait=f"{record['data_wait_share']:.0%}", refresh=False)
         self._check_collapse(step, record)
+
+    def _source_counts(self) -> dict[str, int]:
+        """Training on a mixture (data.sources): the samples every process together took from each
+        source over the run, `data_samples/<source name>` (a collective: every process logs)."""
+        if getattr(self.loader, "mix", None) is None:
+            return {}
+        per_process = self.loader.stats["source_samples"]
+        acc = self.accelerator
+        total = acc.reduce(torch.tensor(list(per_process.values()), dtype=torch.int64, device=acc.device),
+                           reduction="sum")
+        return {f"data_samples/{name}": int(n) for name, n in zip(per_process, total.tolist())}
 
     def _check_collapse(self, step: int, record: dict[str, float]) -> None:
         cfg = self.cfg.collapse_guard
@@ -164,13 +176,8 @@ def _param_digest(module: torch.nn.Module) -> str:
 
 
 def _data_counts(loader) -> dict[str, int]:
-    """For the metrics log: how much data this process skipped so far (data.on_error=skip) and,
-    training on several sources (data.sources), how many samples it took from each."""
+    """How much data this process skipped so far (data.on_error=skip), for the metrics log."""
     stats = getattr(loader, "stats", None)
     if not isinstance(stats, dict):
         return {}
-    counts = {"data_skipped_samples": int(stats.get("skipped", 0)),
-              "data_skipped_shards": len(stats.get("skipped_shards", []))}
-    if getattr(loader, "mix", None) is not None:
-        counts |= {f"data_samples/{name}": int(n) for name, n in stats.get("source_samples", {}).items()}
-    return counts
+    return {"data_skipped_samples": int(stats.get("skipped", 0)), "data_skipped_shards": len(stats.get("skipped_shards", []))}
