@@ -267,3 +267,24 @@ def test_the_trainer_on_two_processes_logs_the_runs_per_source_counts(sources, t
     last = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r][-1]
     # 2 epochs x 2 processes x 5 batches of 4: 20 samples of A and 60 of B in all
     assert last["step"] == 10 and (last["data_samples/a"], last["data_samples/b"]) == (20, 60)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_bad_shard_of_one_source_is_skipped_and_named_with_its_dataset(sources, tmp_path, backend):
+    """data.on_error=skip in a mixture: the truncated shard of B is left out (named with B's URL),
+    the epoch keeps its length and its proportions (B's other shards stand in)."""
+    import shutil
+
+    b = shutil.copytree(sources["b"], tmp_path / "b")
+    bad = read_manifest(str(b), {}).shards[0]
+    with open(b / bad.name, "r+b") as f:
+        f.truncate((b / bad.name).stat().st_size // 2)
+    c = mixed(sources, loader=backend)
+    c.sources[1]["url"] = str(b)
+    loader = build_loader(c, **GEOM)
+    keys = keys_of(list(loader))
+    assert len(keys) == 40 and loader.stats["skipped_shards"] == [os.path.join(str(b), bad.name)]
+    bad_keys = set(read_local_meta(os.path.join(sources["b"], bad.name), os.path.join(sources["b"], bad.index),
+                                   bad.name, bad.samples).keys)
+    assert not set(keys) & bad_keys
+    assert per_source(keys, sources) == {"a": 10, "b": 30}
