@@ -1,7 +1,8 @@
 """Decoders: the Latent MIM cross-attention decoder with visual-cue queries, and MAE's decoder.
 
-Both use timm building blocks (Attention, Mlp, Block, LayerNorm) and fused scaled-dot-product
-attention; frozen 2-D sin-cos position embeddings are non-persistent buffers (recomputed, so they
+Both use timm building blocks (Mlp, Block, LayerNorm); the Latent MIM decoder's self- and
+cross-attention pick their kernel through `lmim.model.attention.attend` (fused SDPA, or the
+explicit form for narrow heads in fp32 on the CPU), MAE's decoder uses timm's Block; frozen 2-D sin-cos position embeddings are non-persistent buffers (recomputed, so they
 are not in checkpoints).
 """
 from __future__ import annotations
@@ -10,18 +11,38 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmim.model.attention import attend
 from lmim.model.config import ModelConfig
 from lmim.model.encoder import sincos_pos_embed
 from lmim.model.init import init_linear_
 from lmim.model.masks import gather_patches
 
 from timm.layers import LayerNorm, Mlp  # noqa: E402
-from timm.layers.attention import Attention  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention among the queries [B, T, C]: timm's `Attention` (fused qkv with
+    bias, output projection; the same parameter names) with the kernel chosen by `attend`."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder width {dim} is not divisible by {num_heads} heads.")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(b, t, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attend(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
 class CrossAttention(nn.Module):
-    """Multi-head attention from queries [B, T, C] to a memory [B, K, C] (fused SDPA)."""
+    """Multi-head attention from queries [B, T, C] to a memory [B, K, C] (kernel chosen by `attend`)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -38,7 +59,7 @@ class CrossAttention(nn.Module):
         h = self.num_heads
         q = self.q(x).view(b, t, h, c // h).transpose(1, 2)
         k, v = self.kv(memory).view(b, k_len, 2, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, t, c))
 
 
@@ -53,7 +74,7 @@ class CrossDecoderBlock(nn.Module):
         self.self_attn = self_attn
         if self_attn:
             self.norm1 = LayerNorm(dim, eps=1e-6)
-            self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
+            self.attn = SelfAttention(dim, num_heads, qkv_bias=True)
         self.norm_q = LayerNorm(dim, eps=1e-6)
         self.norm_kv = LayerNorm(dim, eps=1e-6)
         self.cross_attn = CrossAttention(dim, num_heads)

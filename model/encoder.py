@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmim.model.config import ModelConfig
+from lmim.model.cpu_linear import cpu_linear
 from lmim.model.init import init_linear_, reference_init_vit_
 from lmim.model.masks import gather_patches
 
@@ -83,7 +83,7 @@ def embed_patches(vit: VisionTransformer, patches: torch.Tensor) -> torch.Tensor
     proj = vit.patch_embed.proj
     # The patch conv (kernel = stride = P) on one P x P patch is a matmul with its flattened
     # kernel ([D, C, P, P] -> [D, C*P*P], the same C, y, x order as the patch): one GEMM.
-    x = F.linear(patches.flatten(2), proj.weight.flatten(1), proj.bias)
+    x = cpu_linear(patches.flatten(2), proj.weight.flatten(1), proj.bias)
     return vit.patch_embed.norm(x)
 
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from lmim.model.attention import attention_kernels
 from lmim.model.config import ModelConfig
+from lmim.model.cpu_linear import use_cpu_linear
 from lmim.model.decoder import LatentDecoder, MAEDecoder
 from lmim.model.encoder import Projector, build_encoder, encode_patches
 from lmim.model.losses import (
@@ -73,6 +74,7 @@ class LatentMIM(nn.Module):
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
             self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
             self.train(self.training)  # puts the target in eval mode
+        use_cpu_linear(self)  # fp32 CPU GEMMs through oneDNN (model/cpu_linear.py); nn.Linear elsewhere
 
     # ----------------------------------------------------------------------------------- helpers
     def train(self, mode: bool = True) -> "LatentMIM":

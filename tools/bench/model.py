@@ -9,7 +9,8 @@ A step = the trainer's `train_step` (forward + backward + clipping + AdamW step 
 update; lr and EMA momentum from the default training config's schedules), on a batch already on
 the device.
 Baseline: the same model, eager fp32, timm's non-fused (explicit softmax) attention, per-parameter
-AdamW (foreach=False) and a per-parameter Python EMA loop. Ours: fused SDPA attention, the
+AdamW (foreach=False) and a per-parameter Python EMA loop. Ours: the model's own kernels (SDPA or
+the explicit form per model/attention.py; oneDNN fp32 linear layers on the CPU, model/cpu_linear.py), the
 trainer's AdamW (fused where torch has a kernel: CUDA and CPU), one `_foreach_lerp_` EMA call, and bf16 autocast where it is faster (on the CPU
 both fp32 and bf16 are measured and the faster is kept; on CUDA bf16). Timings alternate
 baseline / ours over several rounds; medians are quoted. `ratio` = baseline step time / ours.
