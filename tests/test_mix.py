@@ -235,6 +235,24 @@ def test_the_trainer_reads_sources_and_logs_per_source_counts(sources, tmp_path,
         load_config("quickstart", [*TINY, f"data.sources=[{{url: {sources['a']}, weight: -1}}]"])
     with pytest.raises(ConfigError, match="wieght"):
         load_config("quickstart", [*TINY, f"data.sources=[{{url: {sources['a']}, wieght: 1}}]"])
+    with pytest.raises(ConfigError, match="'data.sources' has the wrong shape"):
+        load_config("quickstart", [*TINY, f"data.sources={{url: {sources['a']}}}"])   # a mapping, not a list
+
+
+def test_a_mixture_the_data_cannot_honour_is_a_config_failure_exit_2(sources, tmp_path):
+    """Checked once the sizes are known (at loader start): one sentence, the config exit code."""
+    from lmim.train.config import load_config
+    from lmim.train.failures import EXIT_CONFIG, classify
+    from lmim.train.pretrain import reset_accelerate_state, run
+    from tests.test_train import TINY
+
+    mix = f"data.sources=[{{url: {sources['a']}, weight: 1}}, {{url: {sources['b']}, weight: 1000}}]"
+    reset_accelerate_state()
+    cfg = load_config("quickstart", [*TINY, mix, "data.samples_per_epoch=40", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(DataConfigError) as err:
+        run(cfg)
+    failure = classify(err.value)
+    assert failure.code == EXIT_CONFIG and "gets 0 of the 40 samples" in failure.sentence
 
 
 def test_plan_lengths_are_whole_batches_and_equal_on_every_rank(sources):

@@ -226,6 +226,10 @@ def _merge(base: DictConfig, overlay: Any, schema: DictConfig, source: str, key_
         return OmegaConf.merge(base, overlay)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise _rephrase(err, schema, source, key_hint) from None
+    except TypeError as err:  # OmegaConf: a mapping where the schema has a list, or the other way round
+        where = f"Config key {key_hint!r}" if key_hint else "A config value"
+        raise ConfigError(f"{where} has the wrong shape ({source}): {err}; a list is written [a, b] and a "
+                          "mapping {key: value}.") from None
 
 
 def _load_yaml(path: Path) -> DictConfig:

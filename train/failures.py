@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+from lmim.pipeline.config import DataConfigError
 from lmim.pipeline.errors import DataError, StoreUnreachable
 from lmim.pipeline.storage import is_remote
 from lmim.train.checkpoint import CheckpointError
@@ -56,7 +57,7 @@ def classify(err: BaseException) -> Failure:
                        "interrupted; continue with resume=auto (the last complete checkpoint is kept).")
     if isinstance(err, TrainingError):
         return Failure(EXIT_DIVERGED, "diverged", _one_line(err))
-    if isinstance(err, ConfigError):
+    if isinstance(err, (ConfigError, DataConfigError)):  # DataConfigError: a data.* value that needs the data to check
         return Failure(EXIT_CONFIG, "config", _one_line(err))
     if isinstance(err, CheckpointError):
         return Failure(EXIT_CHECKPOINT, "checkpoint",
