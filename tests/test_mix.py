@@ -256,10 +256,27 @@ def test_a_mixture_the_data_cannot_honour_is_a_config_failure_exit_2(sources, tm
 
 
 def test_plan_lengths_are_whole_batches_and_equal_on_every_rank(sources):
-    for world in (1, 2, 3):
-        lens = {len(build_loader(mixed(sources, samples_per_epoch=50), rank=r, world_size=world, **GEOM))
-                for r in range(world)}
-        assert len(lens) == 1 and lens.pop() == (50 // world) // 4
+    """On 4 ranks B (3 shards) is read in shared-shards mode and A (4 shards) in whole shards; either
+    way every rank gets the same whole batches, and the ranks never share a sample of the
+    down-weighted A."""
+    a_keys = keys_in(sources["a"])
+    for world in (1, 2, 3, 4):
+        loaders = [build_loader(mixed(sources, samples_per_epoch=50), rank=r, world_size=world, **GEOM)
+                   for r in range(world)]
+        assert {len(ld) for ld in loaders} == {(50 // world) // 4}
+        a_taken = [{k for k in keys_of(list(ld)) if k in a_keys} for ld in loaders]
+        # no sample of A on two ranks (a rank whose only shard is A's 2-sample one wraps it: the
+        # documented uneven-shard repeat of whole-shards mode, within that rank)
+        assert sum(len(t) for t in a_taken) == len(set().union(*a_taken)) > 0
+
+
+def test_one_source_with_an_epoch_of_a_set_size(sources):
+    """data.samples_per_epoch with one source: 16-sample epochs walk through all 32 of A before repeating."""
+    c = DataConfig(url=sources["a"], samples_per_epoch=16, batch_size=4, num_threads=1, num_visible=4)
+    loader = build_loader(c, **GEOM)
+    assert len(loader) == 4 and loader.shard_mode == "mixed sources"
+    first, second = keys_of(list(loader)), keys_of(list(loader))
+    assert len(set(first + second)) == 32
 
 
 @pytest.mark.slow
