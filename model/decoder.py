@@ -2,8 +2,8 @@
 
 Both use timm building blocks (Mlp, Block, LayerNorm); the Latent MIM decoder's self- and
 cross-attention pick their kernel through `lmim.model.attention.attend` (fused SDPA, or the
-explicit form for narrow heads in fp32 on the CPU), MAE's decoder uses timm's Block; frozen 2-D sin-cos position embeddings are non-persistent buffers (recomputed, so they
-are not in checkpoints).
+explicit form for narrow heads in fp32 on the CPU), MAE's decoder uses timm's Block. Frozen 2-D
+sin-cos position embeddings are non-persistent buffers (recomputed, so they are not in checkpoints).
 """
 from __future__ import annotations
 

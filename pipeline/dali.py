@@ -129,8 +129,9 @@ class DaliBatches(GeneratorBackend):
     Local shards: DALI's webdataset reader reads per-run index files (written to a temporary
     folder) that list the plan's samples in plan order; the feed gives only crop windows and
     flips. Remote shards (and mixtures): the source's plan reader fetches whole shards in plan
-    order (or reads local ones in place) and the feed hands DALI the encoded images as well. DALI prefetches, so the feed runs ahead of the batches
-    returned; a failure in the feed comes back from `Pipeline.run()` and is raised as itself.
+    order (or reads local ones in place) and the feed hands DALI the encoded images as well.
+    DALI prefetches, so the feed runs ahead of the batches returned; a failure in the feed comes
+    back from `Pipeline.run()` and is raised as itself.
     """
 
     def __init__(self, plan: EpochPlan, source: ShardSource | MixedSource, spec: ImageSpec):

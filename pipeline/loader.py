@@ -360,12 +360,12 @@ class Loader:
 
     # ------------------------------------------------------------------ batch assembly
     def _count_sources(self, plan: EpochPlan, batch: int) -> None:
-        if len(self.sources) == 1:
-            self._source_samples[0] += plan.span(batch)[1] - plan.span(batch)[0]
-            return
+        """Add batch `batch`'s samples to the per-source counts."""
         lo, hi = plan.span(batch)
-        which = np.searchsorted(self.source.offsets, plan.shards[lo:hi], side="right") - 1
-        for i, n in enumerate(np.bincount(which, minlength=len(self.sources))):
+        if self.mix is None:
+            self._source_samples[0] += hi - lo
+            return
+        for i, n in enumerate(np.bincount(self.mix.source_of(plan.shards[lo:hi]), minlength=len(self.sources))):
             self._source_samples[i] += int(n)
 
     def _batch(self, epoch: int, decoded: DecodedBatch) -> Batch:

@@ -72,8 +72,8 @@ class _LocalShard:
 
 
 class _LocalReader:
-    """Local shards read in place; the file of the shard before the current one is closed (a plan
-    visits each dataset's shards in runs, so a file is rarely opened twice)."""
+    """Local shards read in place, at most two shard files open at once (a plan visits a dataset's
+    shards in runs, so a file is rarely opened twice)."""
 
     def __init__(self, source: "ShardSource"):
         self._source = source
@@ -222,11 +222,16 @@ class MixedSource:
         self.offsets = np.cumsum([0] + [len(s.manifest.shards) for s in sources])
         self._names = [join(src.url, info.name) for src in sources for info in src.manifest.shards]
 
+    def index_of(self, sid: int) -> int:
+        """The source (dataset) that shard `sid` belongs to."""
+        return int(np.searchsorted(self.offsets, sid, side="right")) - 1
+
     def _locate(self, sid: int) -> tuple[ShardSource, int]:
-        i = int(np.searchsorted(self.offsets, sid, side="right")) - 1
+        i = self.index_of(sid)
         return self.sources[i], int(sid - self.offsets[i])
 
-    def _named(self, sid: int, err: ShardError) -> ShardError:
+    def named(self, sid: int, err: ShardError) -> ShardError:
+        """`err` (raised by a dataset's own source, naming the shard alone) naming `<URL>/<shard>`."""
         return type(err)(self.name(sid), err.message)
 
     @property
@@ -254,7 +259,7 @@ class MixedSource:
         try:
             return src.meta(k)
         except ShardError as e:
-            raise self._named(sid, e) from e
+            raise self.named(sid, e) from e
 
     def image(self, sid: int, idx: int) -> bytes:
         src, k = self._locate(sid)
@@ -265,7 +270,7 @@ class MixedSource:
         try:
             return src.load(k)
         except ShardError as e:
-            raise self._named(sid, e) from e
+            raise self.named(sid, e) from e
 
     def forget(self, sid: int | None = None) -> None:
         if sid is None:
@@ -292,11 +297,11 @@ class _MixedReader:
 
     def get(self, sid: int) -> ShardImages:
         src = self._source
-        i = int(np.searchsorted(src.offsets, sid, side="right")) - 1
+        i = src.index_of(sid)
         try:
             return self._readers[i].get(int(sid - src.offsets[i]))
         except ShardError as e:
-            raise src._named(sid, e) from e
+            raise src.named(sid, e) from e
 
     def close(self) -> None:
         for reader in self._readers:
