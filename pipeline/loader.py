@@ -182,16 +182,12 @@ class Loader:
                    and st["batch"] == first["batch"] and not st.get("carry") for st in states)
         same = same and first["train"] and self.train and first["seed"] == self.seed
         same = same and first["batch_size"] == self.batch_size and first["world_size"] == len(states)
-        same = same and (first["num_samples"], first["num_shards"]) == (sum(self.counts), len(self.counts))
-        same = same and first.get("mix") == self._data_fingerprint()
-        if not same:
+        if not (same and self._same_data(first)):
             return False
         # The run's per-source counts are the sum over processes: the old processes' go to rank 0.
         old_counts = [st.get("source_samples") or [0] * len(self.sources) for st in states]
         self._source_samples = [sum(c) if self.rank == 0 else 0 for c in zip(*old_counts)]
-        self._bad = {(int(s), int(i)) for st in states for s, i in st.get("bad", [])}
-        self._skipped_keys = [k for st in states for k in st.get("skipped_keys", [])]
-        self._bad_shards = sorted({int(s) for st in states for s in st.get("bad_shards", [])})
+        self._restore_skips(states)
         old_world, epoch, done = len(states), int(first["epoch"]), int(first["batch"])
         self.epoch, self._next_batch, self._carry = epoch, 0, None
         if done > 0:
@@ -204,13 +200,10 @@ class Loader:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}: "
                              "the checkpoint comes from another lmim version.")
         self.epoch, self._next_batch = int(state["epoch"]), int(state["batch"])
-        same_data = ((state["num_samples"], state["num_shards"]) == (sum(self.counts), len(self.counts))
-                     and state.get("mix") == self._data_fingerprint())
+        same_data = self._same_data(state)
         if same_data and state.get("source_samples"):
             self._source_samples = [int(n) for n in state["source_samples"]]
-        self._bad = {(int(s), int(i)) for s, i in state.get("bad", [])} if same_data else set()
-        self._skipped_keys = list(state.get("skipped_keys", [])) if same_data else []
-        self._bad_shards = [int(s) for s in state.get("bad_shards", [])] if same_data else []
+        self._restore_skips([state] if same_data else [])
         self._carry = state.get("carry") if same_data else None
         same = (same_data and state["world_size"] == self.world_size and state["rank"] == self.rank
                 and state["batch_size"] == self.batch_size and state["seed"] == self.seed
@@ -223,6 +216,17 @@ class Loader:
                 f"{sum(self.counts)} samples: the mid-epoch position does not carry over, so data resumes at the "
                 f"start of epoch {self.epoch + 1}.", stacklevel=2)
             self.epoch, self._next_batch = self.epoch + 1, 0
+
+    def _same_data(self, state: dict[str, Any]) -> bool:
+        """`state` was saved reading the data this loader reads (shard counts, and the mixture if any)."""
+        return ((state["num_samples"], state["num_shards"]) == (sum(self.counts), len(self.counts))
+                and state.get("mix") == self._data_fingerprint())
+
+    def _restore_skips(self, states: list[dict[str, Any]]) -> None:
+        """The samples and shards that any of `states`' processes found unreadable (data.on_error=skip)."""
+        self._bad = {(int(s), int(i)) for st in states for s, i in st.get("bad", [])}
+        self._skipped_keys = [k for st in states for k in st.get("skipped_keys", [])]
+        self._bad_shards = list(dict.fromkeys(int(s) for st in states for s in st.get("bad_shards", [])))
 
     def close(self) -> None:
         """Stop the epoch in progress (its DALI pipeline, prefetch thread, workers) and drop caches."""

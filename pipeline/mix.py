@@ -25,6 +25,7 @@ the uninterrupted run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -58,7 +59,7 @@ class Mixture:
     samples_per_epoch: int
     batch_size: int
 
-    @property
+    @cached_property  # read for every batch (the per-source counts)
     def offsets(self) -> np.ndarray:
         return np.cumsum([0] + [len(c) for c in self.counts])
 
