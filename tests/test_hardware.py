@@ -99,7 +99,7 @@ def test_the_trainer_applies_and_reports_its_precision_and_thread_choice(tmp_pat
         assert out["threads"]["torch"] == 1 and torch.get_num_threads() == 1
         assert 1 <= out["threads"]["loader"] <= max(1, out["threads"]["cores"])
         printed = capsys.readouterr().out
-        assert "precision=auto:" in printed and "threads:" in printed
+        assert "precision=auto:" in printed and "threads:" in printed and "allocator:" in printed
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="threads"):

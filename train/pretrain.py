@@ -69,6 +69,7 @@ from lmim.train.checkpoint import (
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
 from lmim.train.failures import Failure, TrainingError, classify
+from lmim.train.allocator import keep_freed_memory
 from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
 from lmim.train.meter import Meter
 from lmim.train.report import Reporter
@@ -266,6 +267,8 @@ def _use_threads(cfg: DictConfig, accelerator) -> ThreadBudget:
     threads = thread_budget(cfg, accelerator)
     torch.set_num_threads(threads.torch_threads)
     accelerator.print(f"threads: {threads.reason}")
+    if accelerator.device.type == "cpu":
+        accelerator.print(keep_freed_memory())
     return threads
 
 

@@ -31,6 +31,7 @@ import torch
 
 from lmim.model.config import ModelConfig
 from lmim.pipeline.batch import Batch
+from lmim.train.allocator import keep_freed_memory
 from lmim.train.config import load_config
 from lmim.train.hardware import describe_machine
 from lmim.train.schedules import Schedules
@@ -130,6 +131,7 @@ def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str]
                    batch_size: int) -> list[Variant]:
     from timm.layers import set_fused_attn
 
+    from lmim.model.cpu_linear import use_plain_linear
     from lmim.model.latent_mim import LatentMIM
 
     # The schedules (lr, EMA momentum) and clipping of the default training config; with no data
@@ -140,7 +142,7 @@ def build_variants(cfg: ModelConfig, device: torch.device, candidates: list[str]
     torch.manual_seed(0)
     set_fused_attn(False)  # timm's explicit-softmax attention for the baseline
     try:
-        base_net = LatentMIM(cfg).to(device)
+        base_net = use_plain_linear(LatentMIM(cfg)).to(device)  # torch's own F.linear (MKL on the CPU)
     finally:
         set_fused_attn(True)
     state = base_net.state_dict()
@@ -241,11 +243,15 @@ def main(argv: list[str]) -> int:
             print(json.dumps(result))
         return 0
 
+    allocator = None
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         device_name = torch.cuda.get_device_name(device)
     else:
+        # The trainer's CPU allocator settings (lmim/train/allocator.py), for every variant in this process.
+        allocator = keep_freed_memory()
+        print(allocator)
         device_name = f"cpu ({torch.get_num_threads()} threads)"
     if args.precision != "auto":
         candidates = [args.precision]
@@ -285,7 +291,7 @@ def main(argv: list[str]) -> int:
     result.update({
         "device_name": device_name, "batch_size": bs, "steps": steps, "rounds": rounds,
         "ours_variant": ours.name, "ours_step_s": med[ours.name], "images_per_s": bs / med[ours.name],
-        "variants_step_s": med,
+        "variants_step_s": med, "allocator": allocator,
     })
     if base is not None:
         result["baseline"] = base.name
