@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from timm.layers import Mlp
 
-__all__ = ["CpuLinear", "CpuMlp", "use_cpu_linear", "cpu_linear"]
+__all__ = ["CpuLinear", "CpuMlp", "use_cpu_linear", "use_plain_linear", "cpu_linear"]
 
 
 def _available() -> bool:
@@ -142,4 +142,15 @@ def use_cpu_linear(module: nn.Module) -> nn.Module:
                 m.__class__ = CpuLinear
             elif type(m) is Mlp:
                 m.__class__ = CpuMlp
+    return module
+
+
+def use_plain_linear(module: nn.Module) -> nn.Module:
+    """Undo `use_cpu_linear` in place: every CpuLinear back to nn.Linear, every CpuMlp to timm's Mlp
+    (a benchmark's plain-PyTorch baseline); returns `module`."""
+    for m in module.modules():
+        if type(m) is CpuLinear:
+            m.__class__ = nn.Linear
+        elif type(m) is CpuMlp:
+            m.__class__ = Mlp
     return module

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmim.model.attention import attend
-from lmim.model.cpu_linear import _AVAILABLE, CpuLinear, CpuMlp, cpu_linear, use_cpu_linear
+from lmim.model.cpu_linear import _AVAILABLE, CpuLinear, CpuMlp, cpu_linear, use_cpu_linear, use_plain_linear
 
 pytestmark = pytest.mark.skipif(not _AVAILABLE, reason="this torch has no oneDNN linear kernel")
 
@@ -60,6 +60,8 @@ def test_modules_keep_nn_linear_and_timm_mlp_parameters_and_state_dicts():
     use_cpu_linear(net)
     assert type(net[0]) is CpuLinear and isinstance(net[0], nn.Linear) and type(net[1]) is CpuMlp
     assert list(net.state_dict()) == keys
+    use_plain_linear(net)  # the benchmark baseline's way back to torch's own modules
+    assert type(net[0]) is nn.Linear and type(net[1]) is Mlp and list(net.state_dict()) == keys
 
 
 def test_the_fused_mlp_without_grad_equals_timm_mlp():
