@@ -4,9 +4,10 @@ A training step on the CPU allocates and frees the same large activations every 
 each). glibc's malloc serves allocations over its mmap threshold with fresh `mmap`s and gives freed
 memory at the top of the heap back to the kernel, so the next step touches new pages and each 4 KiB
 page costs a page fault and a zeroing. On the 2-core EPYC VM a `ref_small` step (batch 128) took
-about 65,000 minor faults; with the settings below about 700, and the step went from 870 to 785 ms
-and 914 to 838 ms in two measurements (2026-11-26). The reference implementation's step, in the same process,
-gained 3%: lmim frees and reallocates more large buffers per step (its fused oneDNN linear outputs).
+about 65,000 minor faults; with the settings below about 200, and the step went from 870 to 785 ms
+and from 914 to 838 ms in two pairs of runs (2026-11-26). The reference implementation's step gained
+about 3% in one pair; with both in one process (`lmim bench model --reference`) the ratio stayed
+within its noise (1.12-1.17x after, a median of 1.14x before).
 
 Settings (`mallopt`): allocations up to 32 MiB (glibc's largest mmap threshold) come from the heap,
 and the heap is trimmed only past 1 GiB of free memory at its top, so a process holds about its
