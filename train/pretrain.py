@@ -56,6 +56,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmim.pipeline.errors import DataError
 from lmim.pipeline.mix import describe_mixture
 from lmim.train.cadence import Cadence
+from lmim.train.allocator import keep_freed_memory
 from lmim.train.checkpoint import (
     CheckpointError,
     RankedState,
@@ -69,7 +70,6 @@ from lmim.train.checkpoint import (
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
 from lmim.train.failures import Failure, TrainingError, classify
-from lmim.train.allocator import keep_freed_memory
 from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
 from lmim.train.meter import Meter
 from lmim.train.report import Reporter
