@@ -55,8 +55,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmim.pipeline.errors import DataError
 from lmim.pipeline.mix import describe_mixture
-from lmim.train.cadence import Cadence
 from lmim.train.allocator import keep_freed_memory
+from lmim.train.cadence import Cadence
 from lmim.train.checkpoint import (
     CheckpointError,
     RankedState,
