@@ -27,6 +27,15 @@ def test_bench_cpu_json(capsys):
     res = json.loads(last)
     assert res["ratio"] > 0 and res["ours_step_s"] > 0 and res["config"] == "tiny"
     assert set(res["gflop_per_image"]) >= {"online_encoder_fwd_bwd", "target_encoder_fwd", "decoder_fwd_bwd"}
+    assert res["allocator"].startswith("allocator: ")
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--steps", "--rounds", "--num-visible"])
+def test_bench_sizes_must_be_positive(option, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse: usage line + one sentence, exit 2
+        bench_model.main([option, "0"])
+    assert exc.value.code == 2
+    assert f"argument {option}: must be a positive whole number, got 0" in capsys.readouterr().err
 
 
 def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
