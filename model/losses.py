@@ -27,7 +27,10 @@ def patch_infonce(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.2) ->
     """
     p = pred.float()
     t = target.float()
-    p = (p - p.mean(1, keepdim=True)) / (p.std(1, keepdim=True) + 1e-4)
+    # Two passes (mean, then the centred squares) instead of torch.std over dim 1: the same unbiased
+    # std, but std's strided reduction cost 5.5 of 6.6 ms of this forward on a 2-core CPU ([128, 57, 192]).
+    d = p - p.mean(1, keepdim=True)
+    p = d / ((d.square().sum(1, keepdim=True) / (p.shape[1] - 1)).sqrt() + 1e-4)
     p = F.normalize(p, dim=-1)
     t = F.normalize(t, dim=-1)
     logits = torch.bmm(p, t.transpose(1, 2)) / tau                      # [B, T, T]
