@@ -1,4 +1,4 @@
-"""The trainer's CPU allocator settings (lmim/train/allocator.py): freed activations are reused.
+"""The trainer's CPU allocator settings (lmim.train.allocator): freed activations are reused.
 
 Each case runs in its own process, since malloc settings are process-wide: a loop that allocates
 and frees the same large tensors, as a training step does, is served from the heap and stops

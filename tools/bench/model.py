@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
         torch.backends.cudnn.allow_tf32 = True
         device_name = torch.cuda.get_device_name(device)
     else:
-        # The trainer's CPU allocator settings (lmim/train/allocator.py), for every variant in this process.
+        # The trainer's CPU allocator settings (lmim.train.allocator), for every variant in this process.
         allocator = keep_freed_memory()
         print(allocator)
         device_name = f"cpu ({torch.get_num_threads()} threads)"
