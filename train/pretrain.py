@@ -267,8 +267,6 @@ def _use_threads(cfg: DictConfig, accelerator) -> ThreadBudget:
     threads = thread_budget(cfg, accelerator)
     torch.set_num_threads(threads.torch_threads)
     accelerator.print(f"threads: {threads.reason}")
-    if accelerator.device.type == "cpu":
-        accelerator.print(keep_freed_memory())
     return threads
 
 
@@ -382,6 +380,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     accelerator, precision = _make_accelerator(cfg)
     threads = _use_threads(cfg, accelerator)
+    if accelerator.device.type == "cpu":  # a CPU step reuses its activations' memory (train/allocator.py)
+        accelerator.print(keep_freed_memory())
     run_dir, resume_from = Path(cfg.run_dir), _resolve_resume(cfg)
     model = _seeded_model(cfg)
     loader, steps_per_epoch = _open_loader(cfg, accelerator)
