@@ -20,7 +20,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from lmim.model.attention import attention_kernels
+from lmim.model.attention import attention_kernels, use_cpu_attention
 from lmim.model.config import ModelConfig
 from lmim.model.cpu_linear import use_cpu_linear
 from lmim.model.decoder import LatentDecoder, MAEDecoder
@@ -75,6 +75,7 @@ class LatentMIM(nn.Module):
             self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
             self.train(self.training)  # puts the target in eval mode
         use_cpu_linear(self)  # fp32 CPU GEMMs through oneDNN (model/cpu_linear.py); nn.Linear elsewhere
+        use_cpu_attention(self)  # the encoders' attention kernel under CPU bf16 autocast (model/attention.py)
 
     # ----------------------------------------------------------------------------------- helpers
     def train(self, mode: bool = True) -> "LatentMIM":
