@@ -78,8 +78,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if k.shape[-2] < EXPLICIT_TRANSPOSED_MAX_KEYS:
         # Few keys (the decoder's cross-attention to 8 visible tokens): a softmax over a short
         # last dim is slow; the same softmax over dim -2 of the transposed scores is much faster.
-        return (k @ q.transpose(-2, -1)).softmax(dim=-2).transpose(-2, -1) @ v
-    return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return (k @ q.transpose(-2, -1)).softmax(dim=-2, dtype=torch.float32).transpose(-2, -1) @ v
+    # In fp32 dtype= changes nothing; under bf16 autocast the scores are normalised in fp32 (torch's
+    # bf16 softmax over a last dim of 58 took 10.8 against 5.1 ms) and the product casts them back.
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32) @ v
 
 
 class CpuAttention(Attention):

@@ -17,8 +17,8 @@ from lmim.model.latent_mim import LatentMIM
 def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transposed: bool) -> torch.Tensor:
     q = q * q.shape[-1] ** -0.5
     if transposed:
-        return (k @ q.transpose(-2, -1)).softmax(dim=-2).transpose(-2, -1) @ v
-    return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return (k @ q.transpose(-2, -1)).softmax(dim=-2, dtype=torch.float32).transpose(-2, -1) @ v
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32) @ v
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
