@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lmim.tools.argtypes import non_negative_float, positive_float, positive_int
 from lmim.train.evaluate.collapse import PROTOCOL_COLLAPSE, collapse_stats, plot_collapse
 from lmim.train.evaluate.features import eval_loader, extract
 from lmim.train.evaluate.knn import PROTOCOL_LOO1, knn_loo1, knn_weighted, knn_weighted_protocol
@@ -169,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--encoder", required=True, help="checkpoint directory or exported .safetensors")
         p.add_argument("--pool", choices=("mean_patch", "cls"), default="mean_patch",
                        help="feature: mean of patch tokens, CLS excluded (default, the paper's) or CLS")
-        p.add_argument("--batch-size", type=int, default=128, help="images per process per batch")
+        p.add_argument("--batch-size", type=positive_int, default=128, help="images per process per batch")
         p.add_argument("--loader", choices=("dali", "torch"), default="dali",
                        help="pipeline backend (torch = PIL baseline, no DALI)")
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -181,17 +182,17 @@ def _parser() -> argparse.ArgumentParser:
     knn.add_argument("--eval-url", required=True, help="labelled evaluation split (the paper's protocol uses only this)")
     knn.add_argument("--train-url", help="labelled training split: the memory bank of weighted k-NN")
     knn.add_argument("--protocol", choices=("loo1", "knn20", "both"), default="both")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=positive_int, default=20)
+    knn.add_argument("--temperature", type=positive_float, default=0.07)
 
     lin = sub.add_parser("linear", help="linear probe on frozen features")
     common(lin)
     lin.add_argument("--train-url", required=True)
     lin.add_argument("--eval-url", required=True)
-    lin.add_argument("--epochs", type=int, default=100)
-    lin.add_argument("--lr", type=float, default=1e-2)
-    lin.add_argument("--weight-decay", type=float, default=5e-4)
-    lin.add_argument("--probe-batch-size", type=int, default=256)
+    lin.add_argument("--epochs", type=positive_int, default=100)
+    lin.add_argument("--lr", type=positive_float, default=1e-2)
+    lin.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
+    lin.add_argument("--probe-batch-size", type=positive_int, default=256)
     lin.add_argument("--seed", type=int, default=0)
 
     col = sub.add_parser("collapse", help="collapse diagnostics (+ a PNG with --plot)")

@@ -31,6 +31,7 @@ import torch
 
 from lmim.model.config import ModelConfig
 from lmim.pipeline.batch import Batch
+from lmim.tools.argtypes import positive_int
 from lmim.train.allocator import keep_freed_memory
 from lmim.train.config import load_config
 from lmim.train.hardware import describe_machine
@@ -191,22 +192,15 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
             print("  " + " | ".join(r))
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lmim bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=sorted(CONFIGS), default=None,
                     help="model size (default: small on cpu, vit_b16 on cuda)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--batch-size", type=_positive_int, default=None, help="default: 32 on cpu, 256 on cuda")
-    ap.add_argument("--num-visible", type=_positive_int, default=None, help="visible patches (default: the paper's 20/196 ratio)")
-    ap.add_argument("--steps", type=_positive_int, default=None, help="timed steps per round (default 3 cpu / 20 cuda)")
-    ap.add_argument("--rounds", type=_positive_int, default=None, help="alternating baseline/ours rounds (default 5 cpu / 3 cuda)")
+    ap.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 on cpu, 256 on cuda")
+    ap.add_argument("--num-visible", type=positive_int, default=None, help="visible patches (default: the paper's 20/196 ratio)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per round (default 3 cpu / 20 cuda)")
+    ap.add_argument("--rounds", type=positive_int, default=None, help="alternating baseline/ours rounds (default 5 cpu / 3 cuda)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (slow to compile on CPUs)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="ours: auto = try fp32 and bf16 autocast on the CPU, bf16 on CUDA")

@@ -34,6 +34,7 @@ from lmim.pipeline import build_loader
 from lmim.pipeline.config import DataConfig
 from lmim.pipeline.format.manifest import read_manifest
 from lmim.pipeline.storage import Store, is_remote
+from lmim.tools.argtypes import non_negative_int, positive_int
 from lmim.train.hardware import describe_machine
 
 
@@ -41,18 +42,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lmim bench pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("url", nargs="?", help="dataset root (local path or fsspec URL); default: build a synthetic one")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
-    p.add_argument("--images", type=int, default=1500, help="synthetic dataset size (no URL)")
-    p.add_argument("--image-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
-    p.add_argument("--shard-samples", type=int, default=250, help="samples per synthetic shard")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader worker processes")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per loader (alternating)")
-    p.add_argument("--max-batches", type=int, default=0, help="batches per round (0 = one epoch)")
-    p.add_argument("--grid", type=int, default=14)
-    p.add_argument("--patch", type=int, default=16)
-    p.add_argument("--gap", type=int, default=4)
+    p.add_argument("--images", type=positive_int, default=1500, help="synthetic dataset size (no URL)")
+    p.add_argument("--image-size", type=positive_int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    p.add_argument("--shard-samples", type=positive_int, default=250, help="samples per synthetic shard")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--threads", type=positive_int, default=2, help="DALI threads = DataLoader worker processes")
+    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds per loader (alternating)")
+    p.add_argument("--max-batches", type=non_negative_int, default=0, help="batches per round (0 = one epoch)")
+    p.add_argument("--grid", type=positive_int, default=14)
+    p.add_argument("--patch", type=positive_int, default=16)
+    p.add_argument("--gap", type=non_negative_int, default=4)
     p.add_argument("--mask", default="random")
-    p.add_argument("--num-visible", type=int, default=20)
+    p.add_argument("--num-visible", type=positive_int, default=20)
     p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to measure the GPU decode path")
     p.add_argument("--s3-loopback", action="store_true", help="also stream from a loopback S3 server (moto)")
     p.add_argument("--workdir", help="where to build the synthetic dataset (default: a temp dir, removed)")

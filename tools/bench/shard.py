@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmim.tools.argtypes import positive_float, positive_int
 from lmim.train.hardware import describe_machine
 
 
@@ -63,14 +64,14 @@ def run_tar(src: Path, out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmim bench shard", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=3000, help="images to generate (ignored with --src)")
+    p.add_argument("--n", type=positive_int, default=3000, help="images to generate (ignored with --src)")
     p.add_argument("--src", default=None, help="use this folder of images instead of generating them")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5, help="rounds of (ours, ShardWriter, tar); medians reported")
-    p.add_argument("--shard-mb", type=float, default=16.0,
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--reps", type=positive_int, default=5, help="rounds of (ours, ShardWriter, tar); medians reported")
+    p.add_argument("--shard-mb", type=positive_float, default=16.0,
                    help="shard size limit for ours and ShardWriter (default 16 MB: ~9 shards of the default "
                         "corpus, so the workers have shards to share, as with a real corpus of 256 MB shards)")
-    p.add_argument("--classes", type=int, default=10, help="class folders of the generated corpus")
+    p.add_argument("--classes", type=positive_int, default=10, help="class folders of the generated corpus")
     p.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lmim.tools.argtypes import positive_int
 from lmim.train.hardware import describe_machine
 
 __all__ = ["main"]
@@ -198,12 +199,12 @@ def _print_table(res: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmim bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (CPU 25, GPU 50)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are quoted")
-    p.add_argument("--photos", type=int, default=1200, help="CPU: JPEGs in the small-photo dataset")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed optimizer steps per run (CPU 25, GPU 50)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="alternating rounds; medians are quoted")
+    p.add_argument("--photos", type=positive_int, default=1200, help="CPU: JPEGs in the small-photo dataset")
     p.add_argument("--dataset", choices=["auto", "fashion_mnist", "digits"], default="auto",
                    help="CPU: the quickstart's dataset (auto = Fashion-MNIST when installed)")
-    p.add_argument("--batch-size", type=int, default=256, help="GPU: images per step")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="GPU: images per step")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = p.parse_args(argv)
     if args.steps is None:

@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 
 from lmim.pipeline.format.manifest import MANIFEST_NAME, REJECTS_NAME
+from lmim.tools.argtypes import positive_int
 from lmim.tools.shard.build import BuildResult, run_build
 from lmim.tools.shard.config import BuildOptions
 from lmim.tools.shard.errors import BuildError
@@ -27,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="dataset root: local folder or URL (s3://bucket/prefix)")
     p.add_argument("--shard-max-bytes", type=parse_bytes, default=256 << 20, metavar="SIZE",
                    help="shard size limit, e.g. 256MB (default) or 1GB")
-    p.add_argument("--shard-max-samples", type=int, default=None, metavar="N", help="sample limit per shard")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+    p.add_argument("--shard-max-samples", type=positive_int, default=None, metavar="N", help="sample limit per shard")
+    p.add_argument("--workers", type=positive_int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="worker processes (default: CPU count, at most 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
     p.add_argument("--part", type=parse_part, default=None, metavar="i/N|auto",
@@ -36,11 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                         "indexed Job or RANK/WORLD_SIZE. The last part to finish writes the manifest")
     p.add_argument("--labels", choices=("auto", "folders", "none"), default="auto",
                    help="class labels from sub-folder names (auto: when every image is in a sub-folder)")
-    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+    p.add_argument("--max-side", type=positive_int, default=None, metavar="PX",
                    help="re-encode images whose longer side is larger, as JPEG (default: keep originals)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded/converted images (default 95)")
     p.add_argument("--full-decode", action="store_true", help="decode every image to check it (slower)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"reject images declaring more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
     p.add_argument("--no-fsync", action="store_true",
