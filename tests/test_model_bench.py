@@ -61,3 +61,13 @@ def test_reference_that_is_not_a_checkout_is_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"lmim bench model: {tmp_path} has no models_lmim.py: pass a checkout of "
                    "github.com/yibingwei-1/LatentMIM to --reference.")
+
+
+def test_auto_precision_times_bf16_only_where_the_machine_does_it_natively():
+    pick = bench_model.precision_candidates
+    assert pick("auto", "bf16", on_gpu=False, side_by_side=False) == ["fp32", "bf16"]  # native bf16 CPU: both
+    assert pick("auto", "fp32", on_gpu=False, side_by_side=False) == ["fp32"]          # emulated bf16: not timed
+    assert pick("auto", "bf16", on_gpu=False, side_by_side=True) == ["bf16"]           # reference: the trainer's pick
+    assert pick("auto", "fp32", on_gpu=False, side_by_side=True) == ["fp32"]
+    assert pick("auto", "bf16", on_gpu=True, side_by_side=False) == ["bf16"]
+    assert pick("bf16", "fp32", on_gpu=False, side_by_side=True) == ["bf16"]           # explicit wins

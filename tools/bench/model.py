@@ -11,8 +11,8 @@ the device.
 Baseline: the same model, eager fp32, timm's non-fused (explicit softmax) attention, per-parameter
 AdamW (foreach=False) and a per-parameter Python EMA loop. Ours: the model's own kernels (SDPA or
 the explicit form per model/attention.py; oneDNN fp32 linear layers on the CPU, model/cpu_linear.py), the
-trainer's AdamW (fused where torch has a kernel: CUDA and CPU), one `_foreach_lerp_` EMA call, and bf16 autocast where it is faster (on the CPU
-both fp32 and bf16 are measured and the faster is kept; on CUDA bf16). Timings alternate
+trainer's AdamW (fused where torch has a kernel: CUDA and CPU), one `_foreach_lerp_` EMA call, and bf16 autocast where it is faster (on a CPU
+with native bf16 both fp32 and bf16 are measured and the faster is kept, on other CPUs fp32 only; on CUDA bf16). Timings alternate
 baseline / ours over several rounds; medians are quoted. `ratio` = baseline step time / ours.
 On CUDA the MFU is the model FLOPs per image (FlopCounterMode) x images/s over the bf16 matmul
 peak measured in the same run.
@@ -34,7 +34,7 @@ from lmim.pipeline.batch import Batch
 from lmim.tools.argtypes import positive_int
 from lmim.train.allocator import keep_freed_memory
 from lmim.train.config import load_config
-from lmim.train.hardware import describe_machine
+from lmim.train.hardware import describe_machine, resolve_precision
 from lmim.train.schedules import Schedules
 from lmim.train.step import Stepper, make_optimizer, train_step
 
@@ -192,6 +192,20 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
             print("  " + " | ".join(r))
 
 
+def precision_candidates(requested: str, auto_pick: str, *, on_gpu: bool, side_by_side: bool) -> list[str]:
+    """The precisions ("fp32" | "bf16") to time lmim's step in; `auto_pick` is what the trainer's
+    `precision=auto` picks on this machine.
+
+    auto: that pick on a GPU; on a CPU whose pick is bf16 (native bf16) both fp32 and bf16, else fp32
+    only (emulated bf16 was 14x slower than fp32: timing it only makes the bench take minutes). Side
+    by side with the reference, auto is the pick alone, and the reference runs in it too."""
+    if requested != "auto":
+        return [requested]
+    if on_gpu or side_by_side or auto_pick == "fp32":
+        return [auto_pick]
+    return ["fp32", "bf16"]
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lmim bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=sorted(CONFIGS), default=None,
@@ -203,7 +217,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=positive_int, default=None, help="alternating baseline/ours rounds (default 5 cpu / 3 cuda)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (slow to compile on CPUs)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="ours: auto = try fp32 and bf16 autocast on the CPU, bf16 on CUDA")
+                    help="auto: bf16 on CUDA; on the CPU fp32, and bf16 autocast too where the CPU has native "
+                         "bf16; with --reference, the precision the trainer's precision=auto picks, for both sides")
     ap.add_argument("--no-baseline", action="store_true", help="time only ours (e.g. a baseline that does not fit)")
     ap.add_argument("--reference", metavar="DIR", default=None,
                     help="a checkout of github.com/yibingwei-1/LatentMIM: its training step, at the same sizes and "
@@ -254,14 +269,11 @@ def main(argv: list[str]) -> int:
         allocator = keep_freed_memory()
         print(allocator)
         device_name = f"cpu ({torch.get_num_threads()} threads)"
-    if args.precision != "auto":
-        candidates = [args.precision]
-    else:
-        candidates = ["bf16"] if on_gpu else ["fp32", "bf16"]
+    auto_pick = "fp32" if resolve_precision("auto", on_cuda=on_gpu).precision == "no" else "bf16"
+    candidates = precision_candidates(args.precision, auto_pick, on_gpu=on_gpu, side_by_side=bool(args.reference))
     variants = build_variants(cfg, device, candidates, args.compile, bs)
     if args.reference:
-        precision = "bf16" if (on_gpu and args.precision == "auto") else ("fp32" if args.precision == "auto" else args.precision)
-        variants[0] = reference_variant(str(Path(args.reference).expanduser()), cfg, variants[1], k, precision, device)
+        variants[0] = reference_variant(str(Path(args.reference).expanduser()), cfg, variants[1], k, candidates[0], device)
     if args.no_baseline:
         variants = variants[1:]
     side = cfg.grid_size * (cfg.patch_size + cfg.patch_gap)
