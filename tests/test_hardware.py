@@ -59,11 +59,13 @@ def test_auto_is_the_default_and_a_valid_choice():
         load_config(None, ["precision=fp8"])
 
 
-@pytest.mark.parametrize("cores, want", [(1, 2), (2, 2), (4, 2), (8, 4), (16, 8), (64, 2)])
-def test_cpu_thread_plan_gives_the_model_every_core_and_the_loader_a_small_share(cores, want):
+@pytest.mark.parametrize("cores, want, loader", [(1, 2, 1), (2, 2, 2), (2, 8, 2), (4, 2, 2), (16, 8, 8), (64, 2, 2),
+                                                 (4, 0, 1)])
+def test_cpu_thread_plan_gives_the_model_every_core_and_the_loader_at_most_one_thread_per_core(cores, want, loader):
     plan = plan_threads(cores, want, model_on_cpu=True)
     assert plan.torch_threads == cores
-    assert 1 <= plan.loader_threads <= min(want, max(1, cores // 4))
+    assert plan.loader_threads == loader
+    assert f"{loader} for the loader" in plan.reason
 
 
 def test_gpu_thread_plan_gives_the_loader_all_but_one_core():

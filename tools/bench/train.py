@@ -78,6 +78,7 @@ _SMALL = [
     "model.patch_size=8", "model.grid_size=8", "model.patch_gap=2", "model.projector_hidden_dim=512",
     "model.decoder_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4", "data.num_visible=12",
     "data.batch_size=64", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]",
+    "data.num_threads=2",  # the default preset's loader threads (the quickstart preset's 1 is for 28 px PNGs)
 ]
 
 
