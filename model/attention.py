@@ -63,9 +63,10 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
 def _explicit_on_cpu(q: torch.Tensor) -> bool:
     if q.device.type != "cpu":
         return False
-    if _cpu_bf16_autocast():
-        return True
-    return q.dtype == torch.float32 and q.shape[-1] <= EXPLICIT_MAX_HEAD_DIM and _cpu_autocast_dtype() is None
+    autocast = _cpu_autocast_dtype()
+    if autocast is not None:
+        return autocast == torch.bfloat16
+    return q.dtype == torch.float32 and q.shape[-1] <= EXPLICIT_MAX_HEAD_DIM
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
