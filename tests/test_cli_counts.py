@@ -32,3 +32,14 @@ def test_bad_counts_are_usage_errors(main, argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bench_help_lists_every_benchmark_with_what_it_measures(capsys):
+    from lmim.tools.bench import cli as bench_cli
+
+    assert bench_cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in bench_cli.BENCHMARKS:
+        assert f"  {name} " in out and bench_cli.SUMMARIES[name] in out
+    assert bench_cli.main(["nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
