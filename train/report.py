@@ -1,7 +1,8 @@
 """Where a training run's numbers go, and the checks made on them.
 
 Every logged window goes to Accelerate's trackers (TensorBoard / W&B), to `metrics.jsonl`
-(process 0) and to the progress bar; two checks run on it: a non-finite loss stops the run
+(process 0) and to the progress bar (on a terminal; a plain line per window when stderr is a log
+file, so a batch job's log is not a wall of redrawn bars); two checks run on it: a non-finite loss stops the run
 before its weights can be checkpointed, and the collapse guard warns (or stops). k-NN results,
 the per-rank debug log and the end-of-run plots go through here too, so the loop itself only
 says *when* (`lmim.train.cadence`).
@@ -9,6 +10,7 @@ says *when* (`lmim.train.cadence`).
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -52,10 +54,16 @@ class Reporter:
         self.guard = CollapseGuard(guard.threshold, guard.patience, after_step=int(guard.after_epochs * steps_per_epoch),
                                    action=guard.action)
         self.progress = None
+        self.progress_lines = False   # a plain line per logged window instead of the bar
+        self.stop_step = stop_step
         if is_main and cfg.progress:
-            from tqdm.auto import tqdm
+            if sys.stderr.isatty():
+                from tqdm.auto import tqdm
 
-            self.progress = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True, desc="pretrain")
+                self.progress = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True,
+                                     desc="pretrain")
+            else:
+                self.progress_lines = True
         self.last: dict[str, float] = {}   # the last logged record
         self.sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # for the masks plot
 
@@ -113,6 +121,8 @@ class Reporter:
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
                                       wait=f"{record['data_wait_share']:.0%}", refresh=False)
+        if self.progress_lines:
+            print(progress_line(step, self.stop_step, record), flush=True)
         self._check_collapse(step, record)
 
     def _source_counts(self) -> dict[str, int]:
@@ -144,7 +154,7 @@ class Reporter:
         """A k-NN result ({"knn_top1": %})."""
         self.accelerator.log({"eval/knn_top1": result["knn_top1"]}, step=step)
         self.metrics_log.write({"step": step, **result})
-        self.accelerator.print(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}%")
+        self.accelerator.print(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}% ({knn_metric_name(self.cfg)})")
 
     # ------------------------------------------------------------------------------------ at the end
     def close(self) -> None:
@@ -164,6 +174,20 @@ class Reporter:
         if self.sample is not None:
             d = self.cfg.data
             plot_masks(*self.sample, self.cfg.model.grid_size, d.mean, d.std, run_dir / "plots" / "masks.png")
+
+
+def progress_line(step: int, stop_step: int, record: dict[str, float]) -> str:
+    """One logged window as a line of a log file: `step 40/460 (9%): loss 1.2333, 734 img/s, data wait 5%`."""
+    return (f"step {step}/{stop_step} ({step / max(stop_step, 1):.0%}): loss {record['loss']:.4f}, "
+            f"{record['images_per_s']:.0f} img/s, data wait {record['data_wait_share']:.0%}")
+
+
+def knn_metric_name(cfg: DictConfig) -> str:
+    """Which k-NN the trainer's evaluation computes (pretrain.knn_evaluate), for the printed line: the
+    two differ by several points on the same encoder, so a bare "k-NN top-1" invites comparing them."""
+    if cfg.eval.knn_train_url:
+        return f"weighted {cfg.eval.knn_k}-NN on data.eval_url, eval.knn_train_url as memory"
+    return "leave-one-out 1-NN within data.eval_url"
 
 
 def _param_digest(module: torch.nn.Module) -> str:

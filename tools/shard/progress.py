@@ -58,17 +58,25 @@ def report(images: int, nbytes: int) -> None:
         _counters.add(images, nbytes)
 
 
+# When stderr is a log file (a batch job, `nohup`, CI), a redrawn bar would write four lines a second;
+# a plain line this often says the same.
+LOG_LINE_SECONDS = 30.0
+
+
 class ProgressBar:
-    """A tqdm bar on stderr fed from `counters` by a polling thread; does nothing when not `enabled`."""
+    """A tqdm bar on stderr fed from `counters` by a polling thread; does nothing when not `enabled`.
+    When stderr is not a terminal, a plain line every LOG_LINE_SECONDS and one at the end instead."""
 
     def __init__(self, total: int, counters: Counters, enabled: bool, desc: str):
         self.enabled = enabled
         if not enabled:
             return
-        from tqdm import tqdm
+        self.counters, self.total, self.desc = counters, total, desc
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
 
-        self.counters = counters
-        self.bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+            self.bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
         self.t0 = time.perf_counter()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
@@ -76,12 +84,16 @@ class ProgressBar:
 
     def _update(self) -> None:
         images, nbytes = self.counters.read()
-        self.bar.update(images - self.bar.n)
         dt = max(time.perf_counter() - self.t0, 1e-9)
+        if self.bar is None:
+            print(f"{self.desc}: {images}/{self.total} images ({images / max(self.total, 1):.0%}), "
+                  f"{images / dt:.0f} img/s, {nbytes / 1e6 / dt:.1f} MB/s", file=sys.stderr, flush=True)
+            return
+        self.bar.update(images - self.bar.n)
         self.bar.set_postfix_str(f"{nbytes / 1e6 / dt:.1f} MB/s", refresh=False)
 
     def _poll(self) -> None:
-        while not self.stop.wait(0.25):
+        while not self.stop.wait(0.25 if self.bar is not None else LOG_LINE_SECONDS):
             self._update()
 
     def close(self) -> None:
@@ -90,4 +102,5 @@ class ProgressBar:
         self.stop.set()
         self.thread.join()
         self._update()
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

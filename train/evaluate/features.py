@@ -11,6 +11,7 @@ Pools (METHOD.md): "mean_patch" = mean of the patch tokens after the final norm,
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Sequence
 
 import torch
@@ -108,7 +109,8 @@ def extract(
     if progress and (not _dist_ready() or dist.get_rank() == 0):
         from tqdm.auto import tqdm
 
-        it = tqdm(loader, desc="features", unit="batch")
+        # In a log file (stderr not a terminal) a redraw every 0.1 s would be a line each; 30 s is plenty.
+        it = tqdm(loader, desc="features", unit="batch", mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for batch in it:
         images, lab, bkeys = _unpack(batch)
         tokens = encoder.forward_features(images.to(dev, param.dtype, non_blocking=True))
