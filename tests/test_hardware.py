@@ -83,6 +83,27 @@ def test_cgroup_quota_caps_the_cores(tmp_path: Path):
     assert 1 <= available_cores()
 
 
+def test_a_quota_below_the_cgroup_root_counts_too(tmp_path: Path):
+    """No cgroup namespace (a systemd service with CPUQuota=, a scheduler's job cgroup): the quota is
+    on the process's own cgroup or an ancestor, not on the mount's root; the tightest applies."""
+    root, proc = tmp_path / "cgroup", tmp_path / "self_cgroup"
+    job = root / "system.slice" / "train.service"
+    job.mkdir(parents=True)
+    proc.write_text("0::/system.slice/train.service\n")
+    assert _cgroup_cpu_limit(root, proc) is None
+    (job / "cpu.max").write_text("300000 100000\n")
+    assert _cgroup_cpu_limit(root, proc) == 3.0
+    (root / "system.slice" / "cpu.max").write_text("200000 100000\n")   # the parent is tighter
+    assert _cgroup_cpu_limit(root, proc) == 2.0
+    # cgroup v1: the cpu controller's own hierarchy, mounted as cpu,cpuacct on many distributions
+    v1 = root / "cpu,cpuacct" / "slurm" / "job_7"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    proc.write_text("12:cpu,cpuacct:/slurm/job_7\n0::/\n")
+    assert _cgroup_cpu_limit(root, proc) == 0.5
+
+
 def test_describe_machine_names_the_cpu_and_its_bf16():
     line = describe_machine("cpu")
     assert line.startswith("CPU ") and "bf16" in line and "cores" in line

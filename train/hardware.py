@@ -99,21 +99,59 @@ def resolve_precision(requested: str, on_cuda: bool) -> PrecisionChoice:
 
 
 # ---------------------------------------------------------------------------------------------- cores
-def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by the cgroup quota (v2 cpu.max, or v1 cfs quota/period); None if unlimited."""
+def _own_cgroups(proc_cgroup: Path) -> tuple[str, str]:
+    """This process's cgroup paths (v2 unified, v1 cpu controller) from /proc/self/cgroup; "/" when
+    unknown (inside a container's own cgroup namespace both are "/")."""
+    v2 = v1 = "/"
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return int(quota) / int(period)
-        return None
-    except (OSError, ValueError):
-        pass
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return v2, v1
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            v2 = path or "/"
+        elif "cpu" in controllers.split(","):
+            v1 = path or "/"
+    return v2, v1
+
+
+def _self_and_ancestors(base: Path, path: str) -> list[Path]:
+    """base/path, then each parent folder up to base itself: a quota anywhere up the tree applies."""
+    parts = [p for p in path.split("/") if p and p != ".."]
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _quota_v2(folder: Path) -> float | None:
     try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         return None
+
+
+def _quota_v1(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs allowed by cgroup quotas (v2 `cpu.max`, or v1 CFS quota / period); None if unlimited.
+
+    Looks at this process's own cgroup and every ancestor, not only the mount's root: without a
+    cgroup namespace (a systemd service with CPUQuota=, a batch scheduler's job cgroup) the quota
+    sits below the root. The tightest one applies.
+    """
+    v2_path, v1_path = _own_cgroups(proc_cgroup)
+    limits = [q for d in _self_and_ancestors(root, v2_path) if (q := _quota_v2(d)) is not None]
+    for mount in (root / "cpu", root / "cpu,cpuacct"):
+        limits += [q for d in _self_and_ancestors(mount, v1_path) if (q := _quota_v1(d)) is not None]
+    return min(limits) if limits else None
 
 
 def available_cores() -> int:
