@@ -76,10 +76,17 @@ def effective_rank(features: torch.Tensor) -> torch.Tensor:
     (uncentred) features [B, C]; from 1 (every image maps to one direction: collapse) to min(B, C).
 
     Not centred on purpose: a collapsed encoder gives near-identical features plus tiny noise,
-    which centring would blow back up to a high rank."""
-    s = torch.linalg.svdvals(features.float())
+    which centring would blow back up to a high rank.
+
+    NaN when any feature is non-finite (a diverged run): the SVD of such a matrix raises on the CPU,
+    and the trainer's loss guard, not this diagnostic, is what should report the divergence. Masked
+    with `where` rather than tested in Python, so a GPU step does not synchronise for it."""
+    x = features.float()
+    finite = torch.isfinite(x).all()
+    s = torch.linalg.svdvals(torch.where(finite, x, torch.zeros_like(x)))
     p = s / s.sum().clamp_min(1e-12)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    rank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return torch.where(finite, rank, torch.full_like(rank, float("nan")))
 
 
 def normalised_pixels(patches: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:

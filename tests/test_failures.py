@@ -156,3 +156,26 @@ def test_every_lmim_command_turns_an_expected_failure_into_one_sentence(tmp_path
     monkeypatch.setattr(shard_cli, "main", bug)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         main(["shard", "src", "dst"])
+
+
+def test_weights_that_really_diverge_stop_with_exit_1_not_a_crash(tmp_path):
+    """A learning rate so large that the weights themselves become NaN (not a poisoned loss): the
+    logged step's collapse diagnostics see NaN features, and the loss guard must still be what
+    ends the run (exit 1, one sentence), with no checkpoint of the diverged weights."""
+    run_dir = tmp_path / "r"
+    proc = _pretrain("data.loader=synthetic", "synthetic_batches=3", "optim.base_lr=1e30", "log_every=2",
+                     "checkpoint.every_steps=3", "eval.knn_every_epochs=1", f"run_dir={run_dir}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite" in _one_sentence(proc)
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_effective_rank_of_non_finite_features_is_nan():
+    import torch
+
+    from lmim.model.losses import effective_rank
+
+    x = torch.randn(8, 4)
+    assert 1.0 <= float(effective_rank(x)) <= 4.0
+    x[3, 1] = float("nan")
+    assert torch.isnan(effective_rank(x))

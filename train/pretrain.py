@@ -414,14 +414,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             state.images_seen += eff_batch
             meter.add_step(outs, state.step)
             reporter.step_done(state.step, stepper.net)
-            if cadence.logs(state.step):
+            if cadence.logs(state.step) or cadence.evaluates(state.step) or cadence.checkpoints(state.step):
+                # Also before an evaluation or a checkpoint: a non-finite loss stops the run here, so
+                # diverged weights are never evaluated or checkpointed.
                 reporter.window(meter, state.step, last_ckpt)
             if cadence.evaluates(state.step):  # before a checkpoint, so a resumed run's RNG matches an uninterrupted one
                 result = knn_evaluate(cfg, accelerator, stepper.net.encoder)
                 state.history["knn_top1"] = result["knn_top1"]
                 reporter.evaluation(state.step, result)
             if cadence.checkpoints(state.step):
-                reporter.window(meter, state.step, last_ckpt)  # never checkpoint weights from a non-finite loss
                 last_ckpt = save_checkpoint(accelerator, run_dir, state.step, to_yaml(cfg), cfg.checkpoint.keep,
                                             states=saved_states)
     except BaseException as err:
