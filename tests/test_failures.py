@@ -179,3 +179,27 @@ def test_effective_rank_of_non_finite_features_is_nan():
     assert 1.0 <= float(effective_rank(x)) <= 4.0
     x[3, 1] = float("nan")
     assert torch.isnan(effective_rank(x))
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_is_exit_6_and_leaves_no_partial_folder(tmp_path):
+    """A real write failure, no mock: the process may write no file larger than 40 kB (RLIMIT_FSIZE,
+    SIGXFSZ ignored), so the model's safetensors file fails mid-write with EFBIG, raised by the
+    safetensors library as its own error type, not an OSError. The user must still read a disk
+    failure (exit 6, one sentence naming the checkpoint folder), and no half-written folder stays."""
+    run_dir = tmp_path / "r"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))\n"
+        "from lmim.train.pretrain import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, "--config", "quickstart", *TINY, "data.loader=synthetic",
+                           "synthetic_batches=2", "max_steps=2", f"run_dir={run_dir}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 6, proc.stderr[-3000:]
+    sentence = _one_sentence(proc)
+    assert "cannot write" in sentence and "step_00000002" in sentence and "resume=auto" in sentence
+    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir()] if (run_dir / "checkpoints").exists() else []
+    assert leftovers == []

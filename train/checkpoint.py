@@ -32,6 +32,7 @@ since process 0 writes the model/optimizer and every process writes its own RNG 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -232,6 +233,31 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+# Free bytes below which a failed write is put down to a full disk (the writer's own error may not say so).
+_NEARLY_FULL_BYTES = 64 * 2**20
+_DISK_FULL_WORDS = ("no space left", "os error 28", "disk quota", "errno 28", "file too large")
+
+
+def _as_disk_error(err: Exception, path: Path) -> Exception:
+    """`err` as an OSError(ENOSPC) naming `path` when it was a full disk, else `err` itself.
+
+    safetensors raises `SafetensorError("... No space left on device (os error 28)")` and torch.save
+    a `RuntimeError("[enforce fail at inline_container.cc] ... unexpected pos ...")` when the disk
+    fills mid-write, neither an OSError, so without this the user would read "a bug" and a traceback
+    where the remedy is to free some space."""
+    if isinstance(err, OSError):
+        return err
+    words = str(err).lower()
+    nearly_full = False
+    try:
+        nearly_full = shutil.disk_usage(path.parent).free < _NEARLY_FULL_BYTES
+    except OSError:
+        pass
+    if nearly_full or any(w in words for w in _DISK_FULL_WORDS):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return err
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: str, keep: int,
                     states: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint atomically and rotate old ones. Call on every process.
@@ -257,16 +283,22 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    # Every process: its RNG as JSON in place of Accelerate's pickle (loading must not unpickle).
-    rank = accelerator.process_index
-    _write_json(tmp / f"rng_state_{rank}.json", rng_state())
-    (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
     gathered = {name: obj.state_dict() for name, obj in (states or {}).items()}
-    if accelerator.is_main_process:
-        (tmp / "config.yaml").write_text(config_yaml)
-        for name, value in gathered.items():
-            _write_json(tmp / f"{name}.json", value)
+    try:
+        accelerator.save_state(str(tmp))
+        # Every process: its RNG as JSON in place of Accelerate's pickle (loading must not unpickle).
+        rank = accelerator.process_index
+        _write_json(tmp / f"rng_state_{rank}.json", rng_state())
+        (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
+        if accelerator.is_main_process:
+            (tmp / "config.yaml").write_text(config_yaml)
+            for name, value in gathered.items():
+                _write_json(tmp / f"{name}.json", value)
+    except Exception as err:
+        # The half-written folder goes (it holds no marker, so it was never a checkpoint, and on a
+        # full disk its bytes are what the next attempt needs).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _as_disk_error(err, tmp) from err
     # Every process's files (its RNG state) must be on disk before the marker declares the folder whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
