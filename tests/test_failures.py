@@ -203,3 +203,18 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_is_exit_6_and_leaves_no
     assert "cannot write" in sentence and "step_00000002" in sentence and "resume=auto" in sentence
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir()] if (run_dir / "checkpoints").exists() else []
     assert leftovers == []
+
+
+def test_a_fresh_run_refused_from_another_runs_folder_leaves_that_folder_untouched(tmp_path):
+    import json
+
+    run_dir = tmp_path / "r"
+    first = _pretrain("data.loader=synthetic", "synthetic_batches=2", "max_steps=2", f"run_dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    status_before = (run_dir / "status.json").read_text()
+    assert json.loads(status_before)["status"] == "completed"
+    again = _pretrain("data.loader=synthetic", "synthetic_batches=2", "max_steps=2", f"run_dir={run_dir}")
+    assert again.returncode == 2
+    assert "already holds checkpoints" in _one_sentence(again) and "resume=auto" in _one_sentence(again)
+    assert (run_dir / "status.json").read_text() == status_before     # still says completed
+    assert not (run_dir / "logs" / "error.log").exists()

@@ -99,6 +99,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class RunFolderInUse(ConfigError):
+    """A fresh run was pointed at another run's folder. The refusal must leave that folder as it
+    was: its status.json and logs belong to the other run."""
+
+
 def _resolve_resume(cfg: DictConfig) -> Path | None:
     """Which checkpoint to start from. A fresh run into a folder that already holds checkpoints is
     refused, rather than silently mixing two runs' checkpoints and logs."""
@@ -106,7 +111,7 @@ def _resolve_resume(cfg: DictConfig) -> Path | None:
     if cfg.resume in (None, "", "none", "never"):
         found = list_checkpoints(run_dir)
         if found:
-            raise ConfigError(
+            raise RunFolderInUse(
                 f"run_dir {str(run_dir)!r} already holds checkpoints (newest: {found[-1][1].name}); "
                 "add resume=auto to continue that run, or choose another run_dir."
             )
@@ -474,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg)
     except (Exception, KeyboardInterrupt) as err:
         failure = classify(err)
-        log_file = _log_traceback(cfg, err)
-        _record_failed_start(cfg, failure)
+        log_file = None
+        if not isinstance(err, RunFolderInUse):   # that folder is another run's: write nothing into it
+            log_file = _log_traceback(cfg, err)
+            _record_failed_start(cfg, failure)
         if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
             traceback.print_exception(err, file=sys.stderr)
         where = f" (traceback: {log_file})" if log_file and failure.expected else ""
