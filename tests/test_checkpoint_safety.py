@@ -105,6 +105,10 @@ def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("lmim pretrain: none of the 2 checkpoints") and "optimizer.bin has 0 bytes" in last
     assert "Traceback" not in proc.stderr
+    # Every checkpoint it skipped is named with its reason, the oldest too.
+    skipped = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning: skipping")]
+    assert [ln.split()[2] for ln in skipped] == ["step_00000004:", "step_00000002:"]
+    assert all("optimizer.bin has 0 bytes" in ln for ln in skipped)
 
 
 def _export(ckpt: Path, out: Path) -> subprocess.CompletedProcess:

@@ -219,11 +219,14 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
             return path
         except CheckpointError as err:
             errors.append(err)
-            if path is not candidates[-1]:
-                accelerator.print(f"warning: {err} Trying the previous checkpoint.")
+            if len(candidates) > 1:  # every skipped checkpoint is named with its reason
+                then = "Trying the previous checkpoint." if path is not candidates[-1] else "No older checkpoint is left."
+                accelerator.print(f"warning: skipping {path.name}: {err} {then}")
     if len(errors) == 1:
         raise errors[0]
-    raise CheckpointError(f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded; the newest: {errors[0]}")
+    names = ", ".join(p.name for p in candidates)
+    raise CheckpointError(f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded ({names}; each "
+                          f"one's reason is printed above); the newest: {errors[0]}")
 
 
 def _make_accelerator(cfg: DictConfig):
