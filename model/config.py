@@ -2,7 +2,7 @@
 
 This dataclass is the contract between `model/` and `train/`: the trainer's structured config
 embeds it, so fields may be added (with defaults) but not renamed. Defaults are the reference
-ViT-B/16 configuration of METHOD.md.
+ViT-B/16 configuration of the paper.
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ class CrossAttention(nn.Module):
 class CrossDecoderBlock(nn.Module):
     """Pre-norm residual block: [self-attention among queries], cross-attention to memory, MLP.
 
-    The memory has its own LayerNorm in every block (METHOD.md).
+    The memory has its own LayerNorm in every block (the paper and its reference code).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, self_attn: bool = True):

@@ -51,7 +51,7 @@ def sincos_pos_embed(grid_size: int, dim: int, cls_token: bool = True) -> torch.
 
 def build_encoder(cfg: ModelConfig) -> VisionTransformer:
     """A timm ViT per `cfg`, initialised per `cfg.init` (model/init.py), with frozen sin-cos
-    position embeddings (METHOD.md)."""
+    position embeddings (the paper and its reference code)."""
     kw = encoder_kwargs(cfg)
     vit = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate, **kw)
     if not isinstance(vit, VisionTransformer):
@@ -113,7 +113,7 @@ def encode_patches(vit: VisionTransformer, patches: torch.Tensor, idx: torch.Ten
 
 
 class Projector(nn.Sequential):
-    """METHOD.md projector: [Linear(no bias) -> LN -> GELU] x (layers - 1), Linear(no bias) -> LN."""
+    """The paper's projector: [Linear(no bias) -> LN -> GELU] x (layers - 1), Linear(no bias) -> LN."""
 
     def __init__(self, dim: int, hidden_dim: int, layers: int = 3, init: str = "reference"):
         if layers < 1:

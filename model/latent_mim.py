@@ -41,12 +41,12 @@ OBJECTIVES = ("infonce", "norm_l2", "mae", "naive_mse")
 EMA_OBJECTIVES = ("infonce", "norm_l2")
 
 # Parameter names (last component) that never get weight decay, besides every parameter with
-# ndim <= 1 (biases, norm weights). METHOD.md: none on position/patch embeddings and tokens.
+# ndim <= 1 (biases, norm weights). The paper: none on position/patch embeddings and tokens.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "cls_query")
 
 
 class LatentMIM(nn.Module):
-    """Latent masked image modelling on a timm ViT (METHOD.md). See the module docstring."""
+    """Latent masked image modelling on a timm ViT (the paper and its reference code). See the module docstring."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -238,7 +238,7 @@ class LatentMIM(nn.Module):
         """AdamW parameter groups over the trainable parameters (never the EMA target).
 
         No decay on biases, norms and every other parameter with ndim <= 1, position/patch
-        embeddings, CLS/mask tokens (METHOD.md).
+        embeddings, CLS/mask tokens (the paper and its reference code).
         """
         decay, no_decay = [], []
         for name, p in self.named_parameters():

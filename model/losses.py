@@ -1,4 +1,4 @@
-"""Objectives and diagnostics of Latent MIM (METHOD.md), computed in float32.
+"""Objectives and diagnostics of Latent MIM (the paper and its reference code), computed in float32.
 
 All losses are per image: nothing crosses the batch, so they do not depend on the batch size or
 on the number of processes.

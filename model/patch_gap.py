@@ -1,4 +1,4 @@
-"""Patch extraction with the random "patch gap" of METHOD.md, vectorised over the batch.
+"""Patch extraction with the random "patch gap" of the paper, vectorised over the batch.
 
 A training crop is a grid of G x G cells of S = P + gap pixels. From each cell one P x P patch is
 taken at an independent random offset (0..gap-1 in y and in x, per image and per cell), so

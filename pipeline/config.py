@@ -59,7 +59,7 @@ class DataConfig:
     retry_budget_s: float = 600.0          # remote reads: keep retrying a failing shard this long (object stores throttle for minutes)
     max_retries: Optional[int] = None      # remote reads: also stop after this many retries (null: the time budget alone)
 
-    # Augmentation (METHOD.md): RandomResizedCrop, bicubic, horizontal flip, ImageNet mean/std.
+    # Augmentation (the paper and its reference code): RandomResizedCrop, bicubic, horizontal flip, ImageNet mean/std.
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5

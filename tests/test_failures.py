@@ -73,8 +73,12 @@ def _classify_cases():
     from lmim.pipeline.errors import DatasetNotFound, ShardError, StoreUnreachable
     from lmim.train.checkpoint import CheckpointError
     from lmim.train.config import ConfigError
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
     from lmim.train.pretrain import TrainingError
 
+    wrapped = RuntimeError("listing failed")
+    wrapped.__cause__ = ReadTimeoutError(endpoint_url="http://minio:9000")
     return [
         (TrainingError("The loss became non-finite"), 1, "diverged"),
         (ConfigError("Config key 'x' ..."), 2, "config"),
@@ -84,6 +88,8 @@ def _classify_cases():
         (StoreUnreachable("s-000.tar", "network error after 9 attempts"), 5, "storage"),
         (PermissionError("Forbidden"), 5, "storage"),
         (ConnectionResetError("reset by peer"), 5, "storage"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/manifest.json"), 5, "storage"),
+        (wrapped, 5, "storage"),                       # raised from a client timeout
         (OSError(errno.ENOSPC, "No space left on device", "/runs/r/checkpoints/.tmp-step_8/optimizer.bin"), 6, "disk"),
         (PermissionError(errno.EACCES, "Permission denied", "/runs/r/metrics.jsonl"), 6, "disk"),
         (KeyboardInterrupt(), 130, "interrupted"),

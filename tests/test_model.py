@@ -70,7 +70,7 @@ def test_has_target_only_for_ema_objectives():
 
 
 def _infonce_loop(pred, target, tau):
-    """Direct per-image, per-patch computation of METHOD.md's patch InfoNCE."""
+    """Direct per-image, per-patch computation of the paper's patch InfoNCE."""
     total, count = 0.0, 0
     for b in range(pred.shape[0]):
         p = pred[b].double()

@@ -122,3 +122,23 @@ def test_s3_parts_resume_and_merge(corpus, s3_server, s3_bucket, tmp_path):
     local = json.loads((ref / "manifest.json").read_text())
     assert remote["shards"] == local["shards"] and remote["classes"] == local["classes"]
     assert verify_dataset(url) == []
+
+
+@pytest.mark.parametrize("command", ["verify", "merge"])
+def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, tmp_path):
+    """Nothing listens at the endpoint (a real refused connection on loopback): botocore's own
+    EndpointConnectionError must reach the user as the storage failure it is, not a traceback."""
+    import socket
+
+    with socket.socket() as s:   # a port that was free a moment ago, now closed: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", command, "s3://some-bucket/ds"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 5, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lmim {command}: the data store cannot be reached")
+    assert f"127.0.0.1:{port}" in lines[0] and "AWS_ENDPOINT_URL" in lines[0]

@@ -46,7 +46,7 @@ __all__ = [
 
 @dataclass
 class OptimConfig:
-    """AdamW with the lr schedule of METHOD.md."""
+    """AdamW with the lr schedule of the paper."""
 
     base_lr: float = 1.5e-4            # peak lr = base_lr * effective_batch / 256 (linear scaling rule)
     lr: Optional[float] = None         # absolute peak lr; overrides base_lr scaling when set

@@ -50,6 +50,24 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+# Exception classes of the object-store client stack that mean "the store did not answer" (matched by
+# module and name, so that classifying needs none of these packages imported).
+_NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
+_NETWORK_WORDS = ("Connect", "Timeout", "Endpoint")
+
+
+def _network_error(err: BaseException) -> BaseException | None:
+    """`err`, or an exception it was raised from, that is the store client failing to reach the store."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for cls in type(err).__mro__:
+            if cls.__module__.split(".")[0] in _NETWORK_MODULES and any(w in cls.__name__ for w in _NETWORK_WORDS):
+                return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def classify(err: BaseException) -> Failure:
     """What the user reads for `err`: one sentence naming the thing and what to do."""
     if isinstance(err, KeyboardInterrupt):
@@ -66,6 +84,10 @@ def classify(err: BaseException) -> Failure:
         return Failure(EXIT_STORAGE, "storage", f"the data store cannot be reached: {_one_line(err)}")
     if isinstance(err, DataError):
         return Failure(EXIT_DATA, "data", f"the data cannot be read: {_one_line(err)}")
+    if not isinstance(err, OSError) and (net := _network_error(err)) is not None:
+        return Failure(EXIT_STORAGE, "storage",
+                       f"the data store cannot be reached ({_one_line(net)}): check the endpoint (AWS_ENDPOINT_URL "
+                       "or --storage-option / data.storage_options) and the network, then run again.")
     if isinstance(err, OSError):
         where = str(err.filename) if err.filename else "the run folder"
         if err.errno in _DISK_ERRNOS:

@@ -1,4 +1,4 @@
-"""Training schedules as pure functions of the optimizer step (METHOD.md).
+"""Training schedules as pure functions of the optimizer step (the paper and its reference code).
 
 Every value the loop needs at step `s` (learning rate, EMA momentum, regulariser target s*) is
 computed from `s` alone, so a resumed run never replays or stores a scheduler: it only needs the

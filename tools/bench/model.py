@@ -52,7 +52,7 @@ CONFIGS: dict[str, dict] = {
     # For smoke tests of this command.
     "tiny": dict(arch="vit_tiny_patch16_224", embed_dim=64, depth=2, num_heads=2, patch_size=4, grid_size=4,
                  patch_gap=2, projector_hidden_dim=96, decoder_dim=32, decoder_depth=1, decoder_num_heads=4),
-    # The reference configuration of METHOD.md (the ModelConfig defaults).
+    # The reference configuration of the paper (the ModelConfig defaults).
     "vit_b16": dict(),
 }
 PARTS = ("online_encoder_fwd_bwd", "target_encoder_fwd", "target_encoder_fwd_bwd", "projectors", "decoder_fwd_bwd")

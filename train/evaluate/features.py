@@ -6,7 +6,7 @@ every process (pad to the largest part, all_gather, trim), deduplicated by sampl
 may repeat a few samples to even out the ranks) and sorted by key, so the result is the same
 whatever the number of processes.
 
-Pools (METHOD.md): "mean_patch" = mean of the patch tokens after the final norm, CLS excluded
+Pools (the paper and its reference code): "mean_patch" = mean of the patch tokens after the final norm, CLS excluded
 (the paper's nearest-neighbour protocol); "cls" = the CLS token.
 """
 from __future__ import annotations

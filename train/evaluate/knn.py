@@ -1,6 +1,6 @@
 """Nearest-neighbour classification of frozen features (top-1 %).
 
-Two protocols, never to be confused (METHOD.md), so each has a `PROTOCOL_*` label that every
+Two protocols, never to be confused (the paper and its reference code), so each has a `PROTOCOL_*` label that every
 caller prints next to its number:
 
 - `knn_loo1`: the paper's "NN" number: leave-one-out 1-nearest-neighbour with cosine similarity
