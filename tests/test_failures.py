@@ -224,3 +224,33 @@ def test_a_fresh_run_refused_from_another_runs_folder_leaves_that_folder_untouch
     assert "already holds checkpoints" in _one_sentence(again) and "resume=auto" in _one_sentence(again)
     assert (run_dir / "status.json").read_text() == status_before     # still says completed
     assert not (run_dir / "logs" / "error.log").exists()
+
+
+def test_sigterm_mid_run_records_interrupted_and_exits_143(tmp_path):
+    """`kill`, `scancel` and preempting schedulers send SIGTERM: the run must say why it stopped
+    (status.json "interrupted", one sentence, exit 143) rather than stay "running" forever, and
+    resume=auto must go on from its last checkpoint."""
+    import json
+    import signal
+    import time
+
+    run_dir = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, "data.loader=synthetic",
+            "synthetic_batches=50", "epochs=100", "checkpoint.every_steps=2", f"run_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("step_*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the test could stop it"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("lmim pretrain:")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "resume=auto" in lines[0] and "Traceback" not in err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["exit_code"] == 143 and status["step"] >= 2
+    resumed = subprocess.run([*args, "resume=auto", "max_steps=" + str(status["step"] + 1)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout

@@ -23,9 +23,15 @@ EXIT_DATA = 4          # the dataset cannot be used as promised
 EXIT_STORAGE = 5       # the object store is unreachable or refuses access
 EXIT_DISK = 6          # the local disk is full, read-only or not writable
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by it
 EXIT_UNEXPECTED = 70   # a bug: the traceback is the message
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `scancel`, a preempting scheduler, torchrun stopping its workers), raised in
+    the main thread so the run unwinds as from Ctrl-C: status.json says interrupted, loaders close."""
 
 
 class TrainingError(RuntimeError):
@@ -70,6 +76,10 @@ def _network_error(err: BaseException) -> BaseException | None:
 
 def classify(err: BaseException) -> Failure:
     """What the user reads for `err`: one sentence naming the thing and what to do."""
+    if isinstance(err, Terminated):
+        return Failure(EXIT_TERMINATED, "interrupted",
+                       "stopped by SIGTERM (kill, scancel or preemption); continue with resume=auto "
+                       "(the last complete checkpoint is kept).")
     if isinstance(err, KeyboardInterrupt):
         return Failure(EXIT_INTERRUPTED, "interrupted",
                        "interrupted; continue with resume=auto (the last complete checkpoint is kept).")

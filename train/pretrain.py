@@ -40,11 +40,14 @@ non-finite-loss and collapse checks, plots).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -69,7 +72,7 @@ from lmim.train.checkpoint import (
     save_checkpoint,
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
-from lmim.train.failures import Failure, TrainingError, classify
+from lmim.train.failures import Failure, Terminated, TrainingError, classify
 from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
 from lmim.train.meter import Meter
 from lmim.train.report import Reporter
@@ -468,7 +471,30 @@ def _epochs(loader, meter: Meter) -> Iterator[Batch]:
                             "check the dataset with `lmim verify`.")
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM raises `Terminated` in the main thread (a preempted job then records
+    why it stopped instead of leaving status.json at "running"); the old handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _sigterm_interrupts():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -491,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (traceback: {log_file})" if log_file and failure.expected else ""
         print(f"lmim pretrain: {failure.sentence}{where}", file=sys.stderr)
         return failure.code
-    print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
+    if int(os.environ.get("RANK", "0") or 0) == 0:   # once per run, not once per process
+        print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
     return 0
 
 
