@@ -353,7 +353,7 @@ class Loader:
             return
         self._bad_shards.append(sid)
         self.source.forget(sid)
-        log.warning("skipping shard %s (data.on_error=skip; %d shard(s) skipped so far)", err, len(self._bad_shards))
+        log.warning("skipping %s (data.on_error=skip; %d shard(s) skipped so far)", err, len(self._bad_shards))
         raise _Skipped()
 
     def _skip(self, err: SampleError) -> None:

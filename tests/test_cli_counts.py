@@ -25,6 +25,7 @@ ENCODER = ["--encoder", "enc.safetensors"]
     (eval_cli.main, ["knn", *ENCODER, "--eval-url", "d", "--k", "0"], "argument --k: must be a positive whole number"),
     (eval_cli.main, ["linear", *ENCODER, "--train-url", "a", "--eval-url", "b", "--lr", "nan"],
      "argument --lr: must be a positive number, got nan"),
+    (bench_shard.main, ["--tmp", "/no/such/folder"], "--tmp '/no/such/folder' is not an existing folder"),
 ])
 def test_bad_counts_are_usage_errors(main, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -136,6 +136,13 @@ def test_cli_knn_linear_collapse(digits, checkpoint, tmp_path, capsys):
     expected = linear_probe(tr, tr_y, ev, ev_y, epochs=20, device="cpu")
     assert json.loads(out.strip().splitlines()[-1])["linear"] == pytest.approx(expected)
 
+    # Without --train-url the default protocol is the paper's leave-one-out 1-NN on the eval split alone.
+    code = cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", digits["test"], "--json", "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert code == 0 and "leave-one-out 1-NN" in out and "weighted 20-NN" not in out
+    only_loo1 = json.loads(out.strip().splitlines()[-1])
+    assert only_loo1["knn_loo1"] == pytest.approx(res["knn_loo1"]) and "knn20" not in only_loo1
+
     png = tmp_path / "c.png"
     code = cli.main(["collapse", "--encoder", str(checkpoint), "--url", digits["test"], "--plot", str(png), "--json"])
     out = capsys.readouterr().out

@@ -106,7 +106,8 @@ def _need_labels(out: dict, url: str) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_knn(args, encoder, data_cfg, device) -> dict:
-    protocols = ("loo1", "knn20") if args.protocol == "both" else (args.protocol,)
+    protocol = args.protocol or ("both" if args.train_url else "loo1")
+    protocols = ("loo1", "knn20") if protocol == "both" else (protocol,)
     if "knn20" in protocols and not args.train_url:
         raise EvalError("--protocol knn20/both needs --train-url (the labelled memory bank).")
     ev = _features(encoder, args.eval_url, data_cfg, args, device)
@@ -181,7 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     common(knn)
     knn.add_argument("--eval-url", required=True, help="labelled evaluation split (the paper's protocol uses only this)")
     knn.add_argument("--train-url", help="labelled training split: the memory bank of weighted k-NN")
-    knn.add_argument("--protocol", choices=("loo1", "knn20", "both"), default="both")
+    knn.add_argument("--protocol", choices=("loo1", "knn20", "both"), default=None,
+                     help="loo1: the paper's leave-one-out 1-NN within --eval-url; knn20: weighted 20-NN against "
+                          "--train-url; default: both with --train-url, loo1 without")
     knn.add_argument("--k", type=positive_int, default=20)
     knn.add_argument("--temperature", type=positive_float, default=0.07)
 

@@ -75,6 +75,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tmp", default=None, help="scratch folder (default: the system temp folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
+    if args.tmp is not None and not Path(args.tmp).is_dir():
+        p.error(f"--tmp {args.tmp!r} is not an existing folder; create it or leave --tmp out (the system temp folder)")
 
     scratch = Path(tempfile.mkdtemp(prefix="lmim-bench-shard-", dir=args.tmp))
     try:
