@@ -133,8 +133,9 @@ def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, tmp_pa
     with socket.socket() as s:   # a port that was free a moment ago, now closed: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    from tests.s3server import aws_env
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **aws_env(f"http://127.0.0.1:{port}")}
     out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", command, "s3://some-bucket/ds"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 5, out.stderr[-2000:]
