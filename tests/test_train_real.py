@@ -191,3 +191,18 @@ def test_resume_mid_epoch_on_another_number_of_processes(shards, tmp_path, befor
     assert len(epoch2) == len(set(epoch2)) == 40                # and the next epoch on the new count
     state = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())
     assert state["world_size"] == after and state["step"] == 2 * 40 // (4 * after)
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_is_exact(shards, tmp_path):
+    """The everyday "train longer" case: a run that stopped exactly at an epoch boundary (its
+    checkpoint holds the loader at the end of that epoch) goes on into the next epoch, with the
+    losses of a run that was never stopped."""
+    common = [*REAL[len(TINY):], f"data.url={shards}"]   # 40 images, batch 8: 5 steps per epoch, 2 epochs
+    _run(tmp_path / "ref", *common)
+    first = _run(tmp_path / "cut", *common, "max_steps=5")
+    assert first["step"] == 5
+    resumed = _run(tmp_path / "cut", *common, "resume=auto")
+    assert resumed["step"] == 10
+    a, b = _losses(tmp_path / "ref"), _losses(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]

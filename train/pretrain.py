@@ -459,14 +459,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _epochs(loader, meter: Meter) -> Iterator[Batch]:
-    """The loader's batches, epoch after epoch (each pass starts the loader's next epoch), their
-    data wait measured. A step's micro-batches span two epochs when grad_accum does not divide one."""
+    """The loader's batches, epoch after epoch (each pass gives the rest of the loader's current
+    epoch, then moves it to the next), their data wait measured. A step's micro-batches span two
+    epochs when grad_accum does not divide one.
+
+    One empty pass is normal: a run resumed from a checkpoint written after an epoch's last batch
+    starts with that epoch's (empty) rest. Two in a row mean a whole epoch gave nothing."""
+    empty_passes = 0
     while True:
         empty = True
         for batch in meter.timed(loader):
             empty = False
             yield batch
-        if empty:  # another pass would give nothing too: stop instead of spinning forever
+        empty_passes = empty_passes + 1 if empty else 0
+        if empty_passes == 2:  # another pass would give nothing too: stop instead of spinning forever
             raise DataError("the data loader gave no batch for a whole epoch (every sample or shard skipped?); "
                             "check the dataset with `lmim verify`.")
 
