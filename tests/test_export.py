@@ -162,3 +162,63 @@ def test_the_run_s_last_knn_figure_reaches_the_model_card(tmp_path):
                                        '{"step": 20, "knn_top1": 50.0}\n{"step": 2')  # later + cut lines ignored
     export.export_folder(ckpt, tmp_path / "out")
     assert "| k-NN top-1 during training (data.eval_url) | 42.00 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_an_export_never_writes_into_its_own_checkpoint(trained, capsys):
+    _, ckpt = trained
+    before = (ckpt / "model.safetensors").read_bytes()
+    for out in (ckpt / "model.safetensors", ckpt / "sub" / "enc.safetensors", ckpt / "hf-folder"):
+        assert export.main([str(ckpt), str(out)]) == 2
+        assert "inside the checkpoint folder" in capsys.readouterr().err
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "model.safetensors"]
+
+
+def test_damaged_checkpoints_and_exports_are_one_sentence_not_a_traceback(trained, tmp_path, capsys):
+    """What a user meets with a checkpoint or an export that was edited, cut or came from elsewhere:
+    `lmim export` / `load_encoder` name the file and what to do (ExportError, exit 2)."""
+    net, ckpt = trained
+    # config.yaml that is not YAML
+    bad_yaml = tmp_path / "bad_yaml"
+    _write_checkpoint(bad_yaml, net)
+    (bad_yaml / "config.yaml").write_text("model: [unclosed\n")
+    assert export.main([str(bad_yaml), str(tmp_path / "a.safetensors")]) == 2
+    assert "not a readable YAML file" in capsys.readouterr().err
+    # weights of another shape than the config says
+    grown = tmp_path / "grown"
+    _write_checkpoint(grown, net)
+    cfg = yaml.safe_load((grown / "config.yaml").read_text())
+    cfg["model"]["embed_dim"] = 32
+    (grown / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert export.main([str(grown), str(tmp_path / "b.safetensors")]) == 2
+    assert "does not match the model described by its config.yaml" in capsys.readouterr().err
+    # an output that is an existing folder
+    (tmp_path / "dir.safetensors").mkdir()
+    assert export.main([str(ckpt), str(tmp_path / "dir.safetensors")]) == 2
+    assert "existing folder" in capsys.readouterr().err
+    # exports that are not safetensors, or whose metadata cannot build a timm model
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(export.ExportError, match="not a readable safetensors file"):
+        export.load_encoder(garbage)
+    good = tmp_path / "good.safetensors"
+    assert export.main([str(ckpt), str(good)]) == 0
+    tensors = load_file(str(good))
+    for meta, message in [({export.META_ARCH: "no_such_model", export.META_KWARGS: "{}"}, "cannot be loaded as a timm"),
+                          ({export.META_ARCH: "vit_tiny_patch16_224", export.META_KWARGS: "[1]"}, "not a JSON object"),
+                          ({export.META_ARCH: "vit_tiny_patch16_224", export.META_KWARGS: "{bad"}, "not a JSON object")]:
+        edited = tmp_path / "edited.safetensors"
+        save_file(tensors, str(edited), metadata={**meta, "format": "pt"})
+        with pytest.raises(export.ExportError, match=message):
+            export.load_encoder(edited)
+
+
+def test_an_unwritable_export_path_is_one_sentence_and_exit_6(trained, capsys):
+    """A path nobody can create files under, root included (/proc): one sentence naming the output."""
+    from lmim.tools.cli import main
+
+    _, ckpt = trained
+    out = "/proc/lmim-export-test.safetensors"
+    assert main(["export", str(ckpt), out]) == 6
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and out in err and "Traceback" not in err

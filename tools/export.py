@@ -24,6 +24,7 @@ trained encoder's features, at img_size = grid * patch with no patch gap.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -58,12 +59,24 @@ def _strip(key: str) -> str:
     return key
 
 
+def _load_yaml(path: Path):
+    """A checkpoint's config.yaml as a mapping; ExportError when it is not YAML or not a mapping."""
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml's parser and scanner errors, bad bytes
+        raise ExportError(f"{path} is not a readable YAML file ({type(exc).__name__}); the checkpoint is damaged "
+                          "or was not written by `lmim pretrain`.") from None
+    if not OmegaConf.is_dict(raw):
+        raise ExportError(f"{path} is not a YAML mapping; it is not a training config written by `lmim pretrain`.")
+    return raw
+
+
 def load_model_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
     """The checkpoint's `model:` config section as a validated ModelConfig."""
     path = Path(checkpoint_dir) / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{path} not found: pass a checkpoint directory written by `lmim pretrain`.")
-    raw = OmegaConf.load(path)
+    raw = _load_yaml(path)
     section = raw.get("model") if "model" in raw else None
     if section is None:
         raise ExportError(f"{path} has no `model:` section; it is not a training config written by `lmim pretrain`.")
@@ -88,7 +101,12 @@ def load_latent_mim(checkpoint_dir: str | os.PathLike, map_location: str | torch
     except Exception as exc:  # safetensors raises its own error types for a corrupt header or body
         raise ExportError(f"{weights} cannot be read ({type(exc).__name__}: {exc}); the checkpoint is damaged.") from None
     net = LatentMIM(cfg)
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape is not the config's
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise ExportError(f"{weights} does not match the model described by its config.yaml ({first}); "
+                          "was it written by another version or another config?") from None
     if missing or unexpected:
         raise ExportError(
             f"{weights} does not match the model described by its config.yaml "
@@ -134,7 +152,12 @@ def _write_weights(net, which: str, out: Path) -> dict:
     """Write the encoder's timm state dict to `out` (canonical header, lmim metadata); returns its kwargs."""
     kwargs = encoder_kwargs(net.cfg)
     meta = {META_ARCH: net.cfg.arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), "format": "pt"}
-    save_file(encoder_state_dict(net, which), str(out), metadata=meta)
+    try:
+        save_file(encoder_state_dict(net, which), str(out), metadata=meta)
+    except Exception as exc:  # safetensors reports a failed write as its own error type
+        if isinstance(exc, OSError):
+            raise
+        raise OSError(errno.EIO, f"{' '.join(str(exc).split())}", str(out)) from None
     _canonical_header(out)
     return kwargs
 
@@ -145,15 +168,29 @@ def export_encoder(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, wh
     if out.suffix != ".safetensors":
         raise ExportError(f"output {out} must end in .safetensors (timm picks the loader by extension), "
                           "or be a folder name for a timm / Hugging Face folder export.")
+    _refuse_inside_checkpoint(Path(checkpoint_dir), out)
+    if out.is_dir():
+        raise ExportError(f"{out} is an existing folder; give a new file name ending in .safetensors.")
     net = load_latent_mim(checkpoint_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         kwargs = _write_weights(net, which, tmp)
         os.replace(tmp, out)
+    except OSError as exc:  # named as the output the user gave, not the temporary file beside it
+        raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(out)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return kwargs
+
+
+def _refuse_inside_checkpoint(checkpoint_dir: Path, out: Path) -> None:
+    """An export written into its own checkpoint folder would replace the checkpoint's files
+    (`CK/model.safetensors` is the full model a resume needs)."""
+    ckpt, target = checkpoint_dir.resolve(), out.resolve()
+    if target == ckpt or ckpt in target.parents:
+        raise ExportError(f"{out} is inside the checkpoint folder {checkpoint_dir}; write the export somewhere else "
+                          "(the checkpoint's own files must stay as they are).")
 
 
 FOLDER_FILES = ("config.json", "model.safetensors", "README.md")
@@ -178,10 +215,11 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from timm.models._hub import save_config_for_hf  # timm's own writer, so its loader reads the file back
 
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
+    _refuse_inside_checkpoint(ckpt, out)
     if out.exists() and not _is_folder_export(out):
         raise ExportError(f"{out} exists and is not an lmim export folder; choose a new folder name.")
     net = load_latent_mim(ckpt)
-    train_cfg = OmegaConf.load(ckpt / "config.yaml")
+    train_cfg = _load_yaml(ckpt / "config.yaml")
     data = train_cfg.get("data") or {}
     size = net.cfg.grid_size * net.cfg.patch_size
     # The preprocessing the encoder was trained and evaluated with (lmim resizes the whole image).
@@ -306,11 +344,22 @@ def model_card(ckpt: Path, train_cfg, kwargs: dict, which: str, out: Path,
 
 def read_export_metadata(path: str | os.PathLike) -> tuple[str, dict]:
     """(timm model name, timm kwargs) stored in an exported file."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors' own error types for a file that is not safetensors
+        raise ExportError(f"{path} is not a readable safetensors file ({' '.join(str(exc).split())}); "
+                          "pass a file written by `lmim export`.") from None
     if META_ARCH not in meta or META_KWARGS not in meta:
         raise ExportError(f"{path} has no lmim metadata; it was not written by `lmim export`.")
-    return meta[META_ARCH], json.loads(meta[META_KWARGS])
+    try:
+        kwargs = json.loads(meta[META_KWARGS])
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ExportError(f"{path}: its lmim metadata ({META_KWARGS}) is not a JSON object of timm arguments; "
+                          "export the checkpoint again with `lmim export`.")
+    return meta[META_ARCH], kwargs
 
 
 # `lmim` before timm: importing it makes timm importable where a CPU-only torch meets PyPI's
@@ -341,16 +390,26 @@ def load_encoder(path: str | os.PathLike):
 
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return timm.create_model(f"local-dir:{p}", pretrained=True).eval()
+        return _built(p, lambda: timm.create_model(f"local-dir:{p}", pretrained=True))
     if p.is_dir():
         net = load_latent_mim(p)
         return net.encoder.eval()
     if not p.is_file():
         raise ExportError(f"{p} does not exist: pass an exported .safetensors file or a checkpoint directory.")
     arch, kwargs = read_export_metadata(p)
-    return timm.create_model(
-        arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(p), num_classes=0), **kwargs
-    ).eval()
+    return _built(p, lambda: timm.create_model(
+        arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(p), num_classes=0), **kwargs))
+
+
+def _built(path: Path, build):
+    """build() (a timm model from an export), in eval mode; ExportError naming `path` when the export's
+    description (architecture, arguments) or its weights cannot make a model."""
+    try:
+        return build().eval()
+    except Exception as exc:  # timm: unknown model, bad kwargs, missing keys, size mismatch; safetensors errors
+        detail = " ".join(str(exc).split())
+        raise ExportError(f"{path} cannot be loaded as a timm model ({type(exc).__name__}: {detail[:300]}); "
+                          "export the checkpoint again with `lmim export`.") from None
 
 
 def main(argv: list[str]) -> int:
