@@ -51,3 +51,60 @@ def test_a_bad_index_is_a_shard_error_naming_the_shard(text, needle):
     with pytest.raises(ShardError, match="shard s.tar") as err:
         parse_index(text, "s.tar", expected_samples=1, file_size=50)
     assert needle in str(err.value)
+
+
+def _entry(**change):
+    entry = {"name": "shard-000000.tar", "index": "shard-000000.idx", "samples": 4, "bytes": 1024,
+             "checksum": "xxh3_128:00ff"}
+    entry.update(change)
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def _manifest(**change):
+    data = {"format": "lmim-webdataset", "version": 2, "shards": [_entry()], "classes": ["a", "b"], "build": {}}
+    data.update(change)
+    return data
+
+
+@pytest.mark.parametrize("data, needle", [
+    ([1, 2, 3], "holds a JSON list"),
+    (None, "holds a JSON NoneType"),
+    (_manifest(shards=None), "no list of `shards`"),
+    (_manifest(shards=[7]), "not an object"),
+    (_manifest(shards=[_entry(checksum=None)]), "missing fields ['checksum']"),
+    (_manifest(shards=[_entry(extra=1)]), "unknown fields ['extra']"),
+    (_manifest(shards=[_entry(samples="4")]), "`samples` is '4', not a count"),
+    (_manifest(shards=[_entry(bytes=-1)]), "`bytes` is -1, not a count"),
+    (_manifest(shards=[_entry(checksum="md5:abc")]), "not one this lmim can check"),
+    (_manifest(shards=[_entry(name="../other/shard-000000.tar")]), "points outside the dataset"),
+    (_manifest(shards=[_entry(index="/etc/passwd")]), "points outside the dataset"),
+    (_manifest(classes="ab"), "`classes` is not a list of names"),
+    (_manifest(version="2"), "`version` is '2', not a number"),
+])
+def test_a_manifest_of_the_wrong_shape_is_not_a_dataset_naming_what_is_wrong(data, needle):
+    """Valid JSON that is not an lmim manifest (edited by hand, cut, from elsewhere) is refused with one
+    sentence saying what is wrong, never a Python error from deeper in (AttributeError, TypeError)."""
+    import json
+
+    from lmim.pipeline.errors import NotADataset
+    from lmim.pipeline.format.manifest import Manifest
+
+    if isinstance(data, dict) and data.get("format") is not None:
+        data["format"] = Manifest(shards=[]).format
+    with pytest.raises(NotADataset) as exc:
+        Manifest.from_json(json.dumps(data))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_wrong_shape_manifest_reaches_the_user_as_one_sentence(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text("[1, 2, 3]")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "verify", str(tmp_path / "ds")], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "holds a JSON list, not an lmim manifest" in out.stderr

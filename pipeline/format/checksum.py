@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_ALGORITHM = "xxh3_128"
 _ALGORITHMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+KNOWN_ALGORITHMS: tuple[str, ...] = tuple(_ALGORITHMS)
 
 
 class Hasher(Protocol):

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lmim.pipeline.errors import DatasetNotFound, NotADataset
+from lmim.pipeline.format.checksum import KNOWN_ALGORITHMS
 from lmim.pipeline.storage import RetryPolicy, Store
 
 MANIFEST_NAME = "manifest.json"
@@ -29,10 +30,37 @@ class ShardInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardInfo":
+        """One `shards` entry, checked field by field (NotADataset naming the entry when it is not one)."""
+        if not isinstance(d, dict):
+            raise NotADataset(f"{MANIFEST_NAME}: a `shards` entry is {type(d).__name__}, not an object; {_REBUILD}")
         d = dict(d)
         if "checksum" not in d and "sha256" in d:  # written by format version 1
-            d["checksum"] = "sha256:" + d.pop("sha256")
+            d["checksum"] = "sha256:" + str(d.pop("sha256"))
+        where = f"{MANIFEST_NAME}: shard entry {d.get('name')!r}"
+        if set(d) != set(_SHARD_FIELDS):
+            missing, extra = sorted(set(_SHARD_FIELDS) - set(d)), sorted(set(d) - set(_SHARD_FIELDS))
+            raise NotADataset(f"{where} has {'missing fields ' + str(missing) if missing else ''}"
+                              f"{' and ' if missing and extra else ''}{'unknown fields ' + str(extra) if extra else ''}"
+                              f"; {_REBUILD}")
+        for key, kind in _SHARD_FIELDS.items():
+            value = d[key]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise NotADataset(f"{where}: `{key}` is {value!r}, not a count; {_REBUILD}")
+            if kind is str and (not isinstance(value, str) or not value):
+                raise NotADataset(f"{where}: `{key}` is {value!r}, not a name; {_REBUILD}")
+        for key in ("name", "index"):  # relative to the dataset root, never outside it
+            parts = d[key].replace("\\", "/").split("/")
+            if d[key].startswith("/") or ".." in parts or ":" in parts[0]:
+                raise NotADataset(f"{where}: `{key}` {d[key]!r} points outside the dataset; {_REBUILD}")
+        algorithm = d["checksum"].partition(":")[0]
+        if algorithm not in KNOWN_ALGORITHMS or not d["checksum"].partition(":")[2]:
+            raise NotADataset(f"{where}: checksum {d['checksum']!r} is not one this lmim can check "
+                              f"({', '.join(KNOWN_ALGORITHMS)}); a newer lmim may have written it, or {_REBUILD}")
         return cls(**d)
+
+
+_SHARD_FIELDS: dict[str, type] = {"name": str, "index": str, "samples": int, "bytes": int, "checksum": str}
+_REBUILD = "rebuild the dataset with `lmim shard`"
 
 
 @dataclass
@@ -63,15 +91,26 @@ class Manifest:
             data = json.loads(text)
         except ValueError as err:
             raise NotADataset(f"{MANIFEST_NAME} is not valid JSON ({err}); rebuild the dataset with `lmim shard`") from None
+        if not isinstance(data, dict):
+            raise NotADataset(f"{MANIFEST_NAME} holds a JSON {type(data).__name__}, not an lmim manifest; {_REBUILD}")
         if data.get("format") != FORMAT:
             raise NotADataset(f"not an lmim dataset manifest (format={data.get('format')!r}, expected {FORMAT!r})")
-        if int(data.get("version", 0)) > FORMAT_VERSION:
+        version = data.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise NotADataset(f"{MANIFEST_NAME}: `version` is {version!r}, not a number; {_REBUILD}")
+        if version > FORMAT_VERSION:
             raise NotADataset(
-                f"manifest version {data['version']} is newer than this lmim understands ({FORMAT_VERSION}); upgrade lmim"
+                f"manifest version {version} is newer than this lmim understands ({FORMAT_VERSION}); upgrade lmim"
             )
+        if not isinstance(data.get("shards"), list):
+            raise NotADataset(f"{MANIFEST_NAME} has no list of `shards`; {_REBUILD}")
+        classes, build = data.get("classes"), data.get("build", {})
+        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise NotADataset(f"{MANIFEST_NAME}: `classes` is not a list of names; {_REBUILD}")
+        if not isinstance(build, dict):
+            raise NotADataset(f"{MANIFEST_NAME}: `build` is not an object; {_REBUILD}")
         shards = [ShardInfo.from_dict(s) for s in data["shards"]]
-        return cls(shards=shards, classes=data.get("classes"), build=data.get("build", {}),
-                   format=data["format"], version=int(data["version"]))
+        return cls(shards=shards, classes=classes, build=build, format=data["format"], version=version)
 
 
 def read_manifest(root: str, storage_options: dict[str, Any] | None = None, *,
