@@ -216,6 +216,9 @@ class Loader:
                 f"{sum(self.counts)} samples: the mid-epoch position does not carry over, so data resumes at the "
                 f"start of epoch {self.epoch + 1}.", stacklevel=2)
             self.epoch, self._next_batch = self.epoch + 1, 0
+        if self.epoch < 0 or not 0 <= self._next_batch <= self._batches_in(self.epoch):
+            raise ValueError(f"loader state says epoch {self.epoch}, batch {self._next_batch}, but that epoch has "
+                             f"{self._batches_in(self.epoch)} batches here")
 
     def _same_data(self, state: dict[str, Any]) -> bool:
         """`state` was saved reading the data this loader reads (shard counts, and the mixture if any)."""

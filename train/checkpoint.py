@@ -87,6 +87,15 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checked before anything is set: a saved value of the wrong type would only fail steps later."""
+        if not isinstance(state, dict):
+            raise ValueError(f"trainer_state is a {type(state).__name__}, not an object")
+        for key, value in state.items():
+            want = dict if key == "history" else int
+            if key not in self.__dataclass_fields__:
+                raise ValueError(f"trainer_state has an unknown field {key!r}")
+            if isinstance(value, bool) or not isinstance(value, want) or (want is int and value < (key == "world_size")):
+                raise ValueError(f"trainer_state's {key!r} is {value!r}")
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -112,7 +121,12 @@ class RankedState:
         return {"world_size": self.world_size, "states": states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = int(state["world_size"])
+        saved = state["world_size"]
+        if isinstance(saved, bool) or not isinstance(saved, int) or saved < 1 or \
+                not isinstance(state["states"], list) or len(state["states"]) != saved or \
+                not all(isinstance(st, dict) for st in state["states"]):
+            raise ValueError(f"loader_state holds {len(state['states']) if isinstance(state['states'], list) else 'no'} "
+                             f"process state(s) for world_size {saved!r}")
         if saved != self.world_size:
             # Relaunched on a different number of processes (a preempted job back smaller or larger):
             # the loader re-splits what the interrupted epoch had left over this run's processes.
@@ -356,7 +370,13 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
         marker = read_marker(path)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable {COMPLETE_MARKER} ({err}).") from None
-    for name, want in marker.get("files", {}).items():  # checkpoints older than the digests: no list
+    files = marker.get("files", {}) if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("checksum", ""), str)
+            for w in files.values()):
+        raise CheckpointError(f"checkpoint {path} has a {COMPLETE_MARKER} that is not what lmim writes "
+                              "(an object listing each file's bytes and checksum).")
+    for name, want in files.items():  # checkpoints older than the digests: no list
         if only is not None and name not in only:
             continue
         f = path / name
@@ -407,6 +427,11 @@ def load_checkpoint(accelerator, path: str | Path, states: dict[str, Any]) -> No
             obj.load_state_dict(saved[name])
     except CheckpointError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError,
+            EOFError, pickle.UnpicklingError) as err:
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+            # torch's own text goes on to suggest weights_only=False, i.e. running the pickle's code
+            raise CheckpointError(f"checkpoint {path} holds a pickle that is not plain tensors and numbers; lmim "
+                                  "never unpickles anything else, since loading it could run code.") from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {first[:300]}).") from err
