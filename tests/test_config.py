@@ -66,6 +66,7 @@ def test_overrides_types_and_file_path(tmp_path):
         (["progress=maybe"], "'progress' must be true or false"),
         (["precision=fp8"], "'precision' must be one of auto, bf16, fp16, no"),
         (["epochs"], "is not of the form key=value"),
+        (["model.embed_dim=["], "its value is not valid YAML"),
         (["data.num_visible=64"], "'data.num_visible' must be between 1 and 63"),
         (["grad_accum=0"], "'grad_accum' must be positive"),
         (["model.patch_gap=1"], "a gap of 1 cannot jitter"),

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -263,6 +264,10 @@ def _parse_override(item: str, schema: DictConfig) -> DictConfig:
         return OmegaConf.from_dotlist([item])
     except OmegaConfBaseException as err:
         raise _rephrase(err, schema, f"override {item!r}") from None
+    except yaml.YAMLError as err:  # the value is parsed as YAML: an unclosed [ or { ends here
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"Override {item!r}: its value is not valid YAML ({problem}); quote it, or close its "
+                          "brackets (lists are written [a,b]).") from None
 
 
 def _check_values(cfg: DictConfig) -> None:
