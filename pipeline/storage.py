@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
 from lmim.pipeline.errors import DataError, StoreUnreachable
@@ -29,7 +30,7 @@ from lmim.pipeline.errors import DataError, StoreUnreachable
 if TYPE_CHECKING:  # pragma: no cover
     from fsspec import AbstractFileSystem
 
-__all__ = ["S3_CONFIG", "RetryPolicy", "Store", "backoff_delay", "filesystem", "has_scheme", "is_remote", "join",
+__all__ = ["S3_CONFIG", "RetryPolicy", "Store", "backoff_delay", "file_mode_for_new_files", "filesystem", "has_scheme", "is_remote", "join",
            "local_path", "move_into_place", "storage_options_for", "write_atomic"]
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,22 @@ class RetryPolicy:
 
 
 # ---------------------------------------------------------------------- local atomic writes
+def file_mode_for_new_files() -> int:
+    """The mode `open()` gives a new file under this process's umask (0o644 under the usual 022).
+
+    Writers that go through a private temporary file (safetensors' save_file, mkstemp) create 0o600
+    files; chmod to this so a checkpoint or an export is as readable as any other file the user writes
+    (a group sharing a run folder). The umask comes from /proc: os.umask() can only be read by
+    setting it, which would race with threads creating files meanwhile."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)

@@ -152,3 +152,10 @@ def test_print_config_resolves_run_dir():
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.seed == 5 and cfg.run_dir == "runs/quickstart"
+
+
+def test_options_and_overrides_mix_in_any_order_on_the_command_line():
+    from lmim.train.pretrain import parse_args
+
+    args = parse_args(["epochs=3", "--config", "quickstart", "log_every=5", "--resume", "auto"])
+    assert args.config == "quickstart" and args.resume == "auto" and args.overrides == ["epochs=3", "log_every=5"]

@@ -222,3 +222,25 @@ def test_an_unwritable_export_path_is_one_sentence_and_exit_6(trained, capsys):
     assert main(["export", str(ckpt), out]) == 6
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and out in err and "Traceback" not in err
+
+
+def test_exports_and_checkpoints_are_as_readable_as_any_file_the_user_writes(trained, tmp_path):
+    """safetensors writes through a private 0600 file; the results follow the umask like other files."""
+    import os
+    import stat
+
+    from tests.test_train import _run
+
+    old = os.umask(0o022)
+    try:
+        _, ckpt = trained
+        assert export.main([str(ckpt), str(tmp_path / "enc.safetensors")]) == 0
+        assert export.main([str(ckpt), str(tmp_path / "folder")]) == 0
+        run = _run(tmp_path / "run", "max_steps=1")
+        files = [tmp_path / "enc.safetensors", tmp_path / "folder" / "model.safetensors",
+                 *[p for p in (tmp_path / "run" / "checkpoints").glob("step_*/*") if p.is_file()]]
+        assert run["step"] == 1 and len(files) > 4
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), \
+            {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    finally:
+        os.umask(old)

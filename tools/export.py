@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from lmim.model.config import ModelConfig
 from lmim.model.encoder import encoder_kwargs
+from lmim.pipeline.storage import file_mode_for_new_files
 
 META_ARCH = "lmim.arch"
 META_KWARGS = "lmim.timm_kwargs"
@@ -176,6 +177,7 @@ def export_encoder(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, wh
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         kwargs = _write_weights(net, which, tmp)
+        tmp.chmod(file_mode_for_new_files())   # safetensors writes 0600; an export is meant to be shared
         os.replace(tmp, out)
     except OSError as exc:  # named as the output the user gave, not the temporary file beside it
         raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(out)) from None
@@ -231,6 +233,7 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     tmp.mkdir(parents=True)
     try:
         kwargs = _write_weights(net, which, tmp / "model.safetensors")
+        (tmp / "model.safetensors").chmod(file_mode_for_new_files())
         encoder = net.encoder if which == "online" else net.target_encoder
         save_config_for_hf(encoder, str(tmp / "config.json"), model_args=kwargs,
                            model_config={"pretrained_cfg": pretrained_cfg})

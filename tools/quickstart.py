@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmim.train.config import ConfigError, load_config
     from lmim.train.pretrain import TrainingError, run
 
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
     try:

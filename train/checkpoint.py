@@ -45,6 +45,7 @@ from typing import Any
 import torch.distributed as dist
 
 from lmim.pipeline.format.checksum import algorithm_of, checksum_of_file
+from lmim.pipeline.storage import file_mode_for_new_files
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -316,6 +317,10 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
     # Every process's files (its RNG state) must be on disk before the marker declares the folder whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        mode = file_mode_for_new_files()   # safetensors writes its file 0600; the rest follow the umask
+        for p in tmp.iterdir():
+            if p.is_file():
+                p.chmod(mode)
         files = {p.name: {"bytes": p.stat().st_size, "checksum": checksum_of_file(str(p))}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         marker = {"step": step, "num_processes": accelerator.num_processes, "time": time.time(), "files": files}

@@ -99,7 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true",
                    help="also print the traceback of a failure (LMIM_DEBUG=1 does the same; it is always in run_dir/logs/error.log)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=3e-4 data.url=s3://b/p")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
 class RunFolderInUse(ConfigError):
