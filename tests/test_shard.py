@@ -363,3 +363,18 @@ def test_bench_shard_smoke(capsys):
     assert figures["images"] == 24 and figures["ratio"] > 0 and figures["ratio_vs_tar"] > 0
     assert figures["ratio_vs_tar_no_fsync"] > 0
     assert set(figures["seconds"]) == {"ours", "ours_no_fsync", "shardwriter", "tar"}
+
+
+def test_a_dst_holding_someone_elses_files_is_refused(class_tree, tmp_path):
+    """Writing shard-000000.tar, manifest.json and rejects.jsonl into a folder of other files could
+    overwrite files of the same names: a non-empty DST must already be an lmim dataset or build."""
+    dst = tmp_path / "notes"
+    dst.mkdir()
+    (dst / "shard-000000.tar").write_bytes(b"my own tar")
+    with pytest.raises(BuildError, match="already holds files that are not an lmim dataset"):
+        build_dataset(str(class_tree), str(dst), progress=False)
+    assert (dst / "shard-000000.tar").read_bytes() == b"my own tar"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build_dataset(str(class_tree), str(empty), progress=False)          # an empty folder is fine
+    build_dataset(str(class_tree), str(empty), progress=False)          # and so is rerunning into the result

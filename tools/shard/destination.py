@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from lmim.pipeline.format.manifest import MANIFEST_NAME
 from lmim.pipeline.storage import Store, has_scheme
 from lmim.tools.shard.errors import BuildError
 
@@ -44,7 +45,24 @@ def check_destination(dest: Store, src: str) -> None:
         if os.path.isdir(src_abs) and dst_real.startswith(src_abs.rstrip(os.sep) + os.sep):
             raise BuildError(f"DST {dest.path} is inside SRC {src}: its shards would become part of the "
                              f"corpus; put DST outside SRC")
+    _check_not_foreign(dest.path)
     _check_local_writable(dest.path)
+
+
+def _check_not_foreign(path: str) -> None:
+    """A local DST that already holds files but neither a dataset nor a build of one is someone
+    else's folder: writing shard-000000.tar, manifest.json and rejects.jsonl there could overwrite
+    its files of the same names."""
+    from lmim.tools.shard.state import BUILD_DIR  # state imports this module
+
+    try:
+        entries = sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return  # created by the build / refused as a file by _check_local_writable
+    if entries and MANIFEST_NAME not in entries and BUILD_DIR not in entries:
+        shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise BuildError(f"DST {path} already holds files that are not an lmim dataset ({shown}); "
+                         "give DST a new or empty folder")
 
 
 def _check_local_writable(path: str) -> None:
