@@ -378,3 +378,14 @@ def test_a_dst_holding_someone_elses_files_is_refused(class_tree, tmp_path):
     empty.mkdir()
     build_dataset(str(class_tree), str(empty), progress=False)          # an empty folder is fine
     build_dataset(str(class_tree), str(empty), progress=False)          # and so is rerunning into the result
+
+
+def test_a_source_without_one_readable_image_writes_no_dataset(tmp_path):
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.jpg").write_bytes(b"not a jpeg either")
+    with pytest.raises(BuildError, match="none of the 2 files of SRC could be read as an image"):
+        build_dataset(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)
+    assert not (tmp_path / "dst" / "manifest.json").exists()
+    assert len((tmp_path / "dst" / "rejects.jsonl").read_text().splitlines()) == 2

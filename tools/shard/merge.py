@@ -59,6 +59,9 @@ def merge(dest: Store, *, only_if_complete: bool = False) -> Manifest | None:
     build["rejects_file"] = REJECTS_NAME
     manifest = Manifest(shards=shards, classes=plan_doc.get("classes"), build=build)
     dest.write_bytes(REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
+    if manifest.total_samples == 0:  # a dataset of nothing would only fail later, in a trainer
+        raise BuildError(f"none of the {len(rejects)} files of SRC could be read as an image (each is listed with "
+                         f"its reason in {scrub_url(dest.url)}/{REJECTS_NAME}); no dataset was written")
     dest.write_bytes(MANIFEST_NAME, manifest.to_json().encode())  # last: its presence means complete
     if dest.local:
         shutil.rmtree(os.path.join(dest.path, TMP_DIR), ignore_errors=True)
