@@ -191,3 +191,18 @@ def test_two_processes_give_the_single_process_features(digits, checkpoint, tmp_
     assert torch.equal(got["y"], one["labels"])
     torch.testing.assert_close(got["f"], one["mean_patch"], rtol=1e-4, atol=1e-5)
     assert knn_loo1(got["f"], got["y"]) == knn_loo1(one["mean_patch"], one["labels"])
+
+
+def test_a_split_without_labels_is_refused_before_any_feature_is_extracted(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(flat / f"{i}.png")
+    url = shard_tree(flat, tmp_path / "flat-shards")
+    for argv in (["knn", "--encoder", str(checkpoint), "--eval-url", url],
+                 ["linear", "--encoder", str(checkpoint), "--train-url", url, "--eval-url", url]):
+        assert cli.main(argv) == 2
+        captured = capsys.readouterr()
+        assert "has no class labels" in captured.err and "features of" not in captured.out + captured.err
