@@ -117,4 +117,5 @@ def classify(err: BaseException) -> Failure:
                            "then rerun with resume=auto.")
         return Failure(EXIT_DISK, "disk", f"I/O error on {where} ({type(err).__name__}: {_one_line(err)}).")
     return Failure(EXIT_UNEXPECTED, "bug", f"unexpected {type(err).__name__}: {_one_line(err)} (a bug; please report "
-                   "it with the traceback in run_dir/logs/error.log)", expected=False)
+                   "it with the traceback printed above, also kept in run_dir/logs/error.log once the run folder "
+                   "exists)", expected=False)
