@@ -177,6 +177,20 @@ def test_tar_archive_of_class_folders(class_tree, tmp_path, suffix):
     assert read_manifest(str(dst)).classes == ["class_000", "class_001", "class_002"]
 
 
+def test_a_tar_archive_cut_inside_a_member_header_is_refused_not_built_in_part(class_tree, tmp_path):
+    """tarfile (and GNU tar) end a listing quietly at a header cut short: the builder must not make a
+    dataset of the archive's first half and report success."""
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tf:
+        tf.add(class_tree, arcname="train")
+    with tarfile.open(whole) as tf:
+        cut_at = [m.offset for m in tf][len(tf.getmembers()) // 2] + 100   # 100 bytes into a header
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:cut_at])
+    with pytest.raises(BuildError, match="cannot read the tar archive .* cut-off member header"):
+        build_dataset(str(cut), str(tmp_path / "ds"), progress=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # parts, resume, atomicity
 

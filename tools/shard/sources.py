@@ -229,6 +229,18 @@ def _open_tar_file(src: str, store: Store, tmpdir_holder: list[str]) -> tuple[st
     return plain, True
 
 
+def _check_tar_end(f, offset: int) -> None:
+    """After the last member tarfile read, only the archive's zero blocks may follow.
+
+    tarfile ends its listing quietly at a header cut short after the first member (so does GNU tar),
+    which would build a dataset of the archive's first part and say nothing; bytes that are not zeros
+    there mean the archive was cut or damaged."""
+    f.seek(offset)
+    while chunk := f.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"the archive ends in a damaged or cut-off member header at byte {offset}")
+
+
 def _list_tar(src: str, labels: str, store: Store) -> Corpus:
     cleanup: list[str] = []
     try:
@@ -240,6 +252,7 @@ def _list_tar(src: str, labels: str, store: Store) -> Corpus:
                 if not m.isreg() or any(_hidden(p) for p in name.split("/")):
                     continue
                 files.append((name, url, m.size, m.offset_data))
+            _check_tar_end(f, tf.offset)
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, lzma.LZMAError) as e:
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
