@@ -44,3 +44,21 @@ def test_bench_help_lists_every_benchmark_with_what_it_measures(capsys):
         assert f"  {name} " in out and bench_cli.SUMMARIES[name] in out
     assert bench_cli.main(["nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_quickstart_never_deletes_a_folder_that_is_not_an_earlier_run(tmp_path, capsys):
+    """The quickstart starts afresh by deleting its run folder: only one that holds nothing but what a
+    run writes. A folder with a config.yaml of the user's own next to other files must survive."""
+    from lmim.tools import quickstart
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("lr: 1\n")
+    (mine / "thesis.txt").write_text("years of work")
+    assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(mine), "max_steps=1"]) == 2
+    assert "is not a previous run folder" in capsys.readouterr().err
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "a"),
+                            f"run_dir={tmp_path / 'b'}"]) == 2
+    assert "--run-dir" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()        # refused before any data was written

@@ -142,6 +142,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a quickstart run folder holds; a folder with anything else in it is not replaced.
+_RUN_FOLDER_ENTRIES = {"config.yaml", "status.json", "metrics.jsonl", "logs", "checkpoints", "plots", "debug",
+                       "encoder.safetensors", "quickstart.json"}
+
+
+def _is_previous_run(run_dir: Path) -> bool:
+    """`run_dir` is an earlier run's folder (its status.json and config.yaml, nothing a run does not
+    write), which the quickstart may delete and start again in."""
+    names = {p.name for p in run_dir.iterdir()}
+    return {"config.yaml", "status.json"} <= names and names <= _RUN_FOLDER_ENTRIES
+
+
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
@@ -154,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Validate the overrides before spending any time on data.
         load_config("quickstart", list(args.overrides))
-        if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--run-dir {str(run_dir)!r} exists and is not a previous run folder; choose another.")
+        if any(o.split("=", 1)[0].strip() == "run_dir" for o in args.overrides):
+            raise ConfigError("give the run folder as --run-dir DIR, not as a run_dir= override (the quickstart writes "
+                              "its encoder and summary there too).")
+        if run_dir.exists() and any(run_dir.iterdir()) and not _is_previous_run(run_dir):
+            raise ConfigError(f"--run-dir {str(run_dir)!r} exists and is not a previous run folder (it holds files a "
+                              "run does not write); choose another.")
         data = prepare_data(args.data_dir, args.dataset)
         mean, std = data["mean"], data["std"]
         overrides = [
