@@ -254,3 +254,27 @@ def test_sigterm_mid_run_records_interrupted_and_exits_143(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+
+
+def test_eval_splits_are_checked_before_training_not_at_the_first_evaluation(small_dataset, tmp_path):
+    """data.eval_url and eval.knn_train_url are first read at a k-NN evaluation, which may come after
+    hours of training and before that step's checkpoint: a missing or unlabelled split must stop the
+    start, naming the key, with nothing written."""
+    from lmim.tools.shard import build_dataset
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 16), (i * 40, 0, 0)).save(flat / f"{i}.png")
+    unlabelled = tmp_path / "unlabelled"
+    build_dataset(str(flat), str(unlabelled), progress=False)
+    cases = [([f"data.eval_url={tmp_path / 'nosuch'}"], 4, "data.eval_url: no manifest.json"),
+             ([f"data.eval_url={unlabelled}"], 2, "has no class labels"),
+             ([f"data.eval_url={small_dataset}", f"eval.knn_train_url={unlabelled}"], 2, "eval.knn_train_url")]
+    for extra, code, needle in cases:
+        run_dir = tmp_path / f"run{code}{len(extra)}"
+        proc = _pretrain(f"data.url={small_dataset}", *extra, f"run_dir={run_dir}", "max_steps=2")
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert needle in _one_sentence(proc)
+        assert not run_dir.exists()

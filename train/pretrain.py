@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lmim.pipeline.errors import DataError
+from lmim.pipeline.errors import DataError, StoreUnreachable
 from lmim.pipeline.mix import describe_mixture
 from lmim.train.allocator import keep_freed_memory
 from lmim.train.cadence import Cadence
@@ -294,8 +294,35 @@ def _seeded_model(cfg: DictConfig) -> LatentMIM:
     return model
 
 
+def _check_eval_splits(cfg: DictConfig) -> None:
+    """data.eval_url (and eval.knn_train_url) are read only at the first k-NN evaluation, possibly
+    after hours of training: check now that each exists, has class labels and enough images."""
+    from lmim.pipeline.format.manifest import read_manifest
+    from lmim.pipeline.storage import RetryPolicy
+
+    retry = RetryPolicy(budget_s=float(cfg.data.retry_budget_s))
+    options = OmegaConf.to_container(cfg.data.storage_options, resolve=True) or {}
+    for key, url, least in (("data.eval_url", cfg.data.eval_url, 2), ("eval.knn_train_url", cfg.eval.knn_train_url, 1)):
+        if not url:
+            continue
+        try:
+            manifest = read_manifest(str(url), options, retry=retry)
+        except StoreUnreachable:
+            raise
+        except DataError as err:  # the sentence says which of the run's data sets it is
+            raise DataError(f"{key}: {err}") from None
+        if not manifest.classes:
+            raise ConfigError(f"{key} {str(url)!r} has no class labels, which k-NN monitoring needs: build it from "
+                              f"class folders, or set {key}=null.")
+        if manifest.total_samples < least:
+            raise ConfigError(f"{key} {str(url)!r} holds {manifest.total_samples} image(s); k-NN needs at least "
+                              f"{least}.")
+
+
 def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
     """This process's training loader and the optimizer steps in one of its epochs."""
+    if cfg.data.loader != "synthetic":
+        _check_eval_splits(cfg)
     loader = make_loader(cfg, accelerator, train=True)
     if getattr(loader, "shard_mode", None) == "shared shards":
         accelerator.print(f"data: {len(loader.counts)} shard(s) for {accelerator.num_processes} processes: the "
