@@ -278,3 +278,19 @@ def test_eval_splits_are_checked_before_training_not_at_the_first_evaluation(sma
         assert proc.returncode == code, proc.stderr[-2000:]
         assert needle in _one_sentence(proc)
         assert not run_dir.exists()
+
+
+def test_resuming_with_another_model_shape_is_a_config_error_naming_the_key(tmp_path):
+    """The checkpoints are fine; the command line changed model.depth. Reporting them as damaged
+    (exit 3, 'move the damaged one away') would invite deleting good checkpoints."""
+    run_dir = tmp_path / "r"
+    first = _pretrain("data.loader=synthetic", "synthetic_batches=2", "max_steps=2", f"run_dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    config_before = (run_dir / "config.yaml").read_text()
+    depth = [a for a in TINY if a.startswith("model.depth=")][0].split("=")[1]
+    again = _pretrain("data.loader=synthetic", "synthetic_batches=2", "max_steps=3", "resume=auto",
+                      f"model.depth={int(depth) + 1}", f"run_dir={run_dir}")
+    assert again.returncode == 2, again.stderr[-2000:]
+    sentence = _one_sentence(again)
+    assert f"model.depth is {int(depth) + 1} but step_00000002 was trained with {depth}" in sentence
+    assert (run_dir / "config.yaml").read_text() == config_before

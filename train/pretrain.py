@@ -107,6 +107,26 @@ class RunFolderInUse(ConfigError):
     was: its status.json and logs belong to the other run."""
 
 
+# model.* settings that decide the shapes of the weights: a checkpoint loads only with its own values.
+_SHAPE_KEYS = ("arch", "embed_dim", "depth", "num_heads", "patch_size", "grid_size", "in_chans",
+               "projector_hidden_dim", "projector_layers", "decoder_dim", "decoder_depth", "decoder_num_heads",
+               "decoder_mlp_ratio", "visual_cues", "query_self_attn", "objective")
+
+
+def _check_same_model(cfg: DictConfig, checkpoint: Path) -> None:
+    """Refuse, before anything is written, to resume a checkpoint with another model shape: its
+    weights would not load, and the failure would read as a damaged checkpoint."""
+    try:
+        saved = OmegaConf.load(checkpoint / "config.yaml").get("model") or {}
+    except Exception:  # unreadable: the checkpoint's own verification will say so, with its fallback
+        return
+    changed = [f"model.{k} is {OmegaConf.select(cfg.model, k)!r} but {checkpoint.name} was trained with {saved[k]!r}"
+               for k in _SHAPE_KEYS if k in saved and saved[k] != OmegaConf.select(cfg.model, k)]
+    if changed:
+        raise ConfigError(f"cannot resume from {checkpoint}: {'; '.join(changed[:3])}. Resume with the model settings "
+                          "the run was started with (its checkpoints' config.yaml), or start a new run_dir.")
+
+
 def _resolve_resume(cfg: DictConfig) -> Path | None:
     """Which checkpoint to start from. A fresh run into a folder that already holds checkpoints is
     refused, rather than silently mixing two runs' checkpoints and logs."""
@@ -120,12 +140,16 @@ def _resolve_resume(cfg: DictConfig) -> Path | None:
             )
         return None
     if cfg.resume == "auto":
-        return latest_checkpoint(run_dir)
+        path = latest_checkpoint(run_dir)
+        if path is not None:
+            _check_same_model(cfg, path)
+        return path
     path = Path(cfg.resume)
     from lmim.train.checkpoint import is_complete
 
     if not is_complete(path):
         raise ConfigError(f"resume={cfg.resume!r} is not a complete checkpoint folder (step_* with complete.json).")
+    _check_same_model(cfg, path)
     return path
 
 
