@@ -61,7 +61,14 @@ class ShardFetcher:
                 data = f.read()
         except OSError:
             return None
-        if len(data) != info.bytes:
+        if len(data) != info.bytes or checksum_of(data, algorithm_of(info.checksum)) != info.checksum:
+            # A cache entry changed on disk (a bad sector, a tool that touched it): drop it and fetch the
+            # shard again, so a damaged copy is never mistaken for damage in the dataset. XXH3 costs
+            # about 0.03 ms per MB, nothing next to decoding the shard.
+            try:
+                os.remove(path)
+            except OSError:
+                pass
             return None
         os.utime(path)  # LRU: touch on use
         self.stats.add(cache_hits=1)

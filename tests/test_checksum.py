@@ -81,3 +81,21 @@ def test_stream_reader_and_verify_catch_a_changed_shard(dataset, tmp_path, capsy
     capsys.readouterr()
     assert main(["verify", bad]) == 1
     assert f"shard {shard}: checksum does not match" in capsys.readouterr().err
+
+
+def test_a_cache_entry_that_changed_on_disk_is_dropped_and_fetched_again(dataset, tmp_path):
+    """The stream reader's local cache holds whole shards named by checksum. An entry whose bytes
+    changed (same size) must not be read as if the dataset were damaged: it is dropped and the shard is
+    fetched again from the (intact) dataset."""
+    cache = tmp_path / "cache"
+    settings = dict(reader="stream", cache_dir=str(cache), cache_max_bytes=10**9, on_error="raise")
+    reference = keys_of(list(build_loader(cfg(dataset, **settings), **GEOM)))
+    entries = sorted(cache.glob("*.tar"))
+    assert entries
+    _flip_byte(str(entries[0]))
+    again = build_loader(cfg(dataset, **settings), **GEOM)
+    assert keys_of(list(again)) == reference                      # nothing skipped, nothing raised
+    assert again.stats["skipped_shards"] == [] and again.stats["cache_hits"] == len(entries) - 1
+    name = entries[0].name
+    fixed = (cache / name).read_bytes()
+    assert checksum_of(fixed) == name[:-len(".tar")].replace("-", ":", 1)   # the entry was written again, whole
