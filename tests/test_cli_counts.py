@@ -26,6 +26,8 @@ ENCODER = ["--encoder", "enc.safetensors"]
     (eval_cli.main, ["linear", *ENCODER, "--train-url", "a", "--eval-url", "b", "--lr", "nan"],
      "argument --lr: must be a positive number, got nan"),
     (bench_shard.main, ["--tmp", "/no/such/folder"], "--tmp '/no/such/folder' is not an existing folder"),
+    (bench_pipeline.main, ["--device", "nope"], "argument --device: must be cpu, cuda or cuda:N, got 'nope'"),
+    (bench_pipeline.main, ["--grid", "4", "--num-visible", "99"], "--num-visible: must be below the 16 patches"),
 ])
 def test_bad_counts_are_usage_errors(main, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -62,3 +64,13 @@ def test_quickstart_never_deletes_a_folder_that_is_not_an_earlier_run(tmp_path, 
                             f"run_dir={tmp_path / 'b'}"]) == 2
     assert "--run-dir" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()        # refused before any data was written
+
+
+def test_bench_model_refuses_a_bad_device_or_too_many_visible_patches(capsys):
+    from lmim.tools.bench import model as bench_model
+
+    with pytest.raises(SystemExit) as exc:
+        bench_model.main(["--device", "nope"])
+    assert exc.value.code == 2 and "must be cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert bench_model.main(["--config", "tiny", "--num-visible", "99", "--steps", "1"]) == 2
+    assert "must be below the 16 patches" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name"]
 
 
 def _number(text: str, kind: type) -> int | float:
@@ -41,3 +41,12 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N (what torch.device takes for the devices lmim runs on)."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text

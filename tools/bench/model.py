@@ -31,7 +31,7 @@ import torch
 
 from lmim.model.config import ModelConfig
 from lmim.pipeline.batch import Batch
-from lmim.tools.argtypes import positive_int
+from lmim.tools.argtypes import device_name as device_argument, positive_int
 from lmim.train.allocator import keep_freed_memory
 from lmim.train.config import load_config
 from lmim.train.hardware import describe_machine, resolve_precision
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="lmim bench model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=sorted(CONFIGS), default=None,
                     help="model size (default: small on cpu, vit_b16 on cuda)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--device", type=device_argument, default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 on cpu, 256 on cuda")
     ap.add_argument("--num-visible", type=positive_int, default=None, help="visible patches (default: the paper's 20/196 ratio)")
     ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per round (default 3 cpu / 20 cuda)")
@@ -244,6 +244,10 @@ def main(argv: list[str]) -> int:
     name = args.config or ("vit_b16" if on_gpu else "small")
     cfg = ModelConfig(**CONFIGS[name], objective=args.objective)
     k = args.num_visible or default_num_visible(cfg)
+    if k >= cfg.grid_size ** 2:
+        print(f"lmim bench model: argument --num-visible: must be below the {cfg.grid_size ** 2} patches of the "
+              f"{name} config, got {k}", file=sys.stderr)
+        return 2
     bs = args.batch_size or (256 if on_gpu else 32)
     steps = args.steps or (20 if on_gpu else 3)
     rounds = args.rounds or (3 if on_gpu else 5)

@@ -34,7 +34,7 @@ from lmim.pipeline import build_loader
 from lmim.pipeline.config import DataConfig
 from lmim.pipeline.format.manifest import read_manifest
 from lmim.pipeline.storage import Store, is_remote
-from lmim.tools.argtypes import non_negative_int, positive_int
+from lmim.tools.argtypes import device_name, non_negative_int, positive_int
 from lmim.train.hardware import describe_machine
 
 
@@ -54,10 +54,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gap", type=non_negative_int, default=4)
     p.add_argument("--mask", default="random")
     p.add_argument("--num-visible", type=positive_int, default=20)
-    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] to measure the GPU decode path")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, or cuda[:N] to measure the GPU decode path")
     p.add_argument("--s3-loopback", action="store_true", help="also stream from a loopback S3 server (moto)")
     p.add_argument("--workdir", help="where to build the synthetic dataset (default: a temp dir, removed)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_visible >= args.grid * args.grid:
+        p.error(f"argument --num-visible: must be below the {args.grid * args.grid} patches of --grid {args.grid}, "
+                f"got {args.num_visible}")
+    return args
 
 
 def _synthetic(root: str, n: int, size: tuple[int, int], per_shard: int) -> str:

@@ -150,7 +150,8 @@ def _gpu(args) -> dict[str, Any]:
     from lmim.train.config import load_config
 
     if not torch.cuda.is_available():
-        raise SystemExit("lmim bench train: --device cuda needs a CUDA device; none is visible.")
+        print("lmim bench train: --device cuda needs a CUDA device; none is visible.", file=sys.stderr)
+        raise SystemExit(2)
     overrides = [f"data.batch_size={args.batch_size}", "precision=bf16", "device=cuda", "data.loader=synthetic",
                  "synthetic_batches=100000"]
     cfg = load_config("vit_b16_in1k", overrides)
