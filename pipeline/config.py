@@ -10,6 +10,7 @@ for callers that build a loader from Python.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -102,6 +103,8 @@ def check_data_config(cfg: Any, extra_loaders: tuple[str, ...] = ()) -> None:
             fail(key, "at least 1")
     if cfg.cache_max_bytes < 0:
         fail("cache_max_bytes", "0 (keep nothing beyond the prefetch window) or a positive number of bytes")
+    if cfg.cache_dir:
+        _check_cache_dir(str(cfg.cache_dir))
     if not math.isfinite(cfg.retry_budget_s) or cfg.retry_budget_s < 0:
         fail("retry_budget_s", "a finite number of seconds >= 0")
     if cfg.max_retries is not None and cfg.max_retries < 0:
@@ -182,3 +185,17 @@ def check_reader(reader: str, url: str) -> None:
     if reader == "dali" and is_remote(url):
         raise DataConfigError(f"Config key 'data.reader' is 'dali', which reads local shards only, but {url} is "
                               "remote; use data.reader=stream (or auto).")
+
+
+def _check_cache_dir(path: str) -> None:
+    """data.cache_dir is created when the first shard is cached, deep in a run: check now that it can be
+    (a folder, or a path whose nearest existing parent is a writable folder)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == os.path.abspath(path) else f"lies under the file {probe}"
+        raise DataConfigError(f"Config key 'data.cache_dir' {path!r} {what}: point it at a folder.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataConfigError(f"Config key 'data.cache_dir' {path!r} cannot be written (no write permission on "
+                              f"{probe}): point it at a folder you can write.")

@@ -159,3 +159,16 @@ def test_options_and_overrides_mix_in_any_order_on_the_command_line():
 
     args = parse_args(["epochs=3", "--config", "quickstart", "log_every=5", "--resume", "auto"])
     assert args.config == "quickstart" and args.resume == "auto" and args.overrides == ["epochs=3", "log_every=5"]
+
+
+def test_a_cache_dir_that_cannot_be_a_folder_is_refused_at_start(tmp_path):
+    """The cache folder is created only when the first shard is cached, deep in a run: a path that
+    is a file, or lies under one, is a config error before anything starts."""
+    from lmim.pipeline.config import DataConfigError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path, needle in ((afile, "is a file"), (afile / "sub", "lies under the file")):
+        with pytest.raises((ConfigError, DataConfigError), match=needle):
+            load_config("quickstart", ["data.reader=stream", f"data.cache_dir={path}"])
+    load_config("quickstart", ["data.reader=stream", f"data.cache_dir={tmp_path / 'new' / 'cache'}"])  # fine

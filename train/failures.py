@@ -115,7 +115,8 @@ def classify(err: BaseException) -> Failure:
             return Failure(EXIT_STORAGE, "storage",
                            f"the data store cannot be reached ({_one_line(err)}): check the endpoint and the network, "
                            "then rerun with resume=auto.")
-        return Failure(EXIT_DISK, "disk", f"I/O error on {where} ({type(err).__name__}: {_one_line(err)}).")
+        return Failure(EXIT_DISK, "disk", f"I/O error on {where} ({type(err).__name__}: {_one_line(err)}): check that "
+                       "the path is where it should be and can be written (a folder, not a file), or choose another.")
     return Failure(EXIT_UNEXPECTED, "bug", f"unexpected {type(err).__name__}: {_one_line(err)} (a bug; please report "
                    "it with the traceback printed above, also kept in run_dir/logs/error.log once the run folder "
                    "exists)", expected=False)
