@@ -206,3 +206,16 @@ def test_a_split_without_labels_is_refused_before_any_feature_is_extracted(check
         assert cli.main(argv) == 2
         captured = capsys.readouterr()
         assert "has no class labels" in captured.err and "features of" not in captured.out + captured.err
+
+
+def test_splits_with_different_classes_are_refused(digits, checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    other = tmp_path / "other"
+    for c in ("cat", "dog"):
+        (other / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(other / c / f"{i}.png")
+    url = shard_tree(other, tmp_path / "other-shards")
+    assert cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", url, "--train-url", digits["train"]]) == 2
+    assert "have different classes" in capsys.readouterr().err

@@ -271,7 +271,8 @@ def test_eval_splits_are_checked_before_training_not_at_the_first_evaluation(sma
     build_dataset(str(flat), str(unlabelled), progress=False)
     cases = [([f"data.eval_url={tmp_path / 'nosuch'}"], 4, "data.eval_url: no manifest.json"),
              ([f"data.eval_url={unlabelled}"], 2, "has no class labels"),
-             ([f"data.eval_url={small_dataset}", f"eval.knn_train_url={unlabelled}"], 2, "eval.knn_train_url")]
+             ([f"data.eval_url={small_dataset}", f"eval.knn_train_url={unlabelled}"], 2, "eval.knn_train_url"),
+             ([f"eval.knn_train_url={small_dataset}"], 2, "eval.knn_train_url is set but data.eval_url is not")]
     for extra, code, needle in cases:
         run_dir = tmp_path / f"run{code}{len(extra)}"
         proc = _pretrain(f"data.url={small_dataset}", *extra, f"run_dir={run_dir}", "max_steps=2")

@@ -324,8 +324,12 @@ def _check_eval_splits(cfg: DictConfig) -> None:
     from lmim.pipeline.format.manifest import read_manifest
     from lmim.pipeline.storage import RetryPolicy
 
+    if cfg.eval.knn_train_url and not cfg.data.eval_url:
+        raise ConfigError("eval.knn_train_url is set but data.eval_url is not: k-NN scores data.eval_url against "
+                          "it, so set data.eval_url too (or eval.knn_train_url=null).")
     retry = RetryPolicy(budget_s=float(cfg.data.retry_budget_s))
     options = OmegaConf.to_container(cfg.data.storage_options, resolve=True) or {}
+    classes: dict[str, list[str]] = {}
     for key, url, least in (("data.eval_url", cfg.data.eval_url, 2), ("eval.knn_train_url", cfg.eval.knn_train_url, 1)):
         if not url:
             continue
@@ -341,6 +345,11 @@ def _check_eval_splits(cfg: DictConfig) -> None:
         if manifest.total_samples < least:
             raise ConfigError(f"{key} {str(url)!r} holds {manifest.total_samples} image(s); k-NN needs at least "
                               f"{least}.")
+        classes[key] = list(manifest.classes)
+    if len(classes) == 2 and classes["data.eval_url"] != classes["eval.knn_train_url"]:
+        raise ConfigError("data.eval_url and eval.knn_train_url have different classes "
+                          f"({classes['data.eval_url'][:3]}... against {classes['eval.knn_train_url'][:3]}...): k-NN "
+                          "labels would not mean the same thing; use two splits of one labelled dataset.")
 
 
 def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
