@@ -24,6 +24,8 @@ def test_bench_train_cpu_json(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_bench_train_cuda_without_gpu_says_so():
-    with pytest.raises(SystemExit, match="needs a CUDA device"):
+def test_bench_train_cuda_without_gpu_says_so(capsys):
+    with pytest.raises(SystemExit) as exc:
         main(["bench", "train", "--device", "cuda"])
+    assert exc.value.code == 2                       # a usage error, like the other benchmarks'
+    assert "--device cuda needs a CUDA device" in capsys.readouterr().err
