@@ -190,12 +190,14 @@ def check_reader(reader: str, url: str) -> None:
 def _check_cache_dir(path: str) -> None:
     """data.cache_dir is created when the first shard is cached, deep in a run: check now that it can be
     (a folder, or a path whose nearest existing parent is a writable folder)."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
+    from lmim.pipeline.storage import folder_obstacle
+
+    obstacle = folder_obstacle(path)
+    if obstacle is None:
+        return
+    kind, probe = obstacle
+    if kind == "file":
         what = "is a file" if probe == os.path.abspath(path) else f"lies under the file {probe}"
         raise DataConfigError(f"Config key 'data.cache_dir' {path!r} {what}: point it at a folder.")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DataConfigError(f"Config key 'data.cache_dir' {path!r} cannot be written (no write permission on "
-                              f"{probe}): point it at a folder you can write.")
+    raise DataConfigError(f"Config key 'data.cache_dir' {path!r} cannot be written (no write permission on "
+                          f"{probe}): point it at a folder you can write.")

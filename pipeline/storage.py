@@ -30,7 +30,7 @@ from lmim.pipeline.errors import DataError, StoreUnreachable
 if TYPE_CHECKING:  # pragma: no cover
     from fsspec import AbstractFileSystem
 
-__all__ = ["S3_CONFIG", "RetryPolicy", "Store", "backoff_delay", "file_mode_for_new_files", "filesystem", "has_scheme", "is_remote", "join",
+__all__ = ["S3_CONFIG", "RetryPolicy", "Store", "backoff_delay", "file_mode_for_new_files", "filesystem", "folder_obstacle", "has_scheme", "is_remote", "join",
            "local_path", "move_into_place", "storage_options_for", "write_atomic"]
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,23 @@ def file_mode_for_new_files() -> int:
     except (OSError, ValueError):
         pass
     return 0o644
+
+
+def folder_obstacle(path: str) -> tuple[str, str] | None:
+    """Why the local folder `path` could not be created or written later, judged by its nearest
+    existing ancestor: ("file", that ancestor) when it is a file, ("permission", it) when it cannot
+    be written; None when the folder exists or can be made."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return "file", probe
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return "permission", probe
+    return None
 
 
 def _remove_quietly(path: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from lmim.pipeline.format.manifest import MANIFEST_NAME
-from lmim.pipeline.storage import Store, has_scheme
+from lmim.pipeline.storage import Store, folder_obstacle, has_scheme
 from lmim.tools.shard.errors import BuildError
 
 __all__ = ["scrub_url", "open_destination", "check_destination"]
@@ -67,13 +67,10 @@ def _check_not_foreign(path: str) -> None:
 
 def _check_local_writable(path: str) -> None:
     # the nearest existing ancestor decides: DST itself is created only once the plan is written
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
+    obstacle = folder_obstacle(path)
+    if obstacle is None:
+        return
+    kind, probe = obstacle
+    if kind == "file":
         raise BuildError(f"DST {path} cannot be created: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BuildError(f"DST {path} is not writable (no write permission on {probe}); choose another DST")
+    raise BuildError(f"DST {path} is not writable (no write permission on {probe}); choose another DST")
