@@ -14,9 +14,11 @@ Nothing outside this module tests a URL for "://" or builds a file system.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import threading
@@ -30,7 +32,7 @@ from lmim.pipeline.errors import DataError, StoreUnreachable
 if TYPE_CHECKING:  # pragma: no cover
     from fsspec import AbstractFileSystem
 
-__all__ = ["S3_CONFIG", "RetryPolicy", "Store", "backoff_delay", "file_mode_for_new_files", "filesystem", "folder_obstacle", "has_scheme", "is_remote", "join",
+__all__ = ["S3_CONFIG", "RetryPolicy", "Store", "as_os_error", "backoff_delay", "file_mode_for_new_files", "filesystem", "folder_obstacle", "has_scheme", "is_remote", "join",
            "local_path", "move_into_place", "storage_options_for", "write_atomic"]
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,36 @@ def folder_obstacle(path: str) -> tuple[str, str] | None:
     if not os.access(probe, os.W_OK | os.X_OK):
         return "permission", probe
     return None
+
+
+# Free bytes below which a failed write is put down to a full disk (the writer's own error may not say so).
+_NEARLY_FULL_BYTES = 64 * 2**20
+_DISK_FULL_WORDS = ("no space left", "disk quota", "file too large")
+
+
+def as_os_error(err: BaseException, path: str | os.PathLike) -> BaseException:
+    """A failed write reported by a library in its own error type, as the OSError it was, naming `path`.
+
+    safetensors raises `SafetensorError("... Permission denied (os error 13) ...")` and torch.save a
+    `RuntimeError("[enforce fail at inline_container.cc] ... unexpected pos ...")` when the disk fills
+    mid-write. Neither is an OSError, so without this the user reads "a bug" and a traceback where
+    the remedy is a writable path or free space. Returns `err` itself when it is already an OSError
+    or nothing says it was the file system."""
+    if isinstance(err, OSError):
+        return err
+    text = str(err)
+    code = re.search(r"os error (\d+)", text)
+    if code:
+        n = int(code.group(1))
+        return OSError(n, os.strerror(n), str(path))
+    nearly_full = False
+    try:
+        nearly_full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < _NEARLY_FULL_BYTES
+    except OSError:
+        pass
+    if nearly_full or any(w in text.lower() for w in _DISK_FULL_WORDS):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return err
 
 
 def _remove_quietly(path: str) -> None:

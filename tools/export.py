@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from lmim.model.config import ModelConfig
 from lmim.model.encoder import encoder_kwargs
-from lmim.pipeline.storage import file_mode_for_new_files
+from lmim.pipeline.storage import as_os_error, file_mode_for_new_files
 
 META_ARCH = "lmim.arch"
 META_KWARGS = "lmim.timm_kwargs"
@@ -156,9 +156,7 @@ def _write_weights(net, which: str, out: Path) -> dict:
     try:
         save_file(encoder_state_dict(net, which), str(out), metadata=meta)
     except Exception as exc:  # safetensors reports a failed write as its own error type
-        if isinstance(exc, OSError):
-            raise
-        raise OSError(errno.EIO, f"{' '.join(str(exc).split())}", str(out)) from None
+        raise as_os_error(exc, out) from None
     _canonical_header(out)
     return kwargs
 

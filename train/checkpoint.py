@@ -32,7 +32,6 @@ since process 0 writes the model/optimizer and every process writes its own RNG 
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -45,7 +44,7 @@ from typing import Any
 import torch.distributed as dist
 
 from lmim.pipeline.format.checksum import algorithm_of, checksum_of_file
-from lmim.pipeline.storage import file_mode_for_new_files
+from lmim.pipeline.storage import as_os_error, file_mode_for_new_files
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -248,31 +247,6 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-# Free bytes below which a failed write is put down to a full disk (the writer's own error may not say so).
-_NEARLY_FULL_BYTES = 64 * 2**20
-_DISK_FULL_WORDS = ("no space left", "os error 28", "disk quota", "errno 28", "file too large")
-
-
-def _as_disk_error(err: Exception, path: Path) -> Exception:
-    """`err` as an OSError(ENOSPC) naming `path` when it was a full disk, else `err` itself.
-
-    safetensors raises `SafetensorError("... No space left on device (os error 28)")` and torch.save
-    a `RuntimeError("[enforce fail at inline_container.cc] ... unexpected pos ...")` when the disk
-    fills mid-write, neither an OSError, so without this the user would read "a bug" and a traceback
-    where the remedy is to free some space."""
-    if isinstance(err, OSError):
-        return err
-    words = str(err).lower()
-    nearly_full = False
-    try:
-        nearly_full = shutil.disk_usage(path.parent).free < _NEARLY_FULL_BYTES
-    except OSError:
-        pass
-    if nearly_full or any(w in words for w in _DISK_FULL_WORDS):
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    return err
-
-
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: str, keep: int,
                     states: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint atomically and rotate old ones. Call on every process.
@@ -313,7 +287,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
         # The half-written folder goes (it holds no marker, so it was never a checkpoint, and on a
         # full disk its bytes are what the next attempt needs).
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _as_disk_error(err, tmp) from err
+        raise as_os_error(err, tmp) from err
     # Every process's files (its RNG state) must be on disk before the marker declares the folder whole.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
