@@ -97,27 +97,19 @@ def _features(encoder, url: str, data_cfg, args, device, *, token_sim: bool = Fa
     return out
 
 
-def _labelled_or_fail(url: str | None, data_cfg) -> list[str] | None:
-    """Refuse a split without class labels before any feature is extracted (the manifest says so);
-    returns its class names (None when its manifest could not be read here)."""
-    if not url:
-        return None
-    from lmim.pipeline.errors import DataError
-    from lmim.pipeline.format.manifest import read_manifest
+def _check_splits(eval_url: str, train_url: str | None, data_cfg) -> None:
+    """Refuse, before any feature is extracted, a split without class labels or a memory bank
+    (`train_url`) whose classes are not the eval split's (their manifests say so)."""
+    from lmim.train.evaluate.splits import SplitError, check_same_classes, knn_split_classes
 
+    options = dict(getattr(data_cfg, "storage_options", None) or {})
     try:
-        manifest = read_manifest(url, dict(getattr(data_cfg, "storage_options", None) or {}))
-    except DataError:
-        return None  # the loader says what is wrong with it, in its own words
-    if not manifest.classes:
-        raise EvalError(f"{url} has no class labels (build it from a folder tree with class sub-folders).")
-    return list(manifest.classes)
-
-
-def _same_classes(train_url: str, train: list[str] | None, eval_url: str, ev: list[str] | None) -> None:
-    if train is not None and ev is not None and train != ev:
-        raise EvalError(f"{train_url} and {eval_url} have different classes ({train[:3]}... against {ev[:3]}...): "
-                        "their labels would not mean the same thing; use two splits of one labelled dataset.")
+        ev = knn_split_classes(eval_url, eval_url, storage_options=options)
+        if train_url:
+            check_same_classes(train_url, knn_split_classes(train_url, train_url, storage_options=options),
+                               eval_url, ev)
+    except SplitError as err:
+        raise EvalError(f"{err}.") from None
 
 
 def _need_labels(out: dict, url: str) -> None:
@@ -133,9 +125,7 @@ def cmd_knn(args, encoder, data_cfg, device) -> dict:
     protocols = ("loo1", "knn20") if protocol == "both" else (protocol,)
     if "knn20" in protocols and not args.train_url:
         raise EvalError("--protocol knn20/both needs --train-url (the labelled memory bank).")
-    ev_classes = _labelled_or_fail(args.eval_url, data_cfg)
-    if "knn20" in protocols:
-        _same_classes(args.train_url, _labelled_or_fail(args.train_url, data_cfg), args.eval_url, ev_classes)
+    _check_splits(args.eval_url, args.train_url if "knn20" in protocols else None, data_cfg)
     ev = _features(encoder, args.eval_url, data_cfg, args, device)
     _need_labels(ev, args.eval_url)
     result: dict = {"n_eval": int(ev["labels"].numel())}
@@ -154,8 +144,7 @@ def cmd_knn(args, encoder, data_cfg, device) -> dict:
 
 
 def cmd_linear(args, encoder, data_cfg, device) -> dict:
-    _same_classes(args.train_url, _labelled_or_fail(args.train_url, data_cfg),
-                  args.eval_url, _labelled_or_fail(args.eval_url, data_cfg))
+    _check_splits(args.eval_url, args.train_url, data_cfg)
     tr = _features(encoder, args.train_url, data_cfg, args, device)
     ev = _features(encoder, args.eval_url, data_cfg, args, device)
     _need_labels(tr, args.train_url)

@@ -321,8 +321,8 @@ def _seeded_model(cfg: DictConfig) -> LatentMIM:
 def _check_eval_splits(cfg: DictConfig) -> None:
     """data.eval_url (and eval.knn_train_url) are read only at the first k-NN evaluation, possibly
     after hours of training: check now that each exists, has class labels and enough images."""
-    from lmim.pipeline.format.manifest import read_manifest
     from lmim.pipeline.storage import RetryPolicy
+    from lmim.train.evaluate.splits import SplitError, check_same_classes, knn_split_classes
 
     if cfg.eval.knn_train_url and not cfg.data.eval_url:
         raise ConfigError("eval.knn_train_url is set but data.eval_url is not: k-NN scores data.eval_url against "
@@ -334,22 +334,20 @@ def _check_eval_splits(cfg: DictConfig) -> None:
         if not url:
             continue
         try:
-            manifest = read_manifest(str(url), options, retry=retry)
+            classes[key] = knn_split_classes(str(url), f"{key} {str(url)!r}", storage_options=options, retry=retry,
+                                             least=least)
         except StoreUnreachable:
             raise
         except DataError as err:  # the sentence says which of the run's data sets it is
             raise DataError(f"{key}: {err}") from None
-        if not manifest.classes:
-            raise ConfigError(f"{key} {str(url)!r} has no class labels, which k-NN monitoring needs: build it from "
-                              f"class folders, or set {key}=null.")
-        if manifest.total_samples < least:
-            raise ConfigError(f"{key} {str(url)!r} holds {manifest.total_samples} image(s); k-NN needs at least "
-                              f"{least}.")
-        classes[key] = list(manifest.classes)
-    if len(classes) == 2 and classes["data.eval_url"] != classes["eval.knn_train_url"]:
-        raise ConfigError("data.eval_url and eval.knn_train_url have different classes "
-                          f"({classes['data.eval_url'][:3]}... against {classes['eval.knn_train_url'][:3]}...): k-NN "
-                          "labels would not mean the same thing; use two splits of one labelled dataset.")
+        except SplitError as err:
+            raise ConfigError(f"{err}; or set {key}=null.") from None
+    if len(classes) == 2:
+        try:
+            check_same_classes("eval.knn_train_url", classes["eval.knn_train_url"], "data.eval_url",
+                               classes["data.eval_url"])
+        except SplitError as err:
+            raise ConfigError(f"{err}.") from None
 
 
 def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
