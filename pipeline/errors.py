@@ -63,3 +63,21 @@ class BatchFailed(DataError):
     def __init__(self, batch: int, cause: BaseException):
         super().__init__(f"batch {batch}: {type(cause).__name__}: {cause}")
         self.batch, self.cause = batch, cause
+
+
+# Exception classes of the object-store client stack that mean "the store did not answer" (matched by
+# module and name, so that classifying needs none of these packages imported).
+_NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
+_NETWORK_WORDS = ("Connect", "Timeout", "Endpoint")
+
+
+def store_client_network_error(err: BaseException) -> BaseException | None:
+    """`err`, or an exception it was raised from, that is the store client failing to reach the store."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for cls in type(err).__mro__:
+            if cls.__module__.split(".")[0] in _NETWORK_MODULES and any(w in cls.__name__ for w in _NETWORK_WORDS):
+                return err
+        err = err.__cause__ or err.__context__
+    return None

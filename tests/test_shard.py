@@ -403,3 +403,29 @@ def test_a_source_without_one_readable_image_writes_no_dataset(tmp_path):
         build_dataset(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)
     assert not (tmp_path / "dst" / "manifest.json").exists()
     assert len((tmp_path / "dst" / "rejects.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_disk_that_fills_during_a_build_is_exit_6_and_a_rerun_finishes_it(tmp_path):
+    """A real write failure, no mock: the build process may write no file larger than 40 kB
+    (RLIMIT_FSIZE, SIGXFSZ ignored), so the first shard fails mid-write. The user reads one sentence
+    naming the folder that could not be written and saying to run the same command again (no
+    training-run advice), nothing half-written is left as a shard, and the rerun completes."""
+    write_photo_jpegs(tmp_path / "src", 16, size=(160, 120), num_classes=2, seed=3)
+    dst = tmp_path / "dst"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))\n"
+            "from lmim.tools.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    args = ["shard", str(tmp_path / "src"), str(dst), "--quiet", "--workers", "1"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 6, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert f"cannot write {dst}" in lines[0] and "run the same command again" in lines[0]
+    assert "resume=auto" not in lines[0] and "checkpoint" not in lines[0]
+    assert not list(dst.glob("*.tar")) and not (dst / MANIFEST_NAME).exists()
+    again = subprocess.run([sys.executable, "-m", "lmim.tools.cli", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert verify_dataset(str(dst)) == []

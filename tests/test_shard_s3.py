@@ -124,8 +124,8 @@ def test_s3_parts_resume_and_merge(corpus, s3_server, s3_bucket, tmp_path):
     assert verify_dataset(url) == []
 
 
-@pytest.mark.parametrize("command", ["verify", "merge"])
-def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, tmp_path):
+@pytest.mark.parametrize("command", ["verify", "merge", "shard", "shard-from"])
+def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, corpus, tmp_path):
     """Nothing listens at the endpoint (a real refused connection on loopback): botocore's own
     EndpointConnectionError must reach the user as the storage failure it is, not a traceback."""
     import socket
@@ -136,10 +136,13 @@ def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, tmp_pa
     from tests.s3server import aws_env
 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **aws_env(f"http://127.0.0.1:{port}")}
-    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", command, "s3://some-bucket/ds"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    args = {"shard": ["shard", str(corpus), "s3://some-bucket/ds"],              # DST on the store
+            "shard-from": ["shard", "s3://some-bucket/raw", str(tmp_path / "ds")]}.get(command, [command, "s3://some-bucket/ds"])
+    quiet = ["--quiet"] if args[0] == "shard" else []
+    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", *args, *quiet], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 5, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"lmim {command}: the data store cannot be reached")
+    assert len(lines) == 1 and f"lmim {args[0]}: " in lines[0] and "reach" in lines[0]
     assert f"127.0.0.1:{port}" in lines[0] and "AWS_ENDPOINT_URL" in lines[0]
+    assert not (tmp_path / "ds").exists()   # nothing written locally either

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         # sentence with the documented exit code; anything else is a bug and keeps its traceback.
         import os
 
-        from lmim.train.failures import classify
+        from lmim.train.failures import ONE_COMMAND, classify
 
-        failure = classify(err)
+        failure = classify(err, ONE_COMMAND)
         if not failure.expected or os.environ.get("LMIM_DEBUG"):
             raise
         print(f"lmim {name}: {failure.sentence}", file=sys.stderr)

@@ -10,7 +10,7 @@ import errno
 from dataclasses import dataclass
 
 from lmim.pipeline.config import DataConfigError
-from lmim.pipeline.errors import DataError, StoreUnreachable
+from lmim.pipeline.errors import DataError, StoreUnreachable, store_client_network_error
 from lmim.pipeline.storage import is_remote
 from lmim.train.checkpoint import CheckpointError
 from lmim.train.config import ConfigError
@@ -56,33 +56,25 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-# Exception classes of the object-store client stack that mean "the store did not answer" (matched by
-# module and name, so that classifying needs none of these packages imported).
-_NETWORK_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
-_NETWORK_WORDS = ("Connect", "Timeout", "Endpoint")
+@dataclass(frozen=True)
+class Rerun:
+    """How the user picks up after a stop that loses nothing, and what a write without a file name was writing:
+    a training run resumes from its checkpoints, the other commands are simply run again."""
+    how: str
+    output: str
 
 
-def _network_error(err: BaseException) -> BaseException | None:
-    """`err`, or an exception it was raised from, that is the store client failing to reach the store."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        for cls in type(err).__mro__:
-            if cls.__module__.split(".")[0] in _NETWORK_MODULES and any(w in cls.__name__ for w in _NETWORK_WORDS):
-                return err
-        err = err.__cause__ or err.__context__
-    return None
+TRAINING_RUN = Rerun("rerun with resume=auto (the last complete checkpoint is kept)", "the run folder")
+ONE_COMMAND = Rerun("run the same command again", "the output")
 
 
-def classify(err: BaseException) -> Failure:
-    """What the user reads for `err`: one sentence naming the thing and what to do."""
+def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
+    """What the user reads for `err`: one sentence naming the thing and what to do (`rerun` says how to go on)."""
     if isinstance(err, Terminated):
         return Failure(EXIT_TERMINATED, "interrupted",
-                       "stopped by SIGTERM (kill, scancel or preemption); continue with resume=auto "
-                       "(the last complete checkpoint is kept).")
+                       f"stopped by SIGTERM (kill, scancel or preemption); {rerun.how}.")
     if isinstance(err, KeyboardInterrupt):
-        return Failure(EXIT_INTERRUPTED, "interrupted",
-                       "interrupted; continue with resume=auto (the last complete checkpoint is kept).")
+        return Failure(EXIT_INTERRUPTED, "interrupted", f"interrupted; {rerun.how}.")
     if isinstance(err, TrainingError):
         return Failure(EXIT_DIVERGED, "diverged", _one_line(err))
     if isinstance(err, (ConfigError, DataConfigError)):  # DataConfigError: a data.* value that needs the data to check
@@ -94,16 +86,15 @@ def classify(err: BaseException) -> Failure:
         return Failure(EXIT_STORAGE, "storage", f"the data store cannot be reached: {_one_line(err)}")
     if isinstance(err, DataError):
         return Failure(EXIT_DATA, "data", f"the data cannot be read: {_one_line(err)}")
-    if not isinstance(err, OSError) and (net := _network_error(err)) is not None:
+    if not isinstance(err, OSError) and (net := store_client_network_error(err)) is not None:
         return Failure(EXIT_STORAGE, "storage",
                        f"the data store cannot be reached ({_one_line(net)}): check the endpoint (AWS_ENDPOINT_URL "
                        "or --storage-option / data.storage_options) and the network, then run again.")
     if isinstance(err, OSError):
-        where = str(err.filename) if err.filename else "the run folder"
+        where = str(err.filename) if err.filename else rerun.output
         if err.errno in _DISK_ERRNOS:
             return Failure(EXIT_DISK, "disk",
-                           f"cannot write {where} ({err.strerror}): free some space or fix the disk, then rerun "
-                           "with resume=auto (the last complete checkpoint is intact).")
+                           f"cannot write {where} ({err.strerror}): free some space or fix the disk, then {rerun.how}.")
         if isinstance(err, PermissionError) and (not err.filename or is_remote(where)):
             return Failure(EXIT_STORAGE, "storage",
                            f"the data store refused access ({_one_line(err)}): check the credentials "
@@ -114,7 +105,7 @@ def classify(err: BaseException) -> Failure:
         if isinstance(err, (ConnectionError, TimeoutError)):
             return Failure(EXIT_STORAGE, "storage",
                            f"the data store cannot be reached ({_one_line(err)}): check the endpoint and the network, "
-                           "then rerun with resume=auto.")
+                           f"then {rerun.how}.")
         return Failure(EXIT_DISK, "disk", f"I/O error on {where} ({type(err).__name__}: {_one_line(err)}): check that "
                        "the path is where it should be and can be written (a folder, not a file), or choose another.")
     return Failure(EXIT_UNEXPECTED, "bug", f"unexpected {type(err).__name__}: {_one_line(err)} (a bug; please report "

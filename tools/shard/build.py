@@ -163,6 +163,10 @@ def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: flo
                       desc=f"part {part_i}/{part_n}" if part_n > 1 else "shard")
     try:
         results = _build_tasks(tasks, options.workers, counters)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a write into the scratch folder; say which disk filled
+            raise OSError(e.errno, e.strerror, tmp_dir) from e
+        raise
     finally:
         bar.close()
         if not dest.local:

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
         result = run_build(args.src, args.dst, options)
     except BuildError as e:
         print(f"lmim shard: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("lmim shard: interrupted; run the same command again to finish the build", file=sys.stderr)
         return 130
@@ -115,7 +115,7 @@ def merge_main(argv: list[str]) -> int:
         manifest = merge_parts(args.dst, storage_options=options)
     except BuildError as e:
         print(f"lmim merge: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(f"lmim merge: {args.dst}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
           f"{manifest.build.get('rejects', 0)} rejects", file=sys.stderr)
     return 0

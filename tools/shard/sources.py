@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from lmim.pipeline.storage import Store, filesystem, has_scheme, is_remote, local_path
+from lmim.tools.shard.errors import reach_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from fsspec import AbstractFileSystem
@@ -293,7 +294,7 @@ def open_corpus(src: str, *, labels: str = "auto", storage_options: dict[str, An
     except SourceError:
         raise
     except Exception as e:  # a remote store that does not answer (network, credentials, ...)
-        raise SourceError(f"cannot reach SRC {src} ({type(e).__name__}: {e})") from None
+        raise reach_error("SRC", src, e) from None
     if is_dir:
         corpus = _list_folder(src, labels, store)
     elif src.lower().endswith(TAR_SUFFIXES) or _looks_like_tar(store):

@@ -17,7 +17,7 @@ from typing import Any
 from lmim.pipeline.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import scrub_url
-from lmim.tools.shard.errors import BuildError
+from lmim.tools.shard.errors import BuildError, reach_error
 from lmim.tools.shard.plan import Plan
 
 __all__ = ["BUILD_DIR", "PLAN_NAME", "SIDECAR_DIR", "TMP_DIR", "ShardRecord", "shard_name", "read_json",
@@ -77,10 +77,8 @@ def claim(dest: Store, plan: Plan, plan_doc: dict[str, Any]) -> Manifest | None:
     try:
         manifest_raw = read_json(dest, MANIFEST_NAME)
         existing_plan = read_json(dest, PLAN_NAME)
-    except PermissionError:
-        raise BuildError(f"DST {scrub_url(dest.url)} is not readable with these credentials") from None
     except Exception as e:
-        raise BuildError(f"cannot reach DST {scrub_url(dest.url)} ({type(e).__name__}: {e})") from None
+        raise reach_error("DST", scrub_url(dest.url), e) from None
     if manifest_raw is not None:
         if manifest_raw.get("build", {}).get("fingerprint") == plan.fingerprint:
             return Manifest.from_json(json.dumps(manifest_raw))
