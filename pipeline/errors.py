@@ -34,7 +34,14 @@ class ShardError(DataError):
 
 
 class StoreUnreachable(ShardError):
-    """The object store did not answer within the retry budget (network, outage, throttling)."""
+    """The object store did not answer within the retry budget (network, outage, throttling).
+
+    `shard` names the object being read: a shard, or the dataset's manifest.json (not called a shard)."""
+
+    def __init__(self, shard: str, message: str):
+        super().__init__(shard, message)
+        if not shard.endswith(".tar"):
+            self.args = (f"{shard}: {message}",)
 
 
 class SampleError(DataError):
