@@ -74,6 +74,10 @@ def test_overrides_types_and_file_path(tmp_path):
         (["model.init=kaiming"], "'model.init' must be one of reference, timm"),
         (["data.crop_scale=[0.1,0.2,0.3]"], "'data.crop_scale' has an invalid value (from the override 'data.crop_scale=[0.1,0.2,0.3]'): it takes 2 items, got 3"),
         (["data.crop_scale=[0.1,x]"], "'data.crop_scale' has an invalid value"),
+        (["optim.betas=3"], "'optim.betas' must be a list, written [a, b], got 3"),
+        (["data.sources=dsA"], "'data.sources' must be a list, written [a, b], got 'dsA'"),
+        (["data.sources=[{url: a, weight: x}]"], "'data.sources[...].weight' must be a number, got 'x'"),
+        (["data.sources=[{url: a}, {wieght: 1}]"], "Unknown config key 'data.sources[...].wieght'"),
         # data.* choices and ranges fail at load time, before any data or model is touched
         (["data.reader=s3"], "'data.reader' must be one of auto, dali, stream, got 's3'"),
         (["data.on_error=ignore"], "'data.on_error' must be one of skip, raise"),

@@ -187,6 +187,9 @@ def _valid_keys(schema: DictConfig, full_key: str) -> list[str]:
     return [f"{parent}.{k}" if parent else str(k) for k in node.keys()]
 
 
+# How a list-valued key is written, for the sentence that says a value is not a list.
+_LIST_EXAMPLES = {"data.sources": ", e.g. 'data.sources=[{url: s3://b/a, weight: 3}, {url: s3://b/c, weight: 1}]'"}
+
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
@@ -202,12 +205,17 @@ def _clean(msg: str) -> str:
 def _rephrase(err: OmegaConfBaseException, schema: DictConfig, source: str, key_hint: str = "") -> ConfigError:
     """Turn an OmegaConf exception (multi-line, internal type names) into one sentence."""
     full_key = getattr(err, "full_key", None) or key_hint
+    if key_hint and full_key != key_hint and not full_key.startswith(key_hint.split(".")[0] + "."):
+        full_key = f"{key_hint}[...].{full_key}"  # OmegaConf names only the key inside a list's entry
     if isinstance(err, ConfigKeyError) and full_key:
         valid = _valid_keys(schema, full_key)
         close = difflib.get_close_matches(full_key, valid, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else "run `lmim pretrain --print-config` to list the valid keys."
         return ConfigError(f"Unknown config key {full_key!r} ({source}); {hint}")
     msg = str(getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if full_key and re.search(r"is not a (List|Tuple)Config", msg):
+        return ConfigError(f"Config key {full_key!r} must be a list, written [a, b], got {getattr(err, 'value', '?')!r} "
+                           f"({source}){_LIST_EXAMPLES.get(full_key, '')}.")
     if isinstance(err, ValidationError) and full_key:
         if "is not a valid bool" in msg:
             return ConfigError(f"Config key {full_key!r} must be true or false, got {getattr(err, 'value', '?')!r} ({source}).")
