@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -146,6 +145,13 @@ class Loader:
         return self._num_batches
 
     @property
+    def epochs_done(self) -> float:
+        """Epochs of data this process has consumed, fractions included: what a log's `epoch` is, also
+        after a resume that moved the data to the next epoch boundary (another batch size or seed)."""
+        left = self._batches_in(self.epoch) - self._next_batch
+        return self.epoch + 1 - left / max(self._num_batches, 1)
+
+    @property
     def stats(self) -> dict[str, Any]:
         """Counters: samples skipped as undecodable (and their keys), streaming I/O, and the samples
         this process took from each source (summed over processes, the run's; see load_elastic_state)."""
@@ -209,16 +215,24 @@ class Loader:
                 and state["batch_size"] == self.batch_size and state["seed"] == self.seed
                 and state["train"] == self.train)
         if not same and self._next_batch > 0:
-            warnings.warn(
-                f"data loader state was saved with world_size={state['world_size']}, rank={state['rank']}, "
-                f"batch_size={state['batch_size']}, seed={state['seed']}, {state['num_samples']} samples; now "
-                f"world_size={self.world_size}, rank={self.rank}, batch_size={self.batch_size}, seed={self.seed}, "
-                f"{sum(self.counts)} samples: the mid-epoch position does not carry over, so data resumes at the "
-                f"start of epoch {self.epoch + 1}.", stacklevel=2)
+            log.warning("the data loader resumes at the start of epoch %d, not mid-epoch, because %s changed since "
+                        "the checkpoint", self.epoch + 1, self._what_changed(state, same_data))
             self.epoch, self._next_batch = self.epoch + 1, 0
         if self.epoch < 0 or not 0 <= self._next_batch <= self._batches_in(self.epoch):
             raise ValueError(f"loader state says epoch {self.epoch}, batch {self._next_batch}, but that epoch has "
                              f"{self._batches_in(self.epoch)} batches here")
+
+    def _what_changed(self, state: dict[str, Any], same_data: bool) -> str:
+        """The settings that differ between `state` and this loader, in words ("batch_size 64 -> 32, ...")."""
+        now = {"world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size, "seed": self.seed,
+               "train": self.train}
+        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state[k] != v]
+        if (state["num_samples"], state["num_shards"]) != (sum(self.counts), len(self.counts)):
+            changed.append(f"the data ({state['num_samples']} samples in {state['num_shards']} shards -> "
+                           f"{sum(self.counts)} in {len(self.counts)})")
+        elif not same_data:
+            changed.append("the data.sources mixture (its URLs or weights)")
+        return ", ".join(changed)
 
     def _same_data(self, state: dict[str, Any]) -> bool:
         """`state` was saved reading the data this loader reads (shard counts, and the mixture if any)."""

@@ -205,16 +205,21 @@ def test_new_iterator_continues_where_the_last_stopped(dataset):
     assert got == ref and loader.epoch == 1
 
 
-def test_world_size_change_resumes_next_epoch(dataset):
+def test_world_size_change_resumes_next_epoch(dataset, caplog):
     run = build_loader(cfg(dataset), **GEOM)
     it = iter(run)
     next(it)
+    assert run.epochs_done == pytest.approx(1 / len(run))
     state = run.state_dict()
     del it
     other = build_loader(cfg(dataset), rank=0, world_size=2, **GEOM)
-    with pytest.warns(UserWarning, match="resumes at the start of epoch 1"):
+    with caplog.at_level("WARNING", logger="lmim.pipeline.loader"):
         other.load_state_dict(state)
     assert other.epoch == 1 and other.state_dict()["batch"] == 0
+    assert other.epochs_done == 1.0   # what the metrics log calls the epoch: never backwards
+    assert [r.getMessage() for r in caplog.records] == [
+        "the data loader resumes at the start of epoch 1, not mid-epoch, because world_size 1 -> 2 changed since "
+        "the checkpoint"]
 
 
 @pytest.mark.parametrize("strategy", ["random", "block", "multiblock"])

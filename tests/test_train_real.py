@@ -206,3 +206,18 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_is_exact(shards, tmp_pa
     a, b = _losses(tmp_path / "ref"), _losses(tmp_path / "cut")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+
+
+def test_resuming_with_another_batch_size_goes_on_from_the_next_epoch_and_its_logged_epoch_never_goes_back(
+        shards, tmp_path):
+    """A checkpoint mid-epoch, resumed with half the batch size: the data cannot resume mid-epoch (the
+    loader starts the next epoch, and says why), and the metrics log's `epoch` follows the data, so it
+    never goes backwards (step / steps-per-epoch would, with twice the steps per epoch)."""
+    common = [*REAL[len(TINY):], f"data.url={shards}"]   # 40 images, batch 8: 5 steps per epoch
+    first = _run(tmp_path / "r", *common, "max_steps=3", "checkpoint.every_steps=3")
+    assert first["step"] == 3
+    resumed = _run(tmp_path / "r", *common, "resume=auto", "data.batch_size=4", "max_steps=6")
+    assert resumed["step"] == 6
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    assert epochs[:3] == pytest.approx([0.2, 0.4, 0.6])
+    assert epochs[3:] == pytest.approx([1.1, 1.2, 1.3])   # epoch 1 onwards, 10 batches of 4 an epoch

@@ -106,7 +106,7 @@ class Reporter:
             )
         record = {
             "step": step,
-            "epoch": step / self.steps_per_epoch,
+            "epoch": getattr(self.loader, "epochs_done", step / self.steps_per_epoch),
             "loss": w.loss,
             **w.metrics,
             **self.schedules.at(step - 1),

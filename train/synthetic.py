@@ -82,6 +82,11 @@ class SyntheticLoader:
         self.epoch += 1
         self._index = 0
 
+    @property
+    def epochs_done(self) -> float:
+        """Epochs consumed, fractions included (what a log's `epoch` is)."""
+        return self.epoch + self._index / self.batches_per_epoch
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self._index}
 
