@@ -99,6 +99,24 @@ def test_s3_errors_are_one_sentence_and_hide_secrets(corpus, s3_server, capsys):
         build_dataset(str(corpus), "s3://no-such-bucket-xyz/ds", progress=False)
 
 
+def test_an_s3_prefix_holding_someone_elses_objects_is_refused(corpus, s3_server, s3_bucket):
+    """As for a local DST: a prefix that holds objects but no dataset or build is not written into
+    (a shard-000000.tar of someone else's would be overwritten), and nothing is added to it."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    client.put_object(Bucket=s3_bucket, Key="theirs/shard-000000.tar", Body=b"their own tar")
+    with pytest.raises(BuildError, match="already holds files that are not an lmim dataset .*'shard-000000.tar'"):
+        build_dataset(str(corpus), f"s3://{s3_bucket}/theirs", progress=False)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert keys == ["theirs/shard-000000.tar"]
+    assert client.get_object(Bucket=s3_bucket, Key="theirs/shard-000000.tar")["Body"].read() == b"their own tar"
+    # the bucket's root holds that prefix: refused as well; a new prefix beside it is fine
+    with pytest.raises(BuildError, match="not an lmim dataset"):
+        build_dataset(str(corpus), f"s3://{s3_bucket}", progress=False)
+    assert build_dataset(str(corpus), f"s3://{s3_bucket}/mine", progress=False).complete
+
+
 def test_s3_parts_resume_and_merge(corpus, s3_server, s3_bucket, tmp_path):
     """Two parts into one s3:// prefix: a part killed before a sidecar rebuilds only that shard on
     re-run, the last part writes the manifest, and the result equals one local build."""

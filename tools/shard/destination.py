@@ -9,7 +9,7 @@ from lmim.pipeline.format.manifest import MANIFEST_NAME
 from lmim.pipeline.storage import Store, folder_obstacle, has_scheme
 from lmim.tools.shard.errors import BuildError
 
-__all__ = ["scrub_url", "open_destination", "check_destination"]
+__all__ = ["scrub_url", "open_destination", "check_destination", "check_not_foreign"]
 
 
 def scrub_url(url: str) -> str:
@@ -45,23 +45,24 @@ def check_destination(dest: Store, src: str) -> None:
         if os.path.isdir(src_abs) and dst_real.startswith(src_abs.rstrip(os.sep) + os.sep):
             raise BuildError(f"DST {dest.path} is inside SRC {src}: its shards would become part of the "
                              f"corpus; put DST outside SRC")
-    _check_not_foreign(dest.path)
+    check_not_foreign(dest)
     _check_local_writable(dest.path)
 
 
-def _check_not_foreign(path: str) -> None:
-    """A local DST that already holds files but neither a dataset nor a build of one is someone
-    else's folder: writing shard-000000.tar, manifest.json and rejects.jsonl there could overwrite
-    its files of the same names."""
+def check_not_foreign(dest: Store) -> None:
+    """A DST that already holds files but neither a dataset nor a build of one is someone else's
+    folder or prefix: writing shard-000000.tar, manifest.json and rejects.jsonl there could overwrite
+    its files of the same names. (A local DST is checked first thing; a remote one once its first
+    read has shown that the store answers, `state.claim`.)"""
     from lmim.tools.shard.state import BUILD_DIR  # state imports this module
 
     try:
-        entries = sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return  # created by the build / refused as a file by _check_local_writable
+        entries = dest.list()
+    except NotADirectoryError:
+        return  # refused as a file by _check_local_writable
     if entries and MANIFEST_NAME not in entries and BUILD_DIR not in entries:
         shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise BuildError(f"DST {path} already holds files that are not an lmim dataset ({shown}); "
+        raise BuildError(f"DST {scrub_url(dest.url)} already holds files that are not an lmim dataset ({shown}); "
                          "give DST a new or empty folder")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from lmim.pipeline.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from lmim.pipeline.storage import Store
-from lmim.tools.shard.destination import scrub_url
+from lmim.tools.shard.destination import check_not_foreign, scrub_url
 from lmim.tools.shard.errors import BuildError, reach_error
 from lmim.tools.shard.plan import Plan
 
@@ -88,6 +88,13 @@ def claim(dest: Store, plan: Plan, plan_doc: dict[str, Any]) -> Manifest | None:
         raise BuildError(f"DST {scrub_url(dest.url)} holds an unfinished build of other sources or settings; "
                          f"re-run that build, or choose an empty DST")
     if existing_plan is None:
+        if not dest.local:  # a local DST was checked before the build began
+            try:
+                check_not_foreign(dest)
+            except BuildError:
+                raise
+            except Exception as e:
+                raise reach_error("DST", scrub_url(dest.url), e) from None
         _write_plan(dest, plan_doc)
     return None
 
