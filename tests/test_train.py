@@ -146,3 +146,28 @@ def test_an_epoch_without_batches_is_an_error_not_a_hang():
     batches = _epochs([], Meter(8, start_step=0, stop_step=10))
     with pytest.raises(DataError, match="no batch for a whole epoch"):
         next(batches)
+
+
+def test_resume_with_another_grad_accum_keeps_the_epochs_and_the_newest_checkpoint_is_the_last_written(tmp_path):
+    """grad_accum 1 -> 2 on resume halves the steps per epoch: the step counter moves back to the same
+    point of training (so the run still trains `epochs` epochs, not half of them), and the checkpoints
+    it then writes, with lower steps than the one it resumed from, are the newest: resume=auto and
+    checkpoint.keep follow the order they were written in, not the step in their names."""
+    from lmim.train.checkpoint import latest_checkpoint, list_checkpoints
+
+    run = tmp_path / "r"
+    ten = ["synthetic_batches=10", "checkpoint.every_steps=4", "checkpoint.keep=2"]  # 10 steps per epoch, 20 in all
+    first = _run(run, *ten, "max_steps=8")
+    assert first["step"] == 8                                       # epoch 0, batch 8 of 10
+    second = _run(run, *ten, "grad_accum=2", "max_steps=7", "resume=auto")
+    # 5 steps per epoch now: step 8 becomes 4 (the same point, rounded down to whole steps), then 3 more
+    assert second["step"] == 7 and second["steps_per_epoch"] == 5
+    assert [step for step, _ in list_checkpoints(run)] == [8, 7]     # written in that order; step_4 rotated out
+    assert latest_checkpoint(run).name == "step_00000007"
+    third = _run(run, *ten, "grad_accum=2", "resume=auto")
+    assert third["step"] == 10                                      # 2 epochs of 5 steps: the whole run, not 20
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == [*range(1, 9), *range(5, 11)]                   # 8 steps of 1 batch, then 6 of 2: 20 batches
+    epochs = [r["epoch"] for r in logged if "loss" in r]
+    assert epochs == sorted(epochs) and epochs[-1] == 2.0           # the data's epoch never goes back

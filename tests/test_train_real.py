@@ -181,7 +181,7 @@ def test_resume_mid_epoch_on_another_number_of_processes(shards, tmp_path, befor
     assert [len(k) for k in first] == [8] * before
     (run_dir / "debug").rename(tmp_path / "debug-first")
     done = _launch(after, run_dir, shards, "resume=auto")       # to the end of epoch 2 (TINY: epochs=2)
-    assert f"resumed on {after} process(es) from a checkpoint of {before}" in done.stdout
+    assert f"resumed with {before} -> {after} processes" in done.stdout
     second = _keys(run_dir, after)
     assert len({len(k) for k in second}) == 1                   # equal batches on every process
     left = (40 - 8 * before) // after                           # what each resumed process takes of epoch 1
@@ -211,13 +211,13 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_is_exact(shards, tmp_pa
 def test_resuming_with_another_batch_size_goes_on_from_the_next_epoch_and_its_logged_epoch_never_goes_back(
         shards, tmp_path):
     """A checkpoint mid-epoch, resumed with half the batch size: the data cannot resume mid-epoch (the
-    loader starts the next epoch, and says why), and the metrics log's `epoch` follows the data, so it
-    never goes backwards (step / steps-per-epoch would, with twice the steps per epoch)."""
+    loader starts the next epoch and says why; the step counter moves to that epoch, so the run still
+    trains its 2 epochs), and the metrics log's `epoch` follows the data, never going backwards."""
     common = [*REAL[len(TINY):], f"data.url={shards}"]   # 40 images, batch 8: 5 steps per epoch
     first = _run(tmp_path / "r", *common, "max_steps=3", "checkpoint.every_steps=3")
     assert first["step"] == 3
-    resumed = _run(tmp_path / "r", *common, "resume=auto", "data.batch_size=4", "max_steps=6")
-    assert resumed["step"] == 6
-    epochs = [r["epoch"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
-    assert epochs[:3] == pytest.approx([0.2, 0.4, 0.6])
-    assert epochs[3:] == pytest.approx([1.1, 1.2, 1.3])   # epoch 1 onwards, 10 batches of 4 an epoch
+    resumed = _run(tmp_path / "r", *common, "resume=auto", "data.batch_size=4")
+    assert resumed["step"] == 20 and resumed["steps_per_epoch"] == 10   # steps 11-20: epoch 1 at 10 steps an epoch
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in logged if "loss" in r]
+    assert epochs == pytest.approx([0.2, 0.4, 0.6] + [1 + i / 10 for i in range(1, 11)])

@@ -9,7 +9,8 @@ Layout of a run folder:
         trainer_state.json                the trainer's counters (TrainState)
         loader_state.json                 every rank's data loader position
         config.yaml                       the full resolved config (lmim.tools.export reads its `model:` section)
-        complete.json                     written last: step, processes, time, size + checksum of every file
+        complete.json                     written last: step, sequence (the order checkpoints were written
+                                          in), processes, time, size + checksum of every file
     run_dir/checkpoints/.tmp-step_...    a checkpoint being written (or one interrupted mid-write)
 
 Writing goes to `.tmp-step_N` and is renamed to `step_N` only when every process has finished
@@ -81,6 +82,8 @@ class TrainState:
     micro_step: int = 0                # micro-batches (forward/backward passes) done
     images_seen: int = 0               # over all processes
     world_size: int = 1
+    steps_per_epoch: int = 0           # of the run that saved it (0: unknown, a checkpoint of an older lmim)
+    effective_batch: int = 0           # images per optimizer step, all processes (0: unknown)
     history: dict[str, Any] = field(default_factory=dict)  # small things worth keeping (last k-NN, ...)
 
     def state_dict(self) -> dict[str, Any]:
@@ -151,8 +154,25 @@ def is_complete(path: str | Path) -> bool:
     return bool(_NAME.match(path.name)) and (path / COMPLETE_MARKER).is_file() and (path / "model.safetensors").is_file()
 
 
+def _sequence(path: Path) -> int | None:
+    """The order in which `path` was written among its run's checkpoints (`complete.json`'s
+    `sequence`); 0 for a checkpoint of an older lmim (no sequence), None when the marker cannot be read."""
+    try:
+        marker = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    value = marker.get("sequence", 0) if isinstance(marker, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, path), oldest first. Temp/partial folders are ignored."""
+    """Complete checkpoints as (step, path), oldest first. Temp/partial folders are ignored.
+
+    Oldest means written first, not the lowest step: a run resumed with fewer steps per epoch (more
+    processes, a larger batch or grad_accum) moves its step counter back (`pretrain._rebase_steps`),
+    so its new checkpoints can have lower steps than the ones it resumed from. A checkpoint whose
+    marker cannot be read goes just after the readable one of the nearest lower step, so that a
+    damaged newest checkpoint is still tried first (and named) by resume=auto."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
@@ -160,8 +180,17 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     for p in root.iterdir():
         m = _NAME.match(p.name)
         if m and p.is_dir() and is_complete(p):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+            found.append((int(m.group(1)), p, _sequence(p)))
+    readable = sorted((step, seq) for step, _, seq in found if seq is not None)
+
+    def order(item: tuple[int, Path, int | None]) -> tuple[float, int]:
+        step, _, seq = item
+        if seq is None:
+            below = [s for st, s in readable if st <= step]
+            seq = max(below) + 0.5 if below else -0.5
+        return seq, step
+
+    return [(step, path) for step, path, _ in sorted(found, key=order)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -297,7 +326,9 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, config_yaml: st
                 p.chmod(mode)
         files = {p.name: {"bytes": p.stat().st_size, "checksum": checksum_of_file(str(p))}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        marker = {"step": step, "num_processes": accelerator.num_processes, "time": time.time(), "files": files}
+        sequence = 1 + max((_sequence(p) or 0 for _, p in list_checkpoints(run_dir)), default=0)
+        marker = {"step": step, "sequence": sequence, "num_processes": accelerator.num_processes, "time": time.time(),
+                  "files": files}
         _write_json(tmp / COMPLETE_MARKER, marker)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run ending where it started)

@@ -396,20 +396,27 @@ def _restore(cfg: DictConfig, accelerator, loader, resume_from: Path | None) -> 
     return state, saved_states, resumed
 
 
-def _rebase_steps(state: TrainState, loader, steps_per_epoch: int, cfg: DictConfig, accelerator,
+def _rebase_steps(state: TrainState, loader, steps_per_epoch: int, eff_batch: int, cfg: DictConfig, accelerator,
                   sched: Schedules) -> None:
-    """A run resumed on another number of processes has another number of steps per epoch: move the
-    step counter to where this run's schedules expect the rest of the interrupted epoch, so that the
-    epoch ends on a multiple of steps_per_epoch and lr, EMA momentum and the cadence go on from the
-    same point of training. The peak lr follows the new effective batch (the linear scaling rule)."""
-    old_world, old_step = state.world_size, state.step
+    """A run resumed with another number of steps per epoch (another number of processes, batch size
+    or grad_accum) would otherwise count its steps against the old epochs: end early or late, with
+    the lr and EMA schedules jumped. Move the step counter to where this run's schedules expect the
+    loader's position (the rest of the interrupted epoch, or the next epoch when the data could not
+    resume mid-epoch), so lr, EMA momentum and the cadence go on from the same point of training. The
+    peak lr follows the new effective batch (the linear scaling rule)."""
+    old_step = state.step
+    changed = []
+    if state.world_size != accelerator.num_processes:
+        changed.append(f"{state.world_size} -> {accelerator.num_processes} processes")
+    if state.steps_per_epoch and state.steps_per_epoch != steps_per_epoch:
+        changed.append(f"{state.steps_per_epoch} -> {steps_per_epoch} steps per epoch")
     state.step = max(0, (loader.epoch + 1) * steps_per_epoch - loader.batches_left() // cfg.grad_accum)
-    state.world_size = accelerator.num_processes
-    accelerator.print(
-        f"resumed on {accelerator.num_processes} process(es) from a checkpoint of {old_world}: the rest of epoch "
-        f"{loader.epoch} is split over the new processes; step {old_step} becomes {state.step} of "
-        f"{sched.total_steps}; peak lr {sched.peak_lr:.3g} for the effective batch "
-        f"{effective_batch_size(cfg, accelerator.num_processes)} (set grad_accum to keep the old one)")
+    lr_note = ""
+    if state.effective_batch and state.effective_batch != eff_batch:
+        lr_note = (f"; peak lr {sched.peak_lr:.3g} for the effective batch {eff_batch} (was {state.effective_batch}; "
+                   "set grad_accum or data.batch_size to keep it)")
+    accelerator.print(f"resumed with {', '.join(changed)}: step {old_step} becomes {state.step} of "
+                      f"{sched.total_steps}, the same point of epoch {loader.epoch}{lr_note}")
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -464,8 +471,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cadence = Cadence.from_config(cfg, steps_per_epoch, sched.total_steps)
     stepper = _make_stepper(cfg, accelerator, model, sched)
     state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
-    if resumed is not None and state.world_size != accelerator.num_processes:
-        _rebase_steps(state, loader, steps_per_epoch, cfg, accelerator, sched)
+    if resumed is not None and (state.world_size != accelerator.num_processes
+                                or state.steps_per_epoch not in (0, steps_per_epoch)):
+        _rebase_steps(state, loader, steps_per_epoch, eff_batch, cfg, accelerator, sched)
+    state.world_size, state.steps_per_epoch, state.effective_batch = accelerator.num_processes, steps_per_epoch, eff_batch
     reporter = Reporter(cfg, accelerator, schedules=sched, steps_per_epoch=steps_per_epoch, loader=loader,
                         start_step=state.step, stop_step=cadence.stop_step)
     meter = Meter(eff_batch, start_step=state.step, stop_step=cadence.stop_step)

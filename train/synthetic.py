@@ -82,6 +82,10 @@ class SyntheticLoader:
         self.epoch += 1
         self._index = 0
 
+    def batches_left(self) -> int:
+        """Batches still to come in the current epoch."""
+        return self.batches_per_epoch - self._index
+
     @property
     def epochs_done(self) -> float:
         """Epochs consumed, fractions included (what a log's `epoch` is)."""
