@@ -190,8 +190,11 @@ def check_reader(reader: str, url: str) -> None:
 def _check_cache_dir(path: str) -> None:
     """data.cache_dir is created when the first shard is cached, deep in a run: check now that it can be
     (a folder, or a path whose nearest existing parent is a writable folder)."""
-    from lmim.pipeline.storage import folder_obstacle
+    from lmim.pipeline.storage import folder_obstacle, has_scheme
 
+    if has_scheme(path):
+        raise DataConfigError(f"Config key 'data.cache_dir' is a URL ({path}); the shard cache is a local folder: "
+                              "point it at a local disk.")
     obstacle = folder_obstacle(path)
     if obstacle is None:
         return

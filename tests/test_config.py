@@ -176,3 +176,15 @@ def test_a_cache_dir_that_cannot_be_a_folder_is_refused_at_start(tmp_path):
         with pytest.raises((ConfigError, DataConfigError), match=needle):
             load_config("quickstart", ["data.reader=stream", f"data.cache_dir={path}"])
     load_config("quickstart", ["data.reader=stream", f"data.cache_dir={tmp_path / 'new' / 'cache'}"])  # fine
+
+
+@pytest.mark.parametrize("override, key", [("run_dir=s3://bucket/runs/x", "'run_dir'"),
+                                           ("data.cache_dir=s3://bucket/cache", "'data.cache_dir'")])
+def test_a_url_where_a_local_folder_is_needed_is_refused_at_load_time(override, key, tmp_path, monkeypatch):
+    """Path("s3://b/r") is the local folder s3:/b/r: a run or cache "on s3://" used to land on local disk."""
+    from lmim.pipeline.config import DataConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ConfigError, DataConfigError), match=f"{key} is a URL"):
+        load_config("quickstart", [override])
+    assert list(tmp_path.iterdir()) == []

@@ -174,6 +174,20 @@ def test_an_export_never_writes_into_its_own_checkpoint(trained, capsys):
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "model.safetensors"]
 
 
+def test_an_export_to_a_url_is_refused_not_written_to_a_local_folder_named_like_it(trained, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """Path("s3://b/enc.safetensors") is the local file s3:/b/enc.safetensors: the export used to
+    land there and say "wrote s3://...". It is refused, and nothing is written."""
+    _, ckpt = trained
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in ("s3://bkt/enc.safetensors", "s3://bkt/enc", "file:///tmp/enc"):
+        assert export.main([str(ckpt), out]) == 2
+        assert "is a URL" in capsys.readouterr().err
+    assert list(here.iterdir()) == []
+
+
 def test_damaged_checkpoints_and_exports_are_one_sentence_not_a_traceback(trained, tmp_path, capsys):
     """What a user meets with a checkpoint or an export that was edited, cut or came from elsewhere:
     `lmim export` / `load_encoder` name the file and what to do (ExportError, exit 2)."""

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from lmim.model.config import ModelConfig
 from lmim.model.encoder import encoder_kwargs
-from lmim.pipeline.storage import as_os_error, file_mode_for_new_files
+from lmim.pipeline.storage import as_os_error, file_mode_for_new_files, has_scheme
 
 META_ARCH = "lmim.arch"
 META_KWARGS = "lmim.timm_kwargs"
@@ -161,8 +161,16 @@ def _write_weights(net, which: str, out: Path) -> dict:
     return kwargs
 
 
+def _refuse_url(out: str | os.PathLike) -> None:
+    """`Path("s3://b/x")` is the local folder `s3:/b/x`: an export "to s3://" would land on local disk."""
+    if has_scheme(str(out)):
+        raise ExportError(f"output {out} is a URL; lmim export writes a local file or folder: export to a local "
+                          "path, then copy it up (e.g. `aws s3 cp --recursive`, `huggingface-cli upload`).")
+
+
 def export_encoder(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, which: str = "online") -> dict:
     """Write the encoder of `checkpoint_dir` to `out` (atomically); returns the timm kwargs."""
+    _refuse_url(out)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ExportError(f"output {out} must end in .safetensors (timm picks the loader by extension), "
@@ -214,6 +222,7 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """
     from timm.models._hub import save_config_for_hf  # timm's own writer, so its loader reads the file back
 
+    _refuse_url(out_dir)
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     _refuse_inside_checkpoint(ckpt, out)
     if out.exists() and not _is_folder_export(out):

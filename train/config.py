@@ -280,6 +280,9 @@ def _parse_override(item: str, schema: DictConfig) -> DictConfig:
 
 def _check_values(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express; each fails with one sentence."""
+    if "://" in str(cfg.run_dir):  # Path("s3://b/r") is the local folder s3:/b/r: the run would land on local disk
+        raise ConfigError(f"Config key 'run_dir' is a URL ({cfg.run_dir}); the run folder must be a local path or a "
+                          "mounted shared volume (checkpoints are renamed into place atomically).")
     # YAML reads a bare `no` as false: `precision=no` on a command line arrives as "False".
     if str(cfg.precision) in ("False", "false", "fp32", "none"):
         cfg.precision = "no"
