@@ -188,6 +188,28 @@ def test_an_export_to_a_url_is_refused_not_written_to_a_local_folder_named_like_
     assert list(here.iterdir()) == []
 
 
+def test_a_reader_that_goes_away_is_not_reported_as_a_failure(trained, tmp_path):
+    """`lmim export CK out | head -1`: the closed pipe is a BrokenPipeError, which is also a
+    ConnectionError; it used to be reported as "the data store cannot be reached" (exit 5). The
+    command now ends quietly with 141, as a tool killed by SIGPIPE, and the export is written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, ckpt = trained
+    out = tmp_path / "enc.safetensors"
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # the reader has gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "export", str(ckpt), str(out)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+    assert load_file(str(out))
+
+
 def test_damaged_checkpoints_and_exports_are_one_sentence_not_a_traceback(trained, tmp_path, capsys):
     """What a user meets with a checkpoint or an export that was edited, cut or came from elsewhere:
     `lmim export` / `load_encoder` name the file and what to do (ExportError, exit 2)."""

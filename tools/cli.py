@@ -7,7 +7,11 @@ out of the others.
 from __future__ import annotations
 
 import importlib
+import os
+import select
 import sys
+
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,20 +48,40 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(module, func_name or "main")
     try:
         result = func(rest)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
+    except BrokenPipeError as err:
+        if not _stdout_closed():
+            return _safety_net(name, err)
+        # `lmim ... | head`: the reader has gone, which is not a failure to report. Point stdout at
+        # /dev/null so Python's own flush at exit does not complain, and exit as a SIGPIPE'd tool would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_PIPE
     except (Exception, KeyboardInterrupt) as err:
-        # The safety net under every sub-command: an expected failure it did not phrase itself
-        # (a full disk under the shard builder, refused credentials, Ctrl-C) still ends as one
-        # sentence with the documented exit code; anything else is a bug and keeps its traceback.
-        import os
-
-        from lmim.train.failures import ONE_COMMAND, classify
-
-        failure = classify(err, ONE_COMMAND)
-        if not failure.expected or os.environ.get("LMIM_DEBUG"):
-            raise
-        print(f"lmim {name}: {failure.sentence}", file=sys.stderr)
-        return failure.code
+        return _safety_net(name, err)
     return int(result or 0)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError may also come from a socket)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _safety_net(name: str, err: BaseException) -> int:
+    """The safety net under every sub-command: an expected failure it did not phrase itself (a full
+    disk under the shard builder, refused credentials, Ctrl-C) still ends as one sentence with the
+    documented exit code; anything else is a bug and keeps its traceback."""
+    from lmim.train.failures import ONE_COMMAND, classify
+
+    failure = classify(err, ONE_COMMAND)
+    if not failure.expected or os.environ.get("LMIM_DEBUG"):
+        raise err
+    print(f"lmim {name}: {failure.sentence}", file=sys.stderr)
+    return failure.code
 
 
 if __name__ == "__main__":
