@@ -219,3 +219,32 @@ def test_splits_with_different_classes_are_refused(digits, checkpoint, tmp_path,
     url = shard_tree(other, tmp_path / "other-shards")
     assert cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", url, "--train-url", digits["train"]]) == 2
     assert "have different classes" in capsys.readouterr().err
+
+
+def test_a_checkpoint_its_exported_file_and_its_export_folder_score_the_same(digits, tmp_path, capsys):
+    """An export records the mean/std its encoder was trained with, and `lmim eval` normalises with
+    it: the same weights give the same k-NN figures whether they come as the checkpoint, the
+    .safetensors file or the folder (an export used to be evaluated with ImageNet's mean/std)."""
+    from lmim.tools.export import export_encoder, export_folder
+
+    torch.manual_seed(1)
+    net = LatentMIM(tiny_cfg())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ckpt / "model.safetensors"))
+    data = dataclasses.asdict(DataConfig(batch_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    cfg = {"model": dataclasses.asdict(net.cfg), "data": {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}}
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    export_encoder(ckpt, tmp_path / "enc.safetensors")
+    export_folder(ckpt, tmp_path / "enc-folder")
+    figures = []
+    for encoder in (ckpt, tmp_path / "enc.safetensors", tmp_path / "enc-folder"):
+        code = cli.main(["knn", "--encoder", str(encoder), "--train-url", digits["train"], "--eval-url", digits["test"],
+                         "--json", "--batch-size", "16"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        figures.append(json.loads(out.strip().splitlines()[-1]))
+    assert figures[0]["knn20"] == figures[1]["knn20"] == figures[2]["knn20"]
+    assert figures[0]["knn_loo1"] == figures[1]["knn_loo1"] == figures[2]["knn_loo1"]
+    _, data_cfg = cli.load_encoder_and_data_cfg(str(tmp_path / "enc.safetensors"))
+    assert (data_cfg.mean, data_cfg.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

@@ -58,31 +58,37 @@ def _say(*args, **kw) -> None:
 
 # ----------------------------------------------------------------------------- inputs
 def load_encoder_and_data_cfg(path: str):
-    """(timm ViT in eval mode, DataConfig) for a checkpoint directory or an exported .safetensors.
+    """(timm ViT in eval mode, DataConfig) for a checkpoint directory, an exported .safetensors or an
+    export folder.
 
-    A checkpoint directory's `config.yaml` also gives the normalisation the encoder was trained
-    with; an exported file gets the defaults (ImageNet mean/std, as the trainer's default).
+    The images are normalised as the encoder's were in training, so a checkpoint and its export score
+    the same: a checkpoint's `config.yaml` gives the data settings, an export its recorded mean/std
+    (a file exported by an older lmim records none, and gets the trainer's default, ImageNet's, with a note).
     """
     from omegaconf import OmegaConf
 
     from lmim.pipeline.config import DataConfig
-    from lmim.tools.export import ExportError, load_encoder
+    from lmim.tools.export import ExportError, load_encoder, read_export_normalisation
 
     p = Path(path)
     if not p.exists():
         raise EvalError(f"encoder {path} does not exist: pass a checkpoint directory (config.yaml + "
-                        "model.safetensors) or a file written by `lmim export`.")
+                        "model.safetensors), an export folder or a file written by `lmim export`.")
     try:
         encoder = load_encoder(p)
+        if p.is_dir() and (p / "config.yaml").is_file():   # a checkpoint (load_encoder has read it already)
+            raw = OmegaConf.load(p / "config.yaml")
+            if "data" not in raw:
+                return encoder, DataConfig()
+            return encoder, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), raw.data))
+        normalisation = read_export_normalisation(p)
     except ExportError as exc:
         raise EvalError(str(exc)) from exc
-    data_cfg = DataConfig()
-    if p.is_dir():
-        raw = OmegaConf.load(p / "config.yaml")
-        if "data" in raw:
-            merged = OmegaConf.merge(OmegaConf.structured(DataConfig), raw.data)
-            data_cfg = OmegaConf.to_object(merged)
-    return encoder, data_cfg
+    if normalisation is None:
+        _say(f"  note: {p} records no input mean/std (exported by an older lmim); using ImageNet's, the trainer's "
+             "default: export the checkpoint again if it was trained with others")
+        return encoder, DataConfig()
+    return encoder, DataConfig(mean=tuple(normalisation["mean"]), std=tuple(normalisation["std"]))
 
 
 def _features(encoder, url: str, data_cfg, args, device, *, token_sim: bool = False) -> dict:

@@ -43,6 +43,7 @@ from lmim.pipeline.storage import as_os_error, file_mode_for_new_files, has_sche
 
 META_ARCH = "lmim.arch"
 META_KWARGS = "lmim.timm_kwargs"
+META_NORMALISATION = "lmim.normalisation"   # {"mean": [3], "std": [3]}: what the encoder's inputs were normalised with
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DDP wrappers, should a trainer save through them
 
 
@@ -149,10 +150,18 @@ def encoder_state_dict(net, which: str = "online") -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in enc.state_dict().items()}
 
 
-def _write_weights(net, which: str, out: Path) -> dict:
+def _normalisation(checkpoint_dir: Path) -> dict[str, list[float]]:
+    """The mean and std the run normalised its images with (its config.yaml; the trainer's defaults)."""
+    data = _load_yaml(checkpoint_dir / "config.yaml").get("data") or {}
+    return {"mean": [float(v) for v in data.get("mean", (0.485, 0.456, 0.406))],
+            "std": [float(v) for v in data.get("std", (0.229, 0.224, 0.225))]}
+
+
+def _write_weights(net, which: str, out: Path, normalisation: dict[str, list[float]]) -> dict:
     """Write the encoder's timm state dict to `out` (canonical header, lmim metadata); returns its kwargs."""
     kwargs = encoder_kwargs(net.cfg)
-    meta = {META_ARCH: net.cfg.arch, META_KWARGS: json.dumps(kwargs, sort_keys=True), "format": "pt"}
+    meta = {META_ARCH: net.cfg.arch, META_KWARGS: json.dumps(kwargs, sort_keys=True),
+            META_NORMALISATION: json.dumps(normalisation, sort_keys=True), "format": "pt"}
     try:
         save_file(encoder_state_dict(net, which), str(out), metadata=meta)
     except Exception as exc:  # safetensors reports a failed write as its own error type
@@ -182,7 +191,7 @@ def export_encoder(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, wh
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        kwargs = _write_weights(net, which, tmp)
+        kwargs = _write_weights(net, which, tmp, _normalisation(Path(checkpoint_dir)))
         tmp.chmod(file_mode_for_new_files())   # safetensors writes 0600; an export is meant to be shared
         os.replace(tmp, out)
     except OSError as exc:  # named as the output the user gave, not the temporary file beside it
@@ -229,17 +238,16 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         raise ExportError(f"{out} exists and is not an lmim export folder; choose a new folder name.")
     net = load_latent_mim(ckpt)
     train_cfg = _load_yaml(ckpt / "config.yaml")
-    data = train_cfg.get("data") or {}
+    normalisation = _normalisation(ckpt)
     size = net.cfg.grid_size * net.cfg.patch_size
     # The preprocessing the encoder was trained and evaluated with (lmim resizes the whole image).
     pretrained_cfg = {"input_size": (net.cfg.in_chans, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
-                      "mean": tuple(data.get("mean", (0.485, 0.456, 0.406))),
-                      "std": tuple(data.get("std", (0.229, 0.224, 0.225)))}
+                      "mean": tuple(normalisation["mean"]), "std": tuple(normalisation["std"])}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        kwargs = _write_weights(net, which, tmp / "model.safetensors")
+        kwargs = _write_weights(net, which, tmp / "model.safetensors", normalisation)
         (tmp / "model.safetensors").chmod(file_mode_for_new_files())
         encoder = net.encoder if which == "online" else net.target_encoder
         save_config_for_hf(encoder, str(tmp / "config.json"), model_args=kwargs,
@@ -318,7 +326,9 @@ def model_card(ckpt: Path, train_cfg, kwargs: dict, which: str, out: Path,
         "",
         f"The {which} encoder of a Latent MIM run (Wei, Gupta and Morgado, ECCV 2024), pretrained with "
         f"lmim and exported as a plain timm VisionTransformer with no classifier head "
-        f"(`num_classes=0`: the model returns the CLS feature).",
+        f"(`num_classes=0`: the model returns the CLS feature). lmim's own k-NN and linear figures pool the "
+        f"mean of the patch tokens instead (the paper's protocol; `lmim eval --pool cls` uses the CLS token): "
+        f"`vit.forward_features(x)[:, vit.num_prefix_tokens:].mean(1)` gives those features.",
         "",
         "## Load",
         "",
@@ -370,6 +380,31 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, dict]:
         raise ExportError(f"{path}: its lmim metadata ({META_KWARGS}) is not a JSON object of timm arguments; "
                           "export the checkpoint again with `lmim export`.")
     return meta[META_ARCH], kwargs
+
+
+def read_export_normalisation(path: str | os.PathLike) -> dict[str, list[float]] | None:
+    """The mean and std an exported file or folder records for its inputs; None when it records none
+    (a file exported by an older lmim)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            cfg = json.loads((p / "config.json").read_text()).get("pretrained_cfg", {})
+            found = {"mean": cfg.get("mean"), "std": cfg.get("std")}
+        else:
+            with safe_open(str(p), framework="pt") as f:
+                found = json.loads((f.metadata() or {}).get(META_NORMALISATION, "null"))
+    except Exception as exc:  # unreadable JSON or safetensors: the export is damaged
+        raise ExportError(f"{p} has unreadable export metadata ({type(exc).__name__}); export the checkpoint again "
+                          "with `lmim export`.") from None
+    if found is None:
+        return None
+    ok = isinstance(found, dict) and all(
+        isinstance(found.get(k), list) and len(found[k]) == 3 and all(isinstance(v, (int, float)) for v in found[k])
+        for k in ("mean", "std"))
+    if not ok:
+        raise ExportError(f"{p}: its recorded input mean/std is not three numbers each; export the checkpoint again "
+                          "with `lmim export`.")
+    return {"mean": [float(v) for v in found["mean"]], "std": [float(v) for v in found["std"]]}
 
 
 # `lmim` before timm: importing it makes timm importable where a CPU-only torch meets PyPI's
