@@ -207,7 +207,7 @@ class Loader:
                              "the checkpoint comes from another lmim version.")
         self.epoch, self._next_batch = int(state["epoch"]), int(state["batch"])
         same_data = self._same_data(state)
-        if same_data and state.get("source_samples"):
+        if state.get("source_samples") and self._same_sources(state):  # "over the run", also with new weights
             self._source_samples = [int(n) for n in state["source_samples"]]
         self._restore_skips([state] if same_data else [])
         self._carry = state.get("carry") if same_data else None
@@ -233,6 +233,13 @@ class Loader:
         elif not same_data:
             changed.append("the data.sources mixture (its URLs or weights)")
         return ", ".join(changed)
+
+    def _same_sources(self, state: dict[str, Any]) -> bool:
+        """`state` was saved reading the same sources, in the same order (their weights may differ)."""
+        old, new = state.get("mix"), self._data_fingerprint()
+        if old is None or new is None:
+            return old is None and new is None
+        return [src[0] for src in old[:-1]] == [src[0] for src in new[:-1]]
 
     def _same_data(self, state: dict[str, Any]) -> bool:
         """`state` was saved reading the data this loader reads (shard counts, and the mixture if any)."""

@@ -131,6 +131,8 @@ def test_another_mixture_does_not_resume_mid_epoch(sources, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "the data loader resumes at the start of epoch 1, not mid-epoch, because the data.sources mixture "
         "(its URLs or weights) changed since the checkpoint"]
+    # the per-source counts are the run's: they go on from the checkpoint's, whatever the new weights
+    assert other.stats["source_samples"] == first.stats["source_samples"] and sum(first.stats["source_samples"].values())
 
 
 def test_elastic_resume_of_a_mixture(sources):
