@@ -125,6 +125,27 @@ def test_status_json_says_why_a_run_failed_and_where_its_last_checkpoint_is(tmp_
     assert not list((tmp_path / "r").glob(".status.json.tmp-*"))
 
 
+def test_status_json_follows_the_checkpoints_while_the_run_goes_on(tmp_path, monkeypatch):
+    """A scheduler or a person reading status.json mid-run sees the last checkpoint, not step 0."""
+    import json
+
+    import lmim.train.pretrain as pretrain
+    from tests.test_train import _run
+
+    seen = []
+    real = pretrain._write_status
+
+    def record(run_dir, *args):   # the real writer runs; each status.json it leaves is kept
+        real(run_dir, *args)
+        seen.append(json.loads((run_dir / "status.json").read_text()))
+
+    monkeypatch.setattr(pretrain, "_write_status", record)
+    _run(tmp_path / "r", "checkpoint.every_steps=4")
+    assert [(s["status"], s["step"], (s["last_checkpoint"] or "")[-13:]) for s in seen] == [
+        ("running", 0, ""), ("running", 4, "step_00000004"), ("running", 8, "step_00000008"),
+        ("running", 10, "step_00000010"), ("completed", 10, "step_00000010")]
+
+
 def test_debug_prints_the_traceback_and_the_log_keeps_it(small_dataset, tmp_path):
     run_dir = tmp_path / "run"
     proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=1", "checkpoint.every_steps=1")

@@ -503,6 +503,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if cadence.checkpoints(state.step):
                 last_ckpt = save_checkpoint(accelerator, run_dir, state.step, to_yaml(cfg), cfg.checkpoint.keep,
                                             states=saved_states)
+                if accelerator.is_main_process:  # a scheduler or a person watching sees the run's progress
+                    _write_status(run_dir, "running", state.step, None, last_ckpt)
     except BaseException as err:
         # Whatever stopped the run, status.json must say it did not complete, and why.
         failure = classify(err)
