@@ -221,3 +221,33 @@ def test_resuming_with_another_batch_size_goes_on_from_the_next_epoch_and_its_lo
     logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r["epoch"] for r in logged if "loss" in r]
     assert epochs == pytest.approx([0.2, 0.4, 0.6] + [1 + i / 10 for i in range(1, 11)])
+
+
+def test_an_evaluation_that_cannot_read_its_split_loses_no_training(shards, tmp_path):
+    """The k-NN split loses a shard after the start-up check: the evaluation at the end of epoch 1
+    stops the run, but that step's checkpoint is already written (it comes first), so nothing
+    trained is lost; with the shard back, resume=auto finishes the run with the losses of a run
+    that was never stopped (the evaluation leaves the RNGs as it found them)."""
+    import shutil
+
+    from lmim.pipeline.errors import DataError
+    from lmim.pipeline.format.manifest import read_manifest
+
+    split = tmp_path / "eval"
+    shutil.copytree(shards, split)
+    common = [*REAL[len(TINY):], f"data.url={shards}", f"data.eval_url={split}", "eval.knn_every_epochs=1",
+              "checkpoint.every_steps=5"]   # 40 images, batch 8: 5 steps an epoch, 2 epochs
+    _run(tmp_path / "ref", *common)
+    shard = split / read_manifest(str(split)).shards[1].name
+    kept = shard.read_bytes()
+    shard.unlink()
+    with pytest.raises(DataError, match=shard.name):
+        _run(tmp_path / "cut", *common)   # the default data.on_error=skip too: an evaluation never skips
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000005"
+    status = json.loads((tmp_path / "cut" / "status.json").read_text())
+    assert (status["status"], status["step"], Path(status["last_checkpoint"]).name) == ("failed", 5, "step_00000005")
+    shard.write_bytes(kept)
+    assert _run(tmp_path / "cut", *common, "resume=auto")["step"] == 10
+    a, b = _losses(tmp_path / "ref"), _losses(tmp_path / "cut")
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]

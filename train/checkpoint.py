@@ -33,6 +33,7 @@ since process 0 writes the model/optimizer and every process writes its own RNG 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch.distributed as dist
 
@@ -62,6 +63,7 @@ __all__ = [
     "save_checkpoint",
     "install_unwrapped_model_hooks",
     "read_marker",
+    "rng_untouched",
 ]
 
 COMPLETE_MARKER = "complete.json"
@@ -267,6 +269,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Run the block, then put this process's RNGs (python, numpy, torch, CUDA) back as they were."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -31,6 +31,8 @@ The loop follows Accelerate's complete_cv_example: prepare -> load_state -> loop
 process); schedules are pure functions of it (train/schedules.py), so resuming needs only the
 step, the model/optimizer/scaler, the loader position and the RNG states, all in the checkpoint.
 
+Each step ends in that order: log, checkpoint, evaluate (so an evaluation that fails loses no training).
+
 `run` reads top to bottom; its pieces: `train_step` (train/step.py: forward, backward, clip,
 AdamW, EMA; the benchmarks step through it too), `Cadence` (train/cadence.py: when to log,
 evaluate, checkpoint, stop), `Meter` (train/meter.py: data wait, images/s and metric averages per
@@ -69,6 +71,7 @@ from lmim.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     remove_incomplete,
+    rng_untouched,
     save_checkpoint,
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
@@ -496,15 +499,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 # Also before an evaluation or a checkpoint: a non-finite loss stops the run here, so
                 # diverged weights are never evaluated or checkpointed.
                 reporter.window(meter, state.step, last_ckpt)
-            if cadence.evaluates(state.step):  # before a checkpoint, so a resumed run's RNG matches an uninterrupted one
-                result = knn_evaluate(cfg, accelerator, stepper.net.encoder)
-                state.history["knn_top1"] = result["knn_top1"]
-                reporter.evaluation(state.step, result)
+            # The checkpoint comes before the evaluation: an evaluation that stops the run (its split
+            # unreadable, the store down) loses no training. The evaluation leaves the RNGs as it found
+            # them, so a run resumed from this checkpoint goes on as an uninterrupted one.
             if cadence.checkpoints(state.step):
                 last_ckpt = save_checkpoint(accelerator, run_dir, state.step, to_yaml(cfg), cfg.checkpoint.keep,
                                             states=saved_states)
                 if accelerator.is_main_process:  # a scheduler or a person watching sees the run's progress
                     _write_status(run_dir, "running", state.step, None, last_ckpt)
+            if cadence.evaluates(state.step):
+                with rng_untouched():
+                    result = knn_evaluate(cfg, accelerator, stepper.net.encoder)
+                state.history["knn_top1"] = result["knn_top1"]
+                reporter.evaluation(state.step, result)
     except BaseException as err:
         # Whatever stopped the run, status.json must say it did not complete, and why.
         failure = classify(err)
