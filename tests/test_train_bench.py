@@ -29,3 +29,9 @@ def test_bench_train_cuda_without_gpu_says_so(capsys):
         main(["bench", "train", "--device", "cuda"])
     assert exc.value.code == 2                       # a usage error, like the other benchmarks'
     assert "--device cuda needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_photo_set_smaller_than_one_batch_is_refused_before_any_data_is_built(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "train", "--photos", "20"])
+    assert exc.value.code == 2 and "--photos must be at least 64" in capsys.readouterr().err

@@ -73,11 +73,12 @@ def _photo_data(root: Path, n: int) -> str:
     return str(dst)
 
 
+_PHOTO_BATCH = 64
 _SMALL = [
     "model.arch=vit_tiny_patch16_224", "model.embed_dim=128", "model.depth=4", "model.num_heads=4",
     "model.patch_size=8", "model.grid_size=8", "model.patch_gap=2", "model.projector_hidden_dim=512",
     "model.decoder_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4", "data.num_visible=12",
-    "data.batch_size=64", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]",
+    f"data.batch_size={_PHOTO_BATCH}", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]",
     "data.num_threads=2",  # the default preset's loader threads (the quickstart preset's 1 is for 28 px PNGs)
 ]
 
@@ -209,6 +210,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=positive_int, default=256, help="GPU: images per step")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = p.parse_args(argv)
+    if args.photos < _PHOTO_BATCH:   # checked before minutes of data building, not by the trainer after them
+        p.error(f"--photos must be at least {_PHOTO_BATCH}, one batch of the photo config")
     if args.steps is None:
         args.steps = 50 if args.device == "cuda" else 25
     import logging
