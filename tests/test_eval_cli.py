@@ -248,3 +248,22 @@ def test_a_checkpoint_its_exported_file_and_its_export_folder_score_the_same(dig
     assert figures[0]["knn_loo1"] == figures[1]["knn_loo1"] == figures[2]["knn_loo1"]
     _, data_cfg = cli.load_encoder_and_data_cfg(str(tmp_path / "enc.safetensors"))
     assert (data_cfg.mean, data_cfg.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_storage_options_on_the_command_line_reach_an_s3_split(digits, checkpoint, s3_server, s3_bucket, monkeypatch,
+                                                                capsys):
+    """`lmim eval ... --storage-option client_kwargs.endpoint_url=...` reads s3:// splits from that
+    endpoint, whatever AWS_ENDPOINT_URL says (here a port where nothing listens)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(digits["test"], f"{s3_bucket}/test", recursive=True)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    code = cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", f"s3://{s3_bucket}/test", "--json",
+                     "--batch-size", "16", "--storage-option", f"client_kwargs.endpoint_url={s3_server.endpoint_url}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    local = cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", digits["test"], "--json", "--batch-size", "16"])
+    assert local == 0
+    assert json.loads(out.strip().splitlines()[-1])["knn_loo1"] == json.loads(
+        capsys.readouterr().out.strip().splitlines()[-1])["knn_loo1"]

@@ -14,6 +14,7 @@ one JSON object of the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lmim.tools.argtypes import non_negative_float, positive_float, positive_int
+from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 from lmim.train.evaluate.collapse import PROTOCOL_COLLAPSE, collapse_stats, plot_collapse
 from lmim.train.evaluate.features import eval_loader, extract
 from lmim.train.evaluate.knn import PROTOCOL_LOO1, knn_loo1, knn_weighted, knn_weighted_protocol
@@ -200,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last line")
         p.add_argument("--progress", action="store_true", help="progress bar while extracting features")
+        add_storage_arguments(p)   # for s3:// splits: overrides the AWS environment and the checkpoint's data.storage_options
 
     knn = sub.add_parser("knn", help="k-NN: leave-one-out 1-NN on the eval split and/or weighted 20-NN")
     common(knn)
@@ -232,12 +235,16 @@ COMMANDS = {"knn": cmd_knn, "linear": cmd_linear, "collapse": cmd_collapse}
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    parsed = parse_storage_cli(parser, argv)
+    if parsed is None:
+        return 2
+    args, storage_options = parsed
     if args.command == "collapse" and args.plot:
         if not str(args.plot).lower().endswith(".png"):
             print(f"lmim eval: --plot {args.plot} must end in .png.", file=sys.stderr)
             return 2
-    from lmim.pipeline.errors import DataError
+    from lmim.pipeline.errors import DataError, StoreUnreachable
 
     try:
         device = _init_distributed()
@@ -246,12 +253,16 @@ def main(argv: list[str]) -> int:
         elif args.device == "cuda" and device.type != "cuda":
             raise EvalError("--device cuda was asked for, but no CUDA device is available.")
         encoder, data_cfg = load_encoder_and_data_cfg(args.encoder)
+        if storage_options is not None:
+            data_cfg = dataclasses.replace(data_cfg, storage_options=storage_options)
         encoder.to(device)
         _say(f"lmim eval {args.command}: encoder {args.encoder} ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M "
              f"params), {dist.get_world_size() if dist.is_initialized() else 1} process(es), {device}")
         result = COMMANDS[args.command](args, encoder, data_cfg, device)
         if args.json:
             _say(json.dumps({"command": args.command, "encoder": args.encoder, **result}))
+    except StoreUnreachable:
+        raise  # not the user's input: the `lmim` command says so, with exit code 5
     except (EvalError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"lmim eval {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -62,10 +62,12 @@ class Rerun:
     a training run resumes from its checkpoints, the other commands are simply run again."""
     how: str
     output: str
+    storage_options: str   # where the user sets the store's endpoint and credentials besides AWS_*
 
 
-TRAINING_RUN = Rerun("rerun with resume=auto (the last complete checkpoint is kept)", "the run folder")
-ONE_COMMAND = Rerun("run the same command again", "the output")
+TRAINING_RUN = Rerun("rerun with resume=auto (the last complete checkpoint is kept)", "the run folder",
+                     "data.storage_options")
+ONE_COMMAND = Rerun("run the same command again", "the output", "--storage-option")
 
 
 def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
@@ -89,7 +91,7 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
     if not isinstance(err, OSError) and (net := store_client_network_error(err)) is not None:
         return Failure(EXIT_STORAGE, "storage",
                        f"the data store cannot be reached ({_one_line(net)}): check the endpoint (AWS_ENDPOINT_URL "
-                       "or --storage-option / data.storage_options) and the network, then run again.")
+                       f"or {rerun.storage_options}) and the network, then {rerun.how}.")
     if isinstance(err, OSError):
         where = str(err.filename) if err.filename else rerun.output
         if err.errno in _DISK_ERRNOS:
@@ -98,7 +100,7 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
         if isinstance(err, PermissionError) and (not err.filename or is_remote(where)):
             return Failure(EXIT_STORAGE, "storage",
                            f"the data store refused access ({_one_line(err)}): check the credentials "
-                           "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or data.storage_options) "
+                           f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or {rerun.storage_options}) "
                            "and the bucket policy.")
         if isinstance(err, PermissionError):
             return Failure(EXIT_DISK, "disk", f"permission denied on {where}: fix its permissions or choose another path.")
