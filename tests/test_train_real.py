@@ -251,3 +251,20 @@ def test_an_evaluation_that_cannot_read_its_split_loses_no_training(shards, tmp_
     a, b = _losses(tmp_path / "ref"), _losses(tmp_path / "cut")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+
+
+@pytest.mark.timeout(300)
+def test_under_torchrun_a_config_error_is_said_once_and_a_data_error_names_its_process(shards, tmp_path):
+    """Every process of a launch fails alike on a bad setting: one sentence, from process 0, not one
+    per process. A data failure may be one process's own, so each says which process it is."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "lmim.train.pretrain", "--config", "quickstart", *REAL]
+    bad = subprocess.run([*head, f"data.url={shards}", "epochs=abc", f"run_dir={tmp_path / 'a'}"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    said = [line for line in bad.stderr.splitlines() if line.startswith("lmim pretrain")]
+    assert said == ["lmim pretrain (process 0 of 2): Config key 'epochs' must be an integer, got 'abc' "
+                    "(from the override 'epochs=abc')."], bad.stderr[-3000:]
+    missing = subprocess.run([*head, f"data.url={tmp_path / 'nothing'}", f"run_dir={tmp_path / 'b'}"], cwd=REPO,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    said = sorted(line.split(":", 1)[0] for line in missing.stderr.splitlines() if line.startswith("lmim pretrain"))
+    assert said == ["lmim pretrain (process 0 of 2)", "lmim pretrain (process 1 of 2)"], missing.stderr[-3000:]

@@ -597,11 +597,24 @@ def _main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
             traceback.print_exception(err, file=sys.stderr)
         where = f" (traceback: {log_file})" if log_file and failure.expected else ""
-        print(f"lmim pretrain: {failure.sentence}{where}", file=sys.stderr)
+        rank, world = _launcher_rank()
+        # Every process of a launch reads the same config: process 0 says a config error for all of them.
+        # Any other failure may be one process's own (its shards, its device), so each says which it is.
+        if world == 1 or rank == 0 or failure.kind != "config":
+            who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
+            print(f"{who}: {failure.sentence}{where}", file=sys.stderr)
         return failure.code
-    if int(os.environ.get("RANK", "0") or 0) == 0:   # once per run, not once per process
+    if _launcher_rank()[0] == 0:   # once per run, not once per process
         print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
     return 0
+
+
+def _launcher_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun / accelerate launch set them; (0, 1) for a lone process."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 0, 1
 
 
 def _record_failed_start(cfg: DictConfig | None, failure: Failure) -> None:
