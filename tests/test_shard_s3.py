@@ -164,3 +164,26 @@ def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, corpus
     assert len(lines) == 1 and f"lmim {args[0]}: " in lines[0] and "reach" in lines[0]
     assert f"127.0.0.1:{port}" in lines[0] and "AWS_ENDPOINT_URL" in lines[0]
     assert not (tmp_path / "ds").exists()   # nothing written locally either
+
+
+def test_an_s3_dst_that_is_src_or_inside_it_is_refused(corpus, s3_server, s3_bucket, capsys):
+    """As for local folders: a build into SRC (or a prefix under it) is refused before anything is
+    written, or the next build of SRC would list its shards as images (a phantom class, rejects).
+    Names are compared without credentials, trailing slashes or the s3a:// alias."""
+    import s3fs
+
+    from lmim.tools.cli import main
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(corpus), f"{s3_bucket}/rawc", recursive=True)
+    before = sorted(fs.find(f"{s3_bucket}/rawc"))
+    src = f"s3://{s3_bucket}/rawc"
+    for dst, words in [(f"{src}/", "same folder"), (f"s3a://{s3_bucket}/rawc", "same folder"),
+                       (f"{src}/out", "is inside SRC"), (f"s3://{s3_bucket}//rawc/a/b/", "is inside SRC")]:
+        rc = main(["shard", src, dst, "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and err.count("\n") == 1, (dst, err)
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{s3_bucket}/rawc")) == before       # nothing was written under SRC
+    # a sibling prefix that merely starts with the same letters is another place
+    assert build_dataset(src, f"s3://{s3_bucket}/rawc2", progress=False).samples == 12
