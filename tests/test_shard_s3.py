@@ -187,3 +187,30 @@ def test_an_s3_dst_that_is_src_or_inside_it_is_refused(corpus, s3_server, s3_buc
     assert sorted(fs.find(f"{s3_bucket}/rawc")) == before       # nothing was written under SRC
     # a sibling prefix that merely starts with the same letters is another place
     assert build_dataset(src, f"s3://{s3_bucket}/rawc2", progress=False).samples == 12
+
+
+def test_a_rerun_repairs_an_s3_dataset_through_the_same_code_path(corpus, s3_server, s3_bucket):
+    """The repair of the local test, on s3://: one listing finds the deleted shard, `recheck` the
+    flipped byte; only those shards are uploaded again, byte-identical, and the dataset verifies."""
+    import s3fs
+
+    url = f"s3://{s3_bucket}/fix"
+    build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    first = {p: fs.cat_file(p) for p in fs.find(f"{s3_bucket}/fix", maxdepth=1) if p.endswith((".tar", ".idx"))}
+    manifest = fs.cat_file(f"{s3_bucket}/fix/manifest.json")
+    fs.rm_file(f"{s3_bucket}/fix/shard-000001.tar")
+    s3_server.clear()
+    again = build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    assert again.built_shards == 1 and again.samples == 12
+    assert [r.path.rsplit("/", 1)[-1] for r in s3_server.requests if r.method == "PUT" and r.path.endswith(".tar")] \
+        == ["shard-000001.tar"]
+    tar = fs.cat_file(f"{s3_bucket}/fix/shard-000002.tar")
+    fs.pipe_file(f"{s3_bucket}/fix/shard-000002.tar", tar[:700] + bytes([tar[700] ^ 0xFF]) + tar[701:])
+    assert verify_dataset(url) != []
+    assert build_dataset(str(corpus), url, shard_max_samples=5, progress=False).built_shards == 0
+    assert build_dataset(str(corpus), url, shard_max_samples=5, progress=False, recheck=True).built_shards == 1
+    fs.invalidate_cache()
+    assert {p: fs.cat_file(p) for p in first} == first
+    assert fs.cat_file(f"{s3_bucket}/fix/manifest.json") == manifest
+    assert verify_dataset(url) == []

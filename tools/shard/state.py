@@ -21,7 +21,7 @@ from lmim.tools.shard.errors import BuildError, reach_error
 from lmim.tools.shard.plan import Plan
 
 __all__ = ["BUILD_DIR", "PLAN_NAME", "SIDECAR_DIR", "TMP_DIR", "ShardRecord", "shard_name", "read_json",
-           "claim", "completed_records", "fingerprint_records"]
+           "claim", "restore_plan", "completed_records", "fingerprint_records"]
 
 BUILD_DIR = "_build"
 PLAN_NAME = f"{BUILD_DIR}/plan.json"
@@ -97,6 +97,14 @@ def claim(dest: Store, plan: Plan, plan_doc: dict[str, Any]) -> Manifest | None:
                 raise reach_error("DST", scrub_url(dest.url), e) from None
         _write_plan(dest, plan_doc)
     return None
+
+
+def restore_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
+    """Write the plan of a finished dataset again unless it is there: repairing a shard ends with a
+    merge, which reads it (a user may have removed `_build/` once the dataset was complete)."""
+    existing = read_json(dest, PLAN_NAME)
+    if existing is None or existing.get("fingerprint") != plan_doc["fingerprint"]:
+        _write_plan(dest, plan_doc)
 
 
 def _write_plan(dest: Store, plan_doc: dict[str, Any]) -> None:

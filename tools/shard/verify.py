@@ -115,6 +115,13 @@ def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen
     return problems
 
 
+def shard_problems(store: Store, shard: ShardInfo, classes: list[str] | None) -> list[str]:
+    """What `lmim verify` finds wrong in this one shard and its index (one sequential read of the
+    shard); [] when it is sound. Keys are not compared with other shards': a re-run of `lmim shard
+    --recheck` rebuilds the shards this names, and a duplicate key elsewhere is not theirs to mend."""
+    return _check_shard(store, shard, classes, {})
+
+
 def verify_dataset(root: str, storage_options: dict | None = None) -> list[str]:
     """Check the dataset at `root`; returns one line per problem ([] when it is sound)."""
     opts = dict(storage_options or {})
