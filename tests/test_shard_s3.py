@@ -1,8 +1,8 @@
-"""Object storage: shard to s3:// (moto's real S3 API on loopback), verify, read back with DALI from s3://.
+"""Object storage: shard to s3:// (moto's real S3 API on loopback), verify, read back with DALI.
 
-DALI's S3 client (the AWS SDK) reaches the loopback server through AWS_ENDPOINT_URL, but its
-`Pipeline.build()` holds the GIL while it HEADs the shards, so it cannot talk to a server that is
-a Python thread of the same process: the DALI read-back runs in a child process.
+The read-back of a remote dataset fetches its shards through `pipeline.storage.Store` (the
+storage options apply) and decodes them with DALI from memory; DALI's own S3 client is not used.
+The read-back still runs in a child process here, as `lmim verify --decode` does in a job.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_shard_to_s3_verify_and_read_back_with_dali(corpus, s3_server, s3_bucket
     s3_server.clear()
     again = build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
     assert again.built_shards == 0 and not [r for r in s3_server.requests if r.method == "PUT"]
-    # and `lmim verify --decode` (DALI reading s3:// itself) agrees, in a child process
+    # and `lmim verify --decode` (DALI decoding what the Store fetched) agrees, in a child process
     out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "verify", url, "--decode"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK, 12 samples in 3 shards" in out.stderr, out.stderr[-2000:]
@@ -214,3 +214,50 @@ def test_a_rerun_repairs_an_s3_dataset_through_the_same_code_path(corpus, s3_ser
     assert {p: fs.cat_file(p) for p in first} == first
     assert fs.cat_file(f"{s3_bucket}/fix/manifest.json") == manifest
     assert verify_dataset(url) == []
+
+
+def test_verify_decode_reads_through_the_storage_options_not_dalis_own_client(corpus, s3_server, s3_bucket):
+    """`lmim verify --decode` reads the shards with the client and options every other read uses:
+    the options reach the store while the AWS environment points at nothing (DALI's own S3 client
+    read only the environment and called a sound dataset unreadable, exit 1)."""
+    import socket
+
+    url = f"s3://{s3_bucket}/opts"
+    build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    with socket.socket() as s:   # a port that was free a moment ago, now closed
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "AWS_ENDPOINT_URL": dead, "AWS_ENDPOINT_URL_S3": dead}
+    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "verify", url, "--decode", "--storage-option",
+                          f"client_kwargs.endpoint_url={s3_server.endpoint_url}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK, 12 samples in 3 shards" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_store_that_stops_answering_during_verify_decode_is_exit_5(corpus, s3_server, s3_bucket, capsys):
+    """The store answers `lmim verify`'s own reads, then goes away before the decode pass reads the
+    shards: that is a store that does not answer (one sentence, exit 5), not a corrupt dataset (1)."""
+    from urllib.parse import urlparse
+
+    from lmim.tools.cli import main
+    from tests.faultproxy import FaultProxy
+
+    url = f"s3://{s3_bucket}/gone"
+    build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    upstream = urlparse(s3_server.endpoint_url)
+    counter = FaultProxy((upstream.hostname, upstream.port))
+    try:   # how many requests the check before the decode pass makes, and the decode pass's manifest read
+        opts = {"client_kwargs": {"endpoint_url": counter.endpoint_url}}
+        assert verify_dataset(url, opts) == []
+        read_manifest(url, opts)
+        before_decode = counter.counts["ok"]
+    finally:
+        counter.close()
+    proxy = FaultProxy((upstream.hostname, upstream.port), down_after=before_decode)
+    try:
+        rc = main(["verify", url, "--decode", "--storage-option", f"client_kwargs.endpoint_url={proxy.endpoint_url}"])
+    finally:
+        proxy.close()
+    err = capsys.readouterr().err
+    assert proxy.counts["refused"] >= 1
+    assert rc == 5 and err.count("\n") == 1 and "cannot reach DST" in err and "Traceback" not in err, err

@@ -19,6 +19,7 @@ from lmim.pipeline.format.index import INDEX_VERSION, lines_of_members
 from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, is_readable_key, split_member
 from lmim.pipeline.format.manifest import Manifest, ShardInfo, read_manifest
 from lmim.pipeline.storage import Store
+from lmim.tools.shard.errors import BuildError
 from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 
 
@@ -155,7 +156,11 @@ def main(argv: list[str]) -> int:
     if args.decode and not problems:
         from lmim.tools.shard.readback import decode_check
 
-        problems = decode_check(args.dst, options)
+        try:
+            problems = decode_check(args.dst, options)
+        except BuildError as e:  # the store stopped answering: not a problem of the dataset
+            print(f"lmim verify: {e}", file=sys.stderr)
+            return e.exit_code
     for line in problems:
         print(f"lmim verify: {line}", file=sys.stderr)
     ok = not problems
