@@ -261,3 +261,18 @@ def test_a_store_that_stops_answering_during_verify_decode_is_exit_5(corpus, s3_
     err = capsys.readouterr().err
     assert proxy.counts["refused"] >= 1
     assert rc == 5 and err.count("\n") == 1 and "cannot reach DST" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["verify", "merge", "shard", "shard-from"])
+def test_a_storage_option_the_client_refuses_is_bad_input(command, corpus, s3_server, s3_bucket, tmp_path, capsys):
+    """s3fs hands an option it does not know to its session, which refuses it at the first request
+    (a TypeError): that is the user's option, exit 2 in one sentence naming it, not a corrupt
+    dataset (verify said 'manifest: AioSession.__init__() ...', exit 1) nor a traceback (merge)."""
+    from lmim.tools.cli import main
+
+    args = {"shard": ["shard", str(corpus), f"s3://{s3_bucket}/ds", "--quiet"],
+            "shard-from": ["shard", f"s3://{s3_bucket}/raw", str(tmp_path / "ds"), "--quiet"]}.get(
+        command, [command, f"s3://{s3_bucket}/ds"])
+    rc = main([*args, "--storage-option", "bogus_opt=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "storage option 'bogus_opt' is not one the s3:// client accepts" in err, err

@@ -19,7 +19,7 @@ from lmim.pipeline.format.index import INDEX_VERSION, lines_of_members
 from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, is_readable_key, split_member
 from lmim.pipeline.format.manifest import Manifest, ShardInfo, read_manifest
 from lmim.pipeline.storage import Store
-from lmim.tools.shard.errors import BuildError
+from lmim.tools.shard.errors import BuildError, rejected_option
 from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 
 
@@ -124,11 +124,16 @@ def shard_problems(store: Store, shard: ShardInfo, classes: list[str] | None) ->
 
 
 def verify_dataset(root: str, storage_options: dict | None = None) -> list[str]:
-    """Check the dataset at `root`; returns one line per problem ([] when it is sound)."""
+    """Check the dataset at `root`; returns one line per problem ([] when it is sound).
+
+    Raises BuildError (exit 2) when the store's client refuses one of `storage_options`."""
     opts = dict(storage_options or {})
     try:
         manifest: Manifest = read_manifest(root, opts)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        rejected = rejected_option(root, e)
+        if rejected is not None:  # the options are wrong, not the dataset
+            raise rejected from None
         return [f"manifest: {e}"]
     problems: list[str] = []
     names = [s.name for s in manifest.shards]
@@ -152,15 +157,15 @@ def main(argv: list[str]) -> int:
     if parsed is None:
         return 2
     args, options = parsed
-    problems = verify_dataset(args.dst, options)
-    if args.decode and not problems:
-        from lmim.tools.shard.readback import decode_check
+    try:
+        problems = verify_dataset(args.dst, options)
+        if args.decode and not problems:
+            from lmim.tools.shard.readback import decode_check
 
-        try:
             problems = decode_check(args.dst, options)
-        except BuildError as e:  # the store stopped answering: not a problem of the dataset
-            print(f"lmim verify: {e}", file=sys.stderr)
-            return e.exit_code
+    except BuildError as e:  # a refused storage option, a store that stopped answering: not the dataset's fault
+        print(f"lmim verify: {e}", file=sys.stderr)
+        return e.exit_code
     for line in problems:
         print(f"lmim verify: {line}", file=sys.stderr)
     ok = not problems
