@@ -95,6 +95,8 @@ def test_s3_errors_are_one_sentence_and_hide_secrets(corpus, s3_server, capsys):
                "--storage-option", "key=testing", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "no-such-bucket-xyz" in err and "TOPSECRET" not in err
+    # the remedy for a bucket that does not exist
+    assert "bucket 'no-such-bucket-xyz' does not exist" in err and "create the bucket or check its name" in err
     with pytest.raises(BuildError, match="not writable|cannot write|cannot reach"):
         build_dataset(str(corpus), "s3://no-such-bucket-xyz/ds", progress=False)
 

@@ -120,7 +120,12 @@ def _write_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
     except Exception as e:
         if dest.local and not existed:
             shutil.rmtree(dest.path, ignore_errors=True)
-        raise BuildError(f"cannot write to DST {scrub_url(dest.url)} ({type(e).__name__}: {e})") from None
+        reason = f"{type(e).__name__}: {e}"
+        if isinstance(e, FileNotFoundError) and not dest.local and "bucket" in str(e).lower():
+            bucket = scrub_url(dest.url).split("://", 1)[1].split("/", 1)[0]
+            raise BuildError(f"cannot write to DST {scrub_url(dest.url)}: its bucket {bucket!r} does not exist "
+                             f"({reason}); create the bucket or check its name") from None
+        raise BuildError(f"cannot write to DST {scrub_url(dest.url)} ({reason})") from None
 
 
 def completed_records(dest: Store, plan: Plan, prefix: str) -> dict[int, ShardRecord]:
