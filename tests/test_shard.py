@@ -379,7 +379,8 @@ def test_a_rerun_rebuilds_missing_and_damaged_shards_byte_identically(class_tree
 
     def repair(damage, *extra: str) -> str:
         damage()
-        assert _cli(["verify", str(dst)], capsys)[0] == 1
+        rc, err = _cli(["verify", str(dst)], capsys)
+        assert rc == 1 and f"run the `lmim shard SRC {dst}` command that built the dataset again with --recheck" in err
         untouched = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
         rc, err = _cli([*shard, *extra], capsys)
         assert rc == 0, err

@@ -161,7 +161,7 @@ def _damaged_of_mine(dest: Store, manifest: Manifest, plan: Plan, options: Build
     (a part build repairs its own shards only, as it builds only those)."""
     part_i, part_n = options.part_index, options.part_count
     numbers = {f"{shard_name(options.prefix, n)}.tar": n for n in range(len(plan.shards))}
-    mine = [s for s in manifest.shards if numbers.get(s.name, -1) % part_n == part_i]
+    mine = [s for s in manifest.shards if s.name in numbers and numbers[s.name] % part_n == part_i]
     return {name: numbers[name] for name in damaged_shards(dest, mine, manifest.classes, recheck=options.recheck)}
 
 

@@ -168,6 +168,9 @@ def main(argv: list[str]) -> int:
         return e.exit_code
     for line in problems:
         print(f"lmim verify: {line}", file=sys.stderr)
+    if any(line.startswith("shard ") for line in problems):  # what mends them (a re-run alone trusts same-size shards)
+        print(f"lmim verify: to rebuild the damaged shards, run the `lmim shard SRC {args.dst}` command that built "
+              f"the dataset again with --recheck", file=sys.stderr)
     ok = not problems
     if ok:
         m = read_manifest(args.dst, options)
