@@ -150,7 +150,9 @@ def run_build(src: str, dst: str, options: BuildOptions) -> BuildResult:
         if not damaged:
             return BuildResult(_summary_from_manifest(done, t0), scrub_url(dest.url), part, already_complete=True)
         restore_plan(dest, plan_doc)  # the merge that rewrites the manifest reads it
-        summary = _run(dest, corpus, plan, options, t0, rebuild=set(damaged.values()))
+        # the shards were just checked (read in full under --recheck): _run need not read them again
+        summary = _run(dest, corpus, plan, dataclasses.replace(options, recheck=False), t0,
+                       rebuild=frozenset(damaged.values()))
         return BuildResult(summary, scrub_url(dest.url), part, already_complete=False, repaired=sorted(damaged))
     finally:
         corpus.close()
@@ -166,7 +168,7 @@ def _damaged_of_mine(dest: Store, manifest: Manifest, plan: Plan, options: Build
 
 
 def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: float,
-         rebuild: set[int] = frozenset()) -> BuildSummary:
+         rebuild: frozenset[int] = frozenset()) -> BuildSummary:
     """Build this run's missing shards and those in `rebuild` (found damaged), then merge (a whole
     build) or summarise this part."""
     part_i, part_n = options.part_index, options.part_count
@@ -174,8 +176,8 @@ def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: flo
     done = completed_records(dest, plan, options.prefix)
     if options.recheck:  # a resumed build trusts a finished shard's size; --recheck reads it too
         recorded = {r.info.name: n for n, r in done.items() if n in mine and r.info is not None}
-        rebuild = set(rebuild) | {recorded[name] for name in
-                                  failing_recheck(dest, [done[n].info for n in recorded.values()], corpus.classes)}
+        failing = failing_recheck(dest, [done[n].info for n in recorded.values()], corpus.classes)
+        rebuild = rebuild | {recorded[name] for name in failing}
     done = {n: r for n, r in done.items() if n not in rebuild}
     todo = [n for n in mine if n not in done]
     tmp_dir = _scratch_dir(dest, {shard_name(options.prefix, n) for n in mine})
