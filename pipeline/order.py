@@ -104,7 +104,7 @@ def train_plan(
         shards, samples = shards[rank * size:(rank + 1) * size], samples[rank * size:(rank + 1) * size]
     if len(shards) == 0:
         raise NoReadableSamples(f"rank {rank} has no readable samples in epoch {epoch} (all its shards are empty or "
-                                "skipped as unreadable); repair the dataset (`lmim verify`) or use fewer ranks.")
+                                "skipped as unreadable); find the broken shards with `lmim verify DST` and rebuild them with `lmim shard SRC DST --recheck`, or use fewer ranks.")
     if len(shards) < n:  # wrap: repeat this rank's own stream from its start
         reps = math.ceil(n / len(shards))
         shards, samples = np.tile(shards, reps), np.tile(samples, reps)

@@ -46,7 +46,7 @@ def _image_component(comps: Components, shard: str) -> tuple[str, tuple[int, int
 
 def _meta_from(json_bytes: bytes | None, cls_bytes: bytes | None, shard: str, key: str) -> tuple[int, int, int]:
     if json_bytes is None:
-        raise ShardError(shard, f"sample {key!r} has no .json with its width and height (rebuild with `lmim shard`)")
+        raise ShardError(shard, f"sample {key!r} has no .json with its width and height (rebuild it with `lmim shard SRC DST --recheck`)")
     try:
         info = json.loads(json_bytes)
         w, h = int(info["width"]), int(info["height"])
@@ -64,9 +64,9 @@ def _meta_from(json_bytes: bytes | None, cls_bytes: bytes | None, shard: str, ke
 def read_local_meta(tar_path: str, idx_path: str, shard: str, expected_samples: int) -> ShardMeta:
     """Validate a local shard against its index and the manifest, and read its metadata."""
     if not os.path.exists(tar_path):
-        raise ShardError(shard, f"missing: {tar_path} does not exist (the dataset is incomplete; re-run `lmim shard`)")
+        raise ShardError(shard, f"missing: {tar_path} does not exist (rebuild it with `lmim shard SRC DST`)")
     if not os.path.exists(idx_path):
-        raise ShardError(shard, f"bad index: {idx_path} does not exist (re-run `lmim shard` to rebuild the index)")
+        raise ShardError(shard, f"bad index: {idx_path} does not exist (rebuild it with `lmim shard SRC DST`)")
     size = os.path.getsize(tar_path)
     with open(idx_path, "r", encoding="utf-8", errors="replace") as f:
         parsed = parse_index(f.read(), shard, expected_samples, size)

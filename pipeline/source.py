@@ -139,7 +139,7 @@ class ShardSource:
             meta = read_local_meta(tar, join(local_path(self.url), info.index), info.name, info.samples)
             if os.path.getsize(tar) != info.bytes:
                 raise ShardError(info.name, f"truncated or changed: {os.path.getsize(tar)} bytes on disk, the manifest "
-                                            f"says {info.bytes} (rebuild it with `lmim shard`)")
+                                            f"says {info.bytes} (rebuild it with `lmim shard SRC DST`)")
             # One integrity policy for both paths: remote shards are checked on every fetch, local
             # ones once per process before their first use (XXH3 hashes at tens of GB/s, so this
             # costs one extra read of the shard, not a decode).

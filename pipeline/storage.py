@@ -339,6 +339,19 @@ class Store:
         except FileNotFoundError:
             return []
 
+    def sizes(self, folder: str = "") -> dict[str, int]:
+        """{name: size in bytes} of the files directly in `folder` (one listing, no reads); {} when it
+        does not exist. Sub-folders are left out."""
+        try:
+            if self.local:
+                with os.scandir(self._p(folder)) as entries:
+                    return {e.name: e.stat().st_size for e in entries if e.is_file()}
+            listing = self.fs.ls(self._fresh(self._p(folder)), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {info["name"].rstrip("/").rsplit("/", 1)[-1]: int(info.get("size") or 0)
+                for info in listing if info.get("type") == "file"}
+
     def find(self) -> list[tuple[str, int]]:
         """(name relative to the root, size in bytes) of every file under the root, at any depth, sorted."""
         if self.local:

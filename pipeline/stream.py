@@ -108,10 +108,11 @@ class ShardFetcher:
             data = self.store.read_bytes(info.name, on_retry=lambda: self.stats.add(retries=1))
         except FileNotFoundError:
             raise ShardError(info.name, f"missing: {self.store.url_of(info.name)} does not exist "
-                                        "(the dataset is incomplete; re-run `lmim shard`)") from None
+                                        "(rebuild it with `lmim shard SRC DST`)") from None
         self.stats.add(shards_fetched=1, bytes_fetched=len(data))
         if len(data) != info.bytes:
-            raise ShardError(info.name, f"truncated: read {len(data)} bytes, the manifest says {info.bytes}")
+            raise ShardError(info.name, f"truncated: read {len(data)} bytes, the manifest says {info.bytes} "
+                                        "(rebuild it with `lmim shard SRC DST`)")
         verify_shard_checksum(info, checksum_of(data, algorithm_of(info.checksum)))
         self._store(info, data)
         return data

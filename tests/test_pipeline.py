@@ -476,7 +476,7 @@ def test_local_shards_are_checked_against_their_checksum_like_remote_ones(datase
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0x01  # inside the tar's closing zero blocks: every sample still reads and decodes
     shard.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=r"checksum mismatch.*rebuild it with `lmim shard`"):
+    with pytest.raises(ShardError, match=r"checksum mismatch.*rebuild it with `lmim shard SRC DST --recheck`"):
         epoch(build_loader(cfg(str(ds), on_error="raise"), **GEOM))
     assert len(epoch(build_loader(cfg(str(ds), verify_local=False), **GEOM))) > 0  # the documented opt-out
 

@@ -367,6 +367,69 @@ def test_verify_names_the_broken_shard(class_tree, tmp_path, capsys):
     assert rc == 1 and "shard shard-000000.tar: index shard-000000.idx is missing" in err
 
 
+def test_a_rerun_rebuilds_missing_and_damaged_shards_byte_identically(class_tree, tmp_path, capsys):
+    """What pretraining and `lmim verify` tell the user to do for a broken shard must fix it: the same
+    `lmim shard` command finds missing shards, missing indices and shards of the wrong size by one
+    listing, `--recheck` also finds damage that keeps the size, and only those shards are rebuilt,
+    byte-identical to the first build (the plan is deterministic); the manifest is written again."""
+    dst = tmp_path / "ds"
+    build_dataset(str(class_tree), str(dst), shard_max_samples=5, progress=False)
+    first = {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()}
+    shard = ["shard", str(class_tree), str(dst), "--shard-max-samples", "5", "--workers", "1"]
+
+    def repair(damage, *extra: str) -> str:
+        damage()
+        rc, err = _cli(["verify", str(dst)], capsys)
+        assert rc == 1 and f"run the `lmim shard SRC {dst}` command that built the dataset again with --recheck" in err
+        untouched = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
+        rc, err = _cli([*shard, *extra], capsys)
+        assert rc == 0, err
+        assert {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()} == first
+        rebuilt = {n for n, t in untouched.items() if (dst / n).stat().st_mtime_ns != t}
+        assert _cli(["verify", str(dst)], capsys)[0] == 0
+        return err, rebuilt
+
+    err, rebuilt = repair(lambda: (dst / "shard-000001.tar").unlink())
+    assert "repaired: rebuilt 1 missing or damaged shards (shard-000001.tar)" in err and not rebuilt
+    err, rebuilt = repair(lambda: os.truncate(dst / "shard-000003.tar", 4096))
+    assert "(shard-000003.tar)" in err and rebuilt == {"shard-000003.tar"}
+    err, rebuilt = repair(lambda: (dst / "shard-000000.idx").unlink())
+    assert "(shard-000000.tar)" in err and rebuilt == {"shard-000000.tar"}
+
+    def flip_byte():
+        with open(dst / "shard-000002.tar", "r+b") as f:
+            f.seek(700)
+            b = f.read(1)
+            f.seek(700)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+    flip_byte()   # the same size: one listing cannot see it, --recheck reads every shard
+    rc, err = _cli(shard, capsys)
+    assert rc == 0 and "already complete" in err
+    flip_byte()   # (back to the original, then damaged again inside `repair`)
+    err, rebuilt = repair(flip_byte, "--recheck")
+    assert "(shard-000002.tar)" in err and rebuilt == {"shard-000002.tar"}
+    # a dataset whose _build/ was removed once it was complete is repaired as well
+    shutil.rmtree(dst / "_build")
+    first = {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()}
+    err, _ = repair(lambda: (dst / "shard-000001.tar").unlink())
+    assert "(shard-000001.tar)" in err
+
+
+def test_recheck_also_rebuilds_a_damaged_shard_of_an_unfinished_build(class_tree, tmp_path):
+    """Before the manifest exists a resumed build trusts a finished shard at its recorded size;
+    with recheck it reads each one and rebuilds the damaged ones, byte-identical."""
+    dst = tmp_path / "ds"
+    assert not build_dataset(str(class_tree), str(dst), shard_max_samples=5, part=(0, 2), progress=False).complete
+    good = (dst / "shard-000002.tar").read_bytes()
+    (dst / "shard-000002.tar").write_bytes(good[:700] + bytes([good[700] ^ 0xFF]) + good[701:])
+    again = build_dataset(str(class_tree), str(dst), shard_max_samples=5, part=(0, 2), progress=False)
+    assert again.built_shards == 0
+    again = build_dataset(str(class_tree), str(dst), shard_max_samples=5, part=(0, 2), progress=False, recheck=True)
+    assert (again.built_shards, again.resumed_shards) == (1, 1)
+    assert (dst / "shard-000002.tar").read_bytes() == good
+
+
 def test_bench_shard_smoke(capsys):
     """`lmim bench shard` runs end to end and ends with one JSON object (no timing is asserted)."""
     from lmim.tools.cli import main

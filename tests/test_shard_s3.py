@@ -1,8 +1,8 @@
-"""Object storage: shard to s3:// (moto's real S3 API on loopback), verify, read back with DALI from s3://.
+"""Object storage: shard to s3:// (moto's real S3 API on loopback), verify, read back with DALI.
 
-DALI's S3 client (the AWS SDK) reaches the loopback server through AWS_ENDPOINT_URL, but its
-`Pipeline.build()` holds the GIL while it HEADs the shards, so it cannot talk to a server that is
-a Python thread of the same process: the DALI read-back runs in a child process.
+The read-back of a remote dataset fetches its shards through `pipeline.storage.Store` (the
+storage options apply) and decodes them with DALI from memory; DALI's own S3 client is not used.
+The read-back still runs in a child process here, as `lmim verify --decode` does in a job.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_shard_to_s3_verify_and_read_back_with_dali(corpus, s3_server, s3_bucket
     s3_server.clear()
     again = build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
     assert again.built_shards == 0 and not [r for r in s3_server.requests if r.method == "PUT"]
-    # and `lmim verify --decode` (DALI reading s3:// itself) agrees, in a child process
+    # and `lmim verify --decode` (DALI decoding what the Store fetched) agrees, in a child process
     out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "verify", url, "--decode"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK, 12 samples in 3 shards" in out.stderr, out.stderr[-2000:]
@@ -95,6 +95,8 @@ def test_s3_errors_are_one_sentence_and_hide_secrets(corpus, s3_server, capsys):
                "--storage-option", "key=testing", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "no-such-bucket-xyz" in err and "TOPSECRET" not in err
+    # the remedy for a bucket that does not exist
+    assert "bucket 'no-such-bucket-xyz' does not exist" in err and "create the bucket or check its name" in err
     with pytest.raises(BuildError, match="not writable|cannot write|cannot reach"):
         build_dataset(str(corpus), "s3://no-such-bucket-xyz/ds", progress=False)
 
@@ -164,3 +166,115 @@ def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, corpus
     assert len(lines) == 1 and f"lmim {args[0]}: " in lines[0] and "reach" in lines[0]
     assert f"127.0.0.1:{port}" in lines[0] and "AWS_ENDPOINT_URL" in lines[0]
     assert not (tmp_path / "ds").exists()   # nothing written locally either
+
+
+def test_an_s3_dst_that_is_src_or_inside_it_is_refused(corpus, s3_server, s3_bucket, capsys):
+    """As for local folders: a build into SRC (or a prefix under it) is refused before anything is
+    written, or the next build of SRC would list its shards as images (a phantom class, rejects).
+    Names are compared without credentials, trailing slashes or the s3a:// alias."""
+    import s3fs
+
+    from lmim.tools.cli import main
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(corpus), f"{s3_bucket}/rawc", recursive=True)
+    before = sorted(fs.find(f"{s3_bucket}/rawc"))
+    src = f"s3://{s3_bucket}/rawc"
+    for dst, words in [(f"{src}/", "same folder"), (f"s3a://{s3_bucket}/rawc", "same folder"),
+                       (f"{src}/out", "is inside SRC"), (f"s3://{s3_bucket}//rawc/a/b/", "is inside SRC")]:
+        rc = main(["shard", src, dst, "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and err.count("\n") == 1, (dst, err)
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{s3_bucket}/rawc")) == before       # nothing was written under SRC
+    # a sibling prefix that merely starts with the same letters is another place
+    assert build_dataset(src, f"s3://{s3_bucket}/rawc2", progress=False).samples == 12
+
+
+def test_a_rerun_repairs_an_s3_dataset_through_the_same_code_path(corpus, s3_server, s3_bucket):
+    """The repair of the local test, on s3://: one listing finds the deleted shard, `recheck` the
+    flipped byte; only those shards are uploaded again, byte-identical, and the dataset verifies."""
+    import s3fs
+
+    url = f"s3://{s3_bucket}/fix"
+    build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    first = {p: fs.cat_file(p) for p in fs.find(f"{s3_bucket}/fix", maxdepth=1) if p.endswith((".tar", ".idx"))}
+    manifest = fs.cat_file(f"{s3_bucket}/fix/manifest.json")
+    fs.rm_file(f"{s3_bucket}/fix/shard-000001.tar")
+    s3_server.clear()
+    again = build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    assert again.built_shards == 1 and again.samples == 12
+    assert [r.path.rsplit("/", 1)[-1] for r in s3_server.requests if r.method == "PUT" and r.path.endswith(".tar")] \
+        == ["shard-000001.tar"]
+    tar = fs.cat_file(f"{s3_bucket}/fix/shard-000002.tar")
+    fs.pipe_file(f"{s3_bucket}/fix/shard-000002.tar", tar[:700] + bytes([tar[700] ^ 0xFF]) + tar[701:])
+    assert verify_dataset(url) != []
+    assert build_dataset(str(corpus), url, shard_max_samples=5, progress=False).built_shards == 0
+    assert build_dataset(str(corpus), url, shard_max_samples=5, progress=False, recheck=True).built_shards == 1
+    fs.invalidate_cache()
+    assert {p: fs.cat_file(p) for p in first} == first
+    assert fs.cat_file(f"{s3_bucket}/fix/manifest.json") == manifest
+    assert verify_dataset(url) == []
+
+
+def test_verify_decode_reads_through_the_storage_options_not_dalis_own_client(corpus, s3_server, s3_bucket):
+    """`lmim verify --decode` reads the shards with the client and options every other read uses:
+    the options reach the store while the AWS environment points at nothing (DALI's own S3 client
+    read only the environment and called a sound dataset unreadable, exit 1)."""
+    import socket
+
+    url = f"s3://{s3_bucket}/opts"
+    build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    with socket.socket() as s:   # a port that was free a moment ago, now closed
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "AWS_ENDPOINT_URL": dead, "AWS_ENDPOINT_URL_S3": dead}
+    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", "verify", url, "--decode", "--storage-option",
+                          f"client_kwargs.endpoint_url={s3_server.endpoint_url}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK, 12 samples in 3 shards" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_store_that_stops_answering_during_verify_decode_is_exit_5(corpus, s3_server, s3_bucket, capsys):
+    """The store answers `lmim verify`'s own reads, then goes away before the decode pass reads the
+    shards: that is a store that does not answer (one sentence, exit 5), not a corrupt dataset (1)."""
+    from urllib.parse import urlparse
+
+    from lmim.tools.cli import main
+    from tests.faultproxy import FaultProxy
+
+    url = f"s3://{s3_bucket}/gone"
+    build_dataset(str(corpus), url, shard_max_samples=5, progress=False)
+    upstream = urlparse(s3_server.endpoint_url)
+    counter = FaultProxy((upstream.hostname, upstream.port))
+    try:   # how many requests the check before the decode pass makes, and the decode pass's manifest read
+        opts = {"client_kwargs": {"endpoint_url": counter.endpoint_url}}
+        assert verify_dataset(url, opts) == []
+        read_manifest(url, opts)
+        before_decode = counter.counts["ok"]
+    finally:
+        counter.close()
+    proxy = FaultProxy((upstream.hostname, upstream.port), down_after=before_decode)
+    try:
+        rc = main(["verify", url, "--decode", "--storage-option", f"client_kwargs.endpoint_url={proxy.endpoint_url}"])
+    finally:
+        proxy.close()
+    err = capsys.readouterr().err
+    assert proxy.counts["refused"] >= 1
+    assert rc == 5 and err.count("\n") == 1 and "cannot reach DST" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["verify", "merge", "shard", "shard-from"])
+def test_a_storage_option_the_client_refuses_is_bad_input(command, corpus, s3_server, s3_bucket, tmp_path, capsys):
+    """s3fs hands an option it does not know to its session, which refuses it at the first request
+    (a TypeError): that is the user's option, exit 2 in one sentence naming it, not a corrupt
+    dataset (verify said 'manifest: AioSession.__init__() ...', exit 1) nor a traceback (merge)."""
+    from lmim.tools.cli import main
+
+    args = {"shard": ["shard", str(corpus), f"s3://{s3_bucket}/ds", "--quiet"],
+            "shard-from": ["shard", f"s3://{s3_bucket}/raw", str(tmp_path / "ds"), "--quiet"]}.get(
+        command, [command, f"s3://{s3_bucket}/ds"])
+    rc = main([*args, "--storage-option", "bogus_opt=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "storage option 'bogus_opt' is not one the s3:// client accepts" in err, err

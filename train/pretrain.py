@@ -550,7 +550,7 @@ def _epochs(loader, meter: Meter) -> Iterator[Batch]:
         empty_passes = empty_passes + 1 if empty else 0
         if empty_passes == 2:  # another pass would give nothing too: stop instead of spinning forever
             raise DataError("the data loader gave no batch for a whole epoch (every sample or shard skipped?); "
-                            "check the dataset with `lmim verify`.")
+                            "find the broken shards with `lmim verify DST` and rebuild them with `lmim shard SRC DST --recheck`.")
 
 
 @contextlib.contextmanager

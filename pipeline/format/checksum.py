@@ -78,4 +78,4 @@ def verify_shard_checksum(info: "ShardInfo", digest: str) -> None:
     if digest != info.checksum:
         raise ShardError(info.name, f"checksum mismatch: {digest[:21]}..., the manifest says "
                                     f"{info.checksum[:21]}... (the shard changed or is corrupt; rebuild it "
-                                    "with `lmim shard`, or check it with `lmim verify`)")
+                                    "with `lmim shard SRC DST --recheck`)")

@@ -62,7 +62,7 @@ def parse_index(text: str, shard: str, expected_samples: int, file_size: int) ->
     """
     lines = text.splitlines()
     if not lines or not lines[0].startswith("v1."):
-        raise ShardError(shard, "bad index: the .idx file has no 'v1.x N' header; rebuild the index (`lmim shard`)")
+        raise ShardError(shard, "bad index: the .idx file has no 'v1.x N' header; rebuild it with `lmim shard SRC DST --recheck`")
     try:
         declared = int(lines[0].split()[1])
     except (IndexError, ValueError):

@@ -42,7 +42,8 @@ from lmim.tools.shard.plan import Plan, make_plan
 from lmim.tools.shard.processes import FORKS, context, run_forked, run_spawned
 from lmim.tools.shard.progress import Counters, ProgressBar, attach, reporting
 from lmim.tools.shard.sources import Corpus, SourceError, open_corpus
-from lmim.tools.shard.state import TMP_DIR, ShardRecord, claim, completed_records, shard_name
+from lmim.tools.shard.repair import damaged_shards, failing_recheck
+from lmim.tools.shard.state import TMP_DIR, ShardRecord, claim, completed_records, restore_plan, shard_name
 from lmim.tools.shard.tasks import ShardTask, TaskContext, build_shard, run_shards
 
 __all__ = ["BuildError", "BuildOptions", "BuildSummary", "BuildResult", "build_dataset", "run_build", "merge_parts"]
@@ -80,6 +81,7 @@ class BuildResult:
     dataset: str                # DST as messages name it (no credentials)
     part: tuple[int, int]       # (i, N) of this run; (0, 1) for a whole build
     already_complete: bool      # DST already held this finished dataset: the run did nothing
+    repaired: list[str] = dataclasses.field(default_factory=list)  # shards of a finished dataset rebuilt (missing or damaged)
 
 
 def build_dataset(src: str, dst: str, options: BuildOptions | None = None, **keywords: Any) -> BuildSummary:
@@ -109,6 +111,8 @@ def build_dataset(src: str, dst: str, options: BuildOptions | None = None, **key
         source_storage_options: fsspec options for SRC when they differ from DST's.
         fsync: flush each local shard to disk before moving it into place (survives power loss,
             not only a killed process; done in a background thread, so it costs little).
+        recheck: read every shard already built in full and rebuild those that fail `lmim verify`'s
+            check (without it, a finished shard is trusted when it is there at its recorded size).
 
     Raises:
         BuildError: a bad setting, SRC or DST, in one sentence.
@@ -137,21 +141,44 @@ def run_build(src: str, dst: str, options: BuildOptions) -> BuildResult:
                       "shard_max_bytes": options.shard_max_bytes, "shard_max_samples": options.shard_max_samples,
                       **settings, "fingerprint": plan.fingerprint, "planned_shards": len(plan.shards),
                       "planned_samples": len(corpus.items)}
-        done = claim(dest, plan, {**build_info, "classes": corpus.classes, "listing_rejects": corpus.rejects})
+        plan_doc = {**build_info, "classes": corpus.classes, "listing_rejects": corpus.rejects}
+        done = claim(dest, plan, plan_doc)
         part = (options.part_index, options.part_count)
-        if done is not None:
+        if done is None:
+            return BuildResult(_run(dest, corpus, plan, options, t0), scrub_url(dest.url), part, already_complete=False)
+        damaged = _damaged_of_mine(dest, done, plan, options)
+        if not damaged:
             return BuildResult(_summary_from_manifest(done, t0), scrub_url(dest.url), part, already_complete=True)
-        summary = _run(dest, corpus, plan, options, t0)
-        return BuildResult(summary, scrub_url(dest.url), part, already_complete=False)
+        restore_plan(dest, plan_doc)  # the merge that rewrites the manifest reads it
+        # the shards were just checked (read in full under --recheck): _run need not read them again
+        summary = _run(dest, corpus, plan, dataclasses.replace(options, recheck=False), t0,
+                       rebuild=frozenset(damaged.values()))
+        return BuildResult(summary, scrub_url(dest.url), part, already_complete=False, repaired=sorted(damaged))
     finally:
         corpus.close()
 
 
-def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: float) -> BuildSummary:
-    """Build this run's missing shards, then merge (a whole build) or summarise this part."""
+def _damaged_of_mine(dest: Store, manifest: Manifest, plan: Plan, options: BuildOptions) -> dict[str, int]:
+    """{shard file name: plan number} of this run's shards of a finished dataset that must be rebuilt
+    (a part build repairs its own shards only, as it builds only those)."""
+    part_i, part_n = options.part_index, options.part_count
+    numbers = {f"{shard_name(options.prefix, n)}.tar": n for n in range(len(plan.shards))}
+    mine = [s for s in manifest.shards if s.name in numbers and numbers[s.name] % part_n == part_i]
+    return {name: numbers[name] for name in damaged_shards(dest, mine, manifest.classes, recheck=options.recheck)}
+
+
+def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: float,
+         rebuild: frozenset[int] = frozenset()) -> BuildSummary:
+    """Build this run's missing shards and those in `rebuild` (found damaged), then merge (a whole
+    build) or summarise this part."""
     part_i, part_n = options.part_index, options.part_count
     mine = [n for n in range(len(plan.shards)) if n % part_n == part_i]
     done = completed_records(dest, plan, options.prefix)
+    if options.recheck:  # a resumed build trusts a finished shard's size; --recheck reads it too
+        recorded = {r.info.name: n for n, r in done.items() if n in mine and r.info is not None}
+        failing = failing_recheck(dest, [done[n].info for n in recorded.values()], corpus.classes)
+        rebuild = rebuild | {recorded[name] for name in failing}
+    done = {n: r for n, r in done.items() if n not in rebuild}
     todo = [n for n in mine if n not in done]
     tmp_dir = _scratch_dir(dest, {shard_name(options.prefix, n) for n in mine})
     ctx = TaskContext(root=dest.url, storage_options=dest.storage_options, source_options=options.source_options,

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fsync", action="store_true",
                    help="do not flush local shards to disk before moving them into place (a killed build "
                         "still resumes correctly; a power loss may not)")
+    p.add_argument("--recheck", action="store_true",
+                   help="also read every shard already built in full (as `lmim verify` does) and rebuild those "
+                        "that are damaged; without it a re-run rebuilds only missing shards and shards of the wrong size")
     add_storage_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
@@ -64,7 +67,7 @@ def main(argv: list[str]) -> int:
             shard_max_bytes=args.shard_max_bytes, shard_max_samples=args.shard_max_samples, workers=args.workers,
             seed=args.seed, part=part, max_side=args.max_side, quality=args.quality, full_decode=args.full_decode,
             storage_options=storage_options, progress=not args.quiet, labels=args.labels, max_pixels=args.max_pixels,
-            prefix=args.prefix, fsync=not args.no_fsync)
+            prefix=args.prefix, fsync=not args.no_fsync, recheck=args.recheck)
         result = run_build(args.src, args.dst, options)
     except BuildError as e:
         print(f"lmim shard: {e}", file=sys.stderr)
@@ -88,6 +91,8 @@ def _report(result: BuildResult) -> str:
                 f"nothing to do")
     what = f"part {part_i}/{part_n} of " if part_n > 1 else ""
     lines = [f"lmim shard: {what}{result.dataset}",
+             *([f"  repaired: rebuilt {len(result.repaired)} missing or damaged shards ({_names(result.repaired)})"]
+               if result.repaired else []),
              f"  samples {s.samples}   shards {s.shards}   classes {s.classes}   rejects {s.rejects}"
              + (f" (see {REJECTS_NAME})" if s.rejects and s.complete else ""),
              f"  this run: {s.built_shards} shards built, {s.resumed_shards} already complete, "
@@ -100,6 +105,10 @@ def _report(result: BuildResult) -> str:
         lines.append(f"  other parts are still building; the last part to finish writes {MANIFEST_NAME} "
                      f"(or run `lmim merge {result.dataset}` once all {part_n} parts are done)")
     return "\n".join(lines)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def merge_main(argv: list[str]) -> int:

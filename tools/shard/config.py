@@ -51,6 +51,7 @@ class BuildOptions:
     prefix: str = DEFAULT_PREFIX
     source_storage_options: dict[str, Any] | None = None
     fsync: bool = True
+    recheck: bool = False   # also read every finished shard in full and rebuild those that differ from their record
 
     def __post_init__(self) -> None:
         if self.shard_max_bytes is None and self.shard_max_samples is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from lmim.pipeline.format.manifest import MANIFEST_NAME
-from lmim.pipeline.storage import Store, folder_obstacle, has_scheme
+from lmim.pipeline.storage import Store, folder_obstacle, has_scheme, is_remote
 from lmim.tools.shard.errors import BuildError
 
 __all__ = ["scrub_url", "open_destination", "check_destination", "check_not_foreign"]
@@ -33,9 +33,10 @@ def open_destination(dst: str, storage_options: dict | None) -> Store:
 
 
 def check_destination(dest: Store, src: str) -> None:
-    """Refuse a local DST that is SRC, lies inside SRC (its shards would join the corpus) or cannot be
-    written. A remote DST is probed later, by the first read of what it holds (`state.claim`)."""
+    """Refuse a DST that is SRC or lies inside SRC (its shards would join the corpus), and a local DST
+    that cannot be written. A remote DST is probed later, by the first read of what it holds (`state.claim`)."""
     if not dest.local:
+        _check_remote_overlap(dest.url, src)
         return
     if not has_scheme(src):
         src_abs = os.path.realpath(src.rstrip("/") or "/")
@@ -47,6 +48,31 @@ def check_destination(dest: Store, src: str) -> None:
                              f"corpus; put DST outside SRC")
     check_not_foreign(dest)
     _check_local_writable(dest.path)
+
+
+def _remote_location(url: str) -> tuple[str, str, str] | None:
+    """(scheme, bucket or host, path without outer slashes) of a remote URL, credentials left out;
+    None for a local one. s3a:// is s3:// under another name (fsspec opens both with s3fs)."""
+    if not is_remote(url):
+        return None
+    scheme, rest = scrub_url(url).split("://", 1)
+    host, _, path = rest.partition("/")
+    scheme = scheme.lower()
+    return ("s3" if scheme == "s3a" else scheme), host, path.strip("/")
+
+
+def _check_remote_overlap(dst_url: str, src: str) -> None:
+    """The remote twin of the local check: comparing names needs no request, and a build into SRC
+    would list its own shards as images on the next run (a phantom class, rejects)."""
+    src_loc, dst_loc = _remote_location(src), _remote_location(dst_url)
+    if src_loc is None or dst_loc is None or src_loc[:2] != dst_loc[:2]:
+        return
+    src_path, dst_path = src_loc[2], dst_loc[2]
+    if src_path == dst_path:
+        raise BuildError("SRC and DST are the same folder; give DST a new folder")
+    if src_path == "" or dst_path.startswith(src_path + "/"):
+        raise BuildError(f"DST {scrub_url(dst_url)} is inside SRC {scrub_url(src)}: its shards would become part "
+                         f"of the corpus; put DST outside SRC")
 
 
 def check_not_foreign(dest: Store) -> None:

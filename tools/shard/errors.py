@@ -6,10 +6,12 @@ written (that one reaches the user as an `OSError`, through the `lmim` command's
 """
 from __future__ import annotations
 
+import re
+
 from lmim.pipeline.errors import store_client_network_error
 from lmim.pipeline.storage import is_remote
 
-__all__ = ["BuildError", "StoreNotAnswering", "reach_error"]
+__all__ = ["BuildError", "StoreNotAnswering", "reach_error", "rejected_option"]
 
 
 class BuildError(ValueError):
@@ -24,8 +26,26 @@ class StoreNotAnswering(BuildError):
     exit_code = 5
 
 
+# s3fs hands the options it does not know to its client's session, which refuses them only at the
+# first request, as a TypeError naming the keyword: the user's own option, so bad input.
+_REJECTED_KEYWORD = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def rejected_option(url: str, err: BaseException) -> BuildError | None:
+    """The one sentence (exit 2) when `err` is the store's client refusing a storage option; else None."""
+    found = _REJECTED_KEYWORD.search(str(err)) if isinstance(err, TypeError) else None
+    if found is None:
+        return None
+    scheme = url.split("://", 1)[0] if "://" in url else "local"
+    return BuildError(f"storage option {found.group(1)!r} is not one the {scheme}:// client accepts; correct or "
+                      f"remove it (--storage-option / --storage-options)")
+
+
 def reach_error(what: str, url: str, err: Exception) -> BuildError:
     """The one sentence for `err`, raised while first reading `what` ("SRC" or "DST") at `url`."""
+    rejected = rejected_option(url, err)
+    if rejected is not None:
+        return rejected
     reason = f"{type(err).__name__}: {err}"
     if isinstance(err, PermissionError) and is_remote(url):
         return StoreNotAnswering(f"{what} {url} is not readable with these credentials ({reason}); check "

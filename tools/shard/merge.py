@@ -13,7 +13,7 @@ import shutil
 from lmim.pipeline.format.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import open_destination, scrub_url
-from lmim.tools.shard.errors import BuildError
+from lmim.tools.shard.errors import BuildError, reach_error
 from lmim.tools.shard.state import PLAN_NAME, TMP_DIR, fingerprint_records, read_json, shard_name
 
 __all__ = ["merge_parts", "merge"]
@@ -32,7 +32,10 @@ def merge(dest: Store, *, only_if_complete: bool = False) -> Manifest | None:
 
     With `only_if_complete`, shards still missing mean None (other parts are building) instead of an error.
     """
-    plan_doc = read_json(dest, PLAN_NAME)
+    try:  # the first read of DST by `lmim merge`: a store that does not answer or refuses an option
+        plan_doc = read_json(dest, PLAN_NAME)
+    except Exception as e:
+        raise reach_error("DST", scrub_url(dest.url), e) from None
     if plan_doc is None:
         if only_if_complete:
             return None

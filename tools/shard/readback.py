@@ -1,15 +1,15 @@
-"""Read a dataset back exactly as the training pipeline does: DALI's `fn.readers.webdataset` with
-the written `.idx` files, and (optionally) DALI's CPU image decoder to RGB.
+"""Read a dataset back as the training pipeline does, and (optionally) decode every image with
+DALI's CPU decoder to RGB.
 
 Used by `lmim verify --decode` and by the tests: a dataset that passes here is one the pipeline
 can read and decode, with the `.json` sizes equal to the decoded sizes (the pipeline computes crop
 windows from them without decoding).
 
-Remote roots are read with DALI's own S3 client (the AWS SDK), which takes its endpoint and
-credentials from the AWS environment (`AWS_ENDPOINT_URL`, ...), not from fsspec options. DALI's
-`Pipeline.build()` holds the GIL while that client HEADs the shards, so it cannot reach an S3
-server that runs as a Python thread of the same process (a test's moto server): run it in a
-separate process then (`lmim verify --decode` in a subprocess).
+As in the pipeline, local shards are read by DALI's `fn.readers.webdataset` with the written
+`.idx` files, and remote shards are fetched whole through `pipeline.storage.Store` (the fsspec
+client every other reader uses, so `--storage-option` applies and an unreachable store is told as
+one) and their images handed to DALI from memory, split by their `.idx`. DALI's own S3 client is
+never used: it reads only the AWS environment, and would disagree with the options.
 """
 from __future__ import annotations
 
@@ -19,9 +19,13 @@ from typing import Iterator
 
 import numpy as np
 
+from lmim.pipeline.errors import ShardError
+from lmim.pipeline.format.index import parse_index
 from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, split_member
-from lmim.pipeline.format.manifest import read_manifest
-from lmim.pipeline.storage import join
+from lmim.pipeline.format.manifest import Manifest, ShardInfo, read_manifest
+from lmim.pipeline.storage import Store, is_remote, join
+from lmim.tools.shard.destination import scrub_url
+from lmim.tools.shard.errors import reach_error
 
 
 @dataclass
@@ -43,14 +47,25 @@ def read_back(root: str, *, decode: bool = True, batch_size: int = 16,
         root: dataset root (local or s3://).
         decode: also decode each image with DALI to RGB and report its shape.
         batch_size: DALI batch size.
-        storage_options: fsspec options, used only to read the manifest.
+        storage_options: fsspec options (remote roots: every read goes through them).
+
+    Raises:
+        StoreNotAnswering / BuildError: a remote shard or index could not be read (one sentence).
     """
+    manifest = read_manifest(root, storage_options)
+    if manifest.total_samples == 0:
+        return
+    if is_remote(root):
+        yield from _read_remote(root, manifest, decode, batch_size, storage_options)
+    else:
+        yield from _read_local(root, manifest, decode, batch_size)
+
+
+def _read_local(root: str, manifest: Manifest, decode: bool, batch_size: int) -> Iterator[ReadSample]:
+    """The local path: DALI's webdataset reader over the shards and their `.idx` files."""
     from nvidia.dali import fn, pipeline_def, types
 
-    manifest = read_manifest(root, storage_options)
     total = manifest.total_samples
-    if total == 0:
-        return
     paths = [join(root, s.name) for s in manifest.shards]
     indices = [join(root, s.index) for s in manifest.shards]
     bs = max(1, min(batch_size, total))
@@ -86,6 +101,64 @@ def read_back(root: str, *, decode: bool = True, batch_size: int = 16,
             seen += 1
 
 
+class _MemoryDecoder:
+    """DALI's CPU image decoder fed encoded images from memory (`fn.external_source`)."""
+
+    def __init__(self, batch_size: int):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1,
+                      exec_async=False, exec_pipelined=False)
+        def pipe():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def shapes(self, images: list[bytes]) -> list[tuple[int, int, int]]:
+        self.pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in images])
+        (decoded,) = self.pipe.run()
+        return [tuple(np.asarray(decoded[i]).shape) for i in range(len(images))]
+
+
+def _fetch(store: Store, name: str) -> bytes:
+    """A remote file's bytes; a store that does not answer or refuses is one sentence (exit 5)."""
+    try:
+        return store.read_bytes(name)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise reach_error("DST", scrub_url(store.url), e) from None
+
+
+def _samples_of(data: bytes, index: str, info: ShardInfo) -> Iterator[tuple[str, str, bytes, bytes, bytes]]:
+    """(key, image ext, image bytes, .json bytes, .cls bytes) per sample, split by the shard's index
+    as the streaming loader splits it."""
+    for comps in parse_index(index, info.name, info.samples, len(data)):
+        ext = next((e for e in IMAGE_EXTENSIONS if e in comps), None)
+        if ext is None:
+            continue  # lmim verify's tar check names a sample without an image
+        part = {e: data[off:off + size] for e, (off, size, _) in comps.items()}
+        yield split_member(comps[ext][2])[0], ext, part[ext], part.get("json", b"{}"), part.get("cls", b"")
+
+
+def _read_remote(root: str, manifest: Manifest, decode: bool, batch_size: int,
+                 storage_options: dict | None) -> Iterator[ReadSample]:
+    """The remote path: each shard fetched whole through the Store, its images decoded from memory."""
+    store = Store(root, storage_options)
+    decoder = _MemoryDecoder(max(1, batch_size)) if decode else None
+    for info in manifest.shards:
+        data = _fetch(store, info.name)
+        samples = list(_samples_of(data, _fetch(store, info.index).decode("utf-8", "replace"), info))
+        for start in range(0, len(samples), max(1, batch_size)):
+            chunk = samples[start:start + max(1, batch_size)]
+            shapes = decoder.shapes([c[2] for c in chunk]) if decoder is not None else [None] * len(chunk)
+            for (key, ext, image, meta, cls), shape in zip(chunk, shapes):
+                yield ReadSample(shard=store.url_of(info.name), key=key, ext=ext, data=image,
+                                 label=int(cls.decode()) if cls.strip() else None, meta=json.loads(meta), shape=shape)
+
+
 def decode_check(root: str, storage_options: dict | None = None) -> list[str]:
     """Decode every sample with DALI; problems: decode failures and sizes that differ from the .json."""
     problems = []
@@ -95,6 +168,8 @@ def decode_check(root: str, storage_options: dict | None = None) -> list[str]:
             if (w, h) != (s.meta.get("width"), s.meta.get("height")) or s.shape[2] != 3:
                 problems.append(f"shard {s.shard.rsplit('/', 1)[-1]}: sample {s.key!r} decodes to {w} x {h} x "
                                 f"{s.shape[2]}, its .json says {s.meta.get('width')} x {s.meta.get('height')}")
+    except (ShardError, FileNotFoundError) as e:  # a file changed since `lmim verify` read it
+        problems.append(str(e))
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         problems.append(f"DALI could not read or decode the dataset: {' '.join(first[-3:])[:500]}")

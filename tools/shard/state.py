@@ -21,7 +21,7 @@ from lmim.tools.shard.errors import BuildError, reach_error
 from lmim.tools.shard.plan import Plan
 
 __all__ = ["BUILD_DIR", "PLAN_NAME", "SIDECAR_DIR", "TMP_DIR", "ShardRecord", "shard_name", "read_json",
-           "claim", "completed_records", "fingerprint_records"]
+           "claim", "restore_plan", "completed_records", "fingerprint_records"]
 
 BUILD_DIR = "_build"
 PLAN_NAME = f"{BUILD_DIR}/plan.json"
@@ -99,6 +99,14 @@ def claim(dest: Store, plan: Plan, plan_doc: dict[str, Any]) -> Manifest | None:
     return None
 
 
+def restore_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
+    """Write the plan of a finished dataset again unless it is there: repairing a shard ends with a
+    merge, which reads it (a user may have removed `_build/` once the dataset was complete)."""
+    existing = read_json(dest, PLAN_NAME)
+    if existing is None or existing.get("fingerprint") != plan_doc["fingerprint"]:
+        _write_plan(dest, plan_doc)
+
+
 def _write_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
     # a refused first write leaves nothing behind: a local DST this build created is removed again
     existed = dest.local and dest.exists()
@@ -112,7 +120,12 @@ def _write_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
     except Exception as e:
         if dest.local and not existed:
             shutil.rmtree(dest.path, ignore_errors=True)
-        raise BuildError(f"cannot write to DST {scrub_url(dest.url)} ({type(e).__name__}: {e})") from None
+        reason = f"{type(e).__name__}: {e}"
+        if isinstance(e, FileNotFoundError) and not dest.local and "bucket" in str(e).lower():
+            bucket = scrub_url(dest.url).split("://", 1)[1].split("/", 1)[0]
+            raise BuildError(f"cannot write to DST {scrub_url(dest.url)}: its bucket {bucket!r} does not exist "
+                             f"({reason}); create the bucket or check its name") from None
+        raise BuildError(f"cannot write to DST {scrub_url(dest.url)} ({reason})") from None
 
 
 def completed_records(dest: Store, plan: Plan, prefix: str) -> dict[int, ShardRecord]:

@@ -19,6 +19,7 @@ from lmim.pipeline.format.index import INDEX_VERSION, lines_of_members
 from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, is_readable_key, split_member
 from lmim.pipeline.format.manifest import Manifest, ShardInfo, read_manifest
 from lmim.pipeline.storage import Store
+from lmim.tools.shard.errors import BuildError, rejected_option
 from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 
 
@@ -115,12 +116,24 @@ def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen
     return problems
 
 
+def shard_problems(store: Store, shard: ShardInfo, classes: list[str] | None) -> list[str]:
+    """What `lmim verify` finds wrong in this one shard and its index (one sequential read of the
+    shard); [] when it is sound. Keys are not compared with other shards': a re-run of `lmim shard
+    --recheck` rebuilds the shards this names, and a duplicate key elsewhere is not theirs to mend."""
+    return _check_shard(store, shard, classes, {})
+
+
 def verify_dataset(root: str, storage_options: dict | None = None) -> list[str]:
-    """Check the dataset at `root`; returns one line per problem ([] when it is sound)."""
+    """Check the dataset at `root`; returns one line per problem ([] when it is sound).
+
+    Raises BuildError (exit 2) when the store's client refuses one of `storage_options`."""
     opts = dict(storage_options or {})
     try:
         manifest: Manifest = read_manifest(root, opts)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        rejected = rejected_option(root, e)
+        if rejected is not None:  # the options are wrong, not the dataset
+            raise rejected from None
         return [f"manifest: {e}"]
     problems: list[str] = []
     names = [s.name for s in manifest.shards]
@@ -144,13 +157,20 @@ def main(argv: list[str]) -> int:
     if parsed is None:
         return 2
     args, options = parsed
-    problems = verify_dataset(args.dst, options)
-    if args.decode and not problems:
-        from lmim.tools.shard.readback import decode_check
+    try:
+        problems = verify_dataset(args.dst, options)
+        if args.decode and not problems:
+            from lmim.tools.shard.readback import decode_check
 
-        problems = decode_check(args.dst, options)
+            problems = decode_check(args.dst, options)
+    except BuildError as e:  # a refused storage option, a store that stopped answering: not the dataset's fault
+        print(f"lmim verify: {e}", file=sys.stderr)
+        return e.exit_code
     for line in problems:
         print(f"lmim verify: {line}", file=sys.stderr)
+    if any(line.startswith("shard ") for line in problems):  # what mends them (a re-run alone trusts same-size shards)
+        print(f"lmim verify: to rebuild the damaged shards, run the `lmim shard SRC {args.dst}` command that built "
+              f"the dataset again with --recheck", file=sys.stderr)
     ok = not problems
     if ok:
         m = read_manifest(args.dst, options)
