@@ -171,3 +171,13 @@ def test_resume_with_another_grad_accum_keeps_the_epochs_and_the_newest_checkpoi
     assert steps == [*range(1, 9), *range(5, 11)]                   # 8 steps of 1 batch, then 6 of 2: 20 batches
     epochs = [r["epoch"] for r in logged if "loss" in r]
     assert epochs == sorted(epochs) and epochs[-1] == 2.0           # the data's epoch never goes back
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, capsys):
+    _run(tmp_path / "r")
+    capsys.readouterr()
+    again = _run(tmp_path / "r", "resume=auto")
+    assert again["step"] == 10
+    assert "nothing left to train: the checkpoint is at step 10 and this run stops at step 10" in capsys.readouterr().out
+    longer = _run(tmp_path / "r", "resume=auto", "epochs=3")
+    assert longer["step"] == 15 and "nothing left" not in capsys.readouterr().out

@@ -478,6 +478,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 or state.steps_per_epoch not in (0, steps_per_epoch)):
         _rebase_steps(state, loader, steps_per_epoch, eff_batch, cfg, accelerator, sched)
     state.world_size, state.steps_per_epoch, state.effective_batch = accelerator.num_processes, steps_per_epoch, eff_batch
+    if resumed is not None and cadence.done(state.step):
+        accelerator.print(f"nothing left to train: the checkpoint is at step {state.step} and this run stops at step "
+                          f"{cadence.stop_step}; raise epochs (or max_steps) to train longer")
     reporter = Reporter(cfg, accelerator, schedules=sched, steps_per_epoch=steps_per_epoch, loader=loader,
                         start_step=state.step, stop_step=cadence.stop_step)
     meter = Meter(eff_batch, start_step=state.step, stop_step=cadence.stop_step)
