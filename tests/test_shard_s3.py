@@ -157,9 +157,11 @@ def test_a_store_that_does_not_answer_is_one_sentence_and_exit_5(command, corpus
 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **aws_env(f"http://127.0.0.1:{port}")}
     args = {"shard": ["shard", str(corpus), "s3://some-bucket/ds"],              # DST on the store
-            "shard-from": ["shard", "s3://some-bucket/raw", str(tmp_path / "ds")]}.get(command, [command, "s3://some-bucket/ds"])
+            "shard-from": ["shard", "s3://some-bucket/raw", str(tmp_path / "ds")],   # SRC on the store
+            }.get(command, [command, "s3://some-bucket/ds"])
     quiet = ["--quiet"] if args[0] == "shard" else []
-    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", *args, *quiet], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "lmim.tools.cli", *args, *quiet], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 5, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
