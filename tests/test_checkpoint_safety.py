@@ -189,3 +189,38 @@ def test_a_checkpoint_state_of_the_wrong_shape_is_skipped_by_resume_auto(tmp_pat
     assert out["step"] == 5
     printed = capsys.readouterr().out
     assert f"skipping {newest.name}" in printed and "resumed from" in printed and "step_00000002" in printed
+
+
+@pytest.mark.parametrize("compiled_first", [True, False])
+def test_compile_on_or_off_does_not_change_what_a_checkpoint_holds(tmp_path, compiled_first):
+    """compile=true wraps the model in torch.compile's OptimizedModule, whose state dict keys carry
+    `_orig_mod.`: a checkpoint of a compiled run used to load only into a compiled run (and the other
+    way round), reported as a damaged checkpoint. Both now save and load the bare LatentMIM keys.
+    (torch.compile's eager backend: the wrapper is the same as Inductor's, without a C++ compiler.)"""
+    import torch
+    from accelerate import Accelerator
+    from safetensors import safe_open
+
+    from lmim.model import LatentMIM
+    from lmim.train.checkpoint import install_unwrapped_model_hooks, load_checkpoint, save_checkpoint
+    from lmim.train.pretrain import reset_accelerate_state
+    from tests.test_export import _tiny
+
+    def prepared(compiled: bool, seed: int):
+        reset_accelerate_state()
+        acc = Accelerator(cpu=True)
+        install_unwrapped_model_hooks(acc)
+        torch.manual_seed(seed)
+        net = LatentMIM(_tiny())
+        model = torch.compile(net, backend="eager") if compiled else net
+        model, opt = acc.prepare(model, torch.optim.AdamW(net.parameters()))
+        return acc, net
+
+    acc, saved_net = prepared(compiled_first, seed=0)
+    ckpt = save_checkpoint(acc, tmp_path / "r", 1, "{}\n", keep=2)
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == set(saved_net.state_dict()) and not any(k.startswith("_orig_mod.") for k in keys)
+    acc, loaded_net = prepared(not compiled_first, seed=1)
+    load_checkpoint(acc, ckpt, states={})
+    assert all(torch.equal(a, b) for a, b in zip(saved_net.state_dict().values(), loaded_net.state_dict().values()))

@@ -364,11 +364,11 @@ def install_unwrapped_model_hooks(accelerator) -> None:
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for i, m in enumerate(models):
-            weights[i] = accelerator.unwrap_model(m).state_dict()
+            weights[i] = accelerator.unwrap_model(m, keep_torch_compile=False).state_dict()
 
     def load_hook(models: list, input_dir: str) -> None:
         for i, m in enumerate(models):
-            models[i] = accelerator.unwrap_model(m)
+            models[i] = accelerator.unwrap_model(m, keep_torch_compile=False)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
