@@ -2,6 +2,7 @@
 traceback, and nothing written into the run folder by a start that failed."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -316,3 +317,6 @@ def test_resuming_with_another_model_shape_is_a_config_error_naming_the_key(tmp_
     sentence = _one_sentence(again)
     assert f"model.depth is {int(depth) + 1} but step_00000002 was trained with {depth}" in sentence
     assert (run_dir / "config.yaml").read_text() == config_before
+    # the finished run the mistaken command pointed at still reads as finished, with no error logged
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert not (run_dir / "logs" / "error.log").exists()

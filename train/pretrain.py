@@ -594,7 +594,9 @@ def _main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as err:
         failure = classify(err)
         log_file = None
-        if not isinstance(err, RunFolderInUse):   # that folder is another run's: write nothing into it
+        # A refused setting is the command's mistake, not an event of the run in run_dir (which may be a
+        # finished run resumed by mistake), and a folder in use is another run's: write nothing into either.
+        if not isinstance(err, RunFolderInUse) and failure.kind != "config":
             log_file = _log_traceback(cfg, err)
             _record_failed_start(cfg, failure)
         if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
