@@ -320,3 +320,15 @@ def test_resuming_with_another_model_shape_is_a_config_error_naming_the_key(tmp_
     # the finished run the mistaken command pointed at still reads as finished, with no error logged
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert not (run_dir / "logs" / "error.log").exists()
+
+
+def test_a_synthetic_data_checkpoint_resumed_on_real_data_is_a_config_error_not_a_damaged_one(small_dataset, tmp_path):
+    """The synthetic loader's position is not a position in a dataset: resuming its checkpoint on
+    real data is a setting to change (exit 2, nothing written), not a damaged checkpoint (exit 3)."""
+    run_dir = tmp_path / "r"
+    first = _pretrain("data.loader=synthetic", "synthetic_batches=2", "max_steps=2", f"run_dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _pretrain(f"data.url={small_dataset}", "resume=auto", f"run_dir={run_dir}")
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "data.loader is 'dali' but step_00000002 was trained with 'synthetic'" in _one_sentence(again)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"

@@ -120,13 +120,18 @@ def _check_same_model(cfg: DictConfig, checkpoint: Path) -> None:
     """Refuse, before anything is written, to resume a checkpoint with another model shape: its
     weights would not load, and the failure would read as a damaged checkpoint."""
     try:
-        saved = OmegaConf.load(checkpoint / "config.yaml").get("model") or {}
+        saved_cfg = OmegaConf.load(checkpoint / "config.yaml")
+        saved = saved_cfg.get("model") or {}
+        saved_loader = OmegaConf.select(saved_cfg, "data.loader")
     except Exception:  # unreadable: the checkpoint's own verification will say so, with its fallback
         return
     changed = [f"model.{k} is {OmegaConf.select(cfg.model, k)!r} but {checkpoint.name} was trained with {saved[k]!r}"
                for k in _SHAPE_KEYS if k in saved and saved[k] != OmegaConf.select(cfg.model, k)]
+    if saved_loader is not None and (saved_loader == "synthetic") != (cfg.data.loader == "synthetic"):
+        # the synthetic loader's position is not a data position: neither can continue from the other's
+        changed.append(f"data.loader is {cfg.data.loader!r} but {checkpoint.name} was trained with {saved_loader!r}")
     if changed:
-        raise ConfigError(f"cannot resume from {checkpoint}: {'; '.join(changed[:3])}. Resume with the model settings "
+        raise ConfigError(f"cannot resume from {checkpoint}: {'; '.join(changed[:3])}. Resume with the settings "
                           "the run was started with (its checkpoints' config.yaml), or start a new run_dir.")
 
 
