@@ -130,11 +130,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     from lmim.train.pretrain import TrainingError
 
     poison_loss(monkeypatch, from_step=5)
-    with pytest.raises(TrainingError, match=r"non-finite .* between steps 5 and 5.*last good checkpoint is kept"):
+    with pytest.raises(TrainingError, match=r"non-finite \(nan/inf\) at step 5; .*last good checkpoint is kept"):
         _run(tmp_path / "r", "checkpoint.every_steps=4", "log_every=5")
     assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [4]
     status = json.loads((tmp_path / "r" / "status.json").read_text())
     assert status["status"] == "failed"
+    # before any checkpoint: no checkpoint to resume from, and the lr key the run actually uses
+    with pytest.raises(TrainingError, match=r"between steps 1 and 3; training stopped and no checkpoint was written "
+                                            r"yet: start again with a lower optim.lr or precision=no"):
+        _run(tmp_path / "r2", "log_every=3", "optim.lr=0.001")
 
 
 def test_an_epoch_without_batches_is_an_error_not_a_hang():

@@ -98,12 +98,15 @@ class Reporter:
         if w is None:
             return
         if w.nonfinite:
-            where = f"a checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-            raise TrainingError(
-                f"The loss became non-finite (nan/inf) between steps {step - w.steps + 1} and {step}; training stopped "
-                f"and the last good checkpoint is kept ({where}); resume from it with resume=auto, "
-                "perhaps with a lower optim.base_lr or precision=no."
-            )
+            first = step - w.steps + 1
+            when = f"at step {step}" if first == step else f"between steps {first} and {step}"
+            lr_key = "optim.lr" if self.cfg.optim.lr is not None else "optim.base_lr"
+            if last_checkpoint:
+                then = (f"the last good checkpoint is kept ({last_checkpoint}); resume from it with resume=auto, "
+                        f"perhaps with a lower {lr_key} or precision=no.")
+            else:
+                then = f"no checkpoint was written yet: start again with a lower {lr_key} or precision=no."
+            raise TrainingError(f"The loss became non-finite (nan/inf) {when}; training stopped and {then}")
         record = {
             "step": step,
             "epoch": getattr(self.loader, "epochs_done", step / self.steps_per_epoch),
@@ -123,7 +126,7 @@ class Reporter:
                                       wait=f"{record['data_wait_share']:.0%}", refresh=False)
         if self.progress_lines:
             print(progress_line(step, self.stop_step, record), flush=True)
-        self._check_collapse(step, record)
+        self._check_collapse(step, record, last_checkpoint)
 
     def _source_counts(self) -> dict[str, int]:
         """Training on a mixture (data.sources): the samples every process together took from each
@@ -136,7 +139,7 @@ class Reporter:
                            reduction="sum")
         return {f"data_samples/{name}": int(n) for name, n in zip(per_process, total.tolist())}
 
-    def _check_collapse(self, step: int, record: dict[str, float]) -> None:
+    def _check_collapse(self, step: int, record: dict[str, float], last_checkpoint: Path | None) -> None:
         cfg = self.cfg.collapse_guard
         verdict = self.guard.update(step, float(record.get(cfg.metric, float("nan"))))
         if verdict == "ok":
@@ -148,7 +151,8 @@ class Reporter:
         self.accelerator.print("\n" + "!" * 100 + f"\n{msg}\n" + "!" * 100)
         self.metrics_log.write({"event": "collapse_warning", "step": step, "message": msg})
         if verdict == "stop":
-            raise TrainingError(msg + " Stopped (collapse_guard.action=stop); the last checkpoint is kept.")
+            kept = f"the last checkpoint is kept ({last_checkpoint})" if last_checkpoint else "no checkpoint was written yet"
+            raise TrainingError(f"{msg} Stopped (collapse_guard.action=stop); {kept}.")
 
     def evaluation(self, step: int, result: dict[str, float]) -> None:
         """A k-NN result ({"knn_top1": %})."""
