@@ -185,3 +185,18 @@ def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, c
     assert "nothing left to train: the checkpoint is at step 10 and this run stops at step 10" in capsys.readouterr().out
     longer = _run(tmp_path / "r", "resume=auto", "epochs=3")
     assert longer["step"] == 15 and "nothing left" not in capsys.readouterr().out
+
+
+def test_metrics_jsonl_is_strict_json_with_undefined_values_as_null(tmp_path):
+    """A 1-image batch has no cross-image similarity (NaN): the line must still be JSON that strict
+    readers accept, so the value is written as null."""
+    from lmim.train.observe import MetricsWriter
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    log = MetricsWriter(tmp_path / "m.jsonl")
+    log.write({"step": 1, "loss": 1.5, "collapse_cos": float("nan"), "x": float("inf")})
+    log.close()
+    record = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"step": 1, "loss": 1.5, "collapse_cos": None, "x": None}

@@ -32,7 +32,10 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(record, allow_nan=True) + "\n")
+            # An undefined value (e.g. a cross-image similarity of a 1-image batch) is null: NaN and
+            # Infinity are not JSON, and strict readers (browsers, jq --strict, other languages) refuse them.
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self._f.write(json.dumps(clean, allow_nan=False) + "\n")
 
     def close(self) -> None:
         if self._f is not None:
