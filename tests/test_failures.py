@@ -111,6 +111,17 @@ def test_every_failure_class_has_its_own_exit_code_and_one_sentence(err, code, k
         assert "credentials" in f.sentence
 
 
+def test_outside_training_a_dataset_that_cannot_be_used_is_bad_input():
+    """README: the commands other than pretrain exit 2 for bad input (a dataset included), 5 for a
+    store that does not answer; exit 4 is the trainer's."""
+    from lmim.pipeline.errors import DatasetTooSmall, StoreUnreachable
+    from lmim.train.failures import ONE_COMMAND, classify
+
+    assert classify(DatasetTooSmall("batch 999 > 12 samples")).code == 4
+    assert classify(DatasetTooSmall("batch 999 > 12 samples"), ONE_COMMAND).code == 2
+    assert classify(StoreUnreachable("s-000.tar", "network error"), ONE_COMMAND).code == 5
+
+
 def test_status_json_says_why_a_run_failed_and_where_its_last_checkpoint_is(tmp_path, monkeypatch):
     import json
 

@@ -63,11 +63,12 @@ class Rerun:
     how: str
     output: str
     storage_options: str   # where the user sets the store's endpoint and credentials besides AWS_*
+    data_code: int         # a dataset that cannot be used: the trainer's own code; the other commands' bad input
 
 
 TRAINING_RUN = Rerun("rerun with resume=auto (the last complete checkpoint is kept)", "the run folder",
-                     "data.storage_options")
-ONE_COMMAND = Rerun("run the same command again", "the output", "--storage-option")
+                     "data.storage_options", EXIT_DATA)
+ONE_COMMAND = Rerun("run the same command again", "the output", "--storage-option", EXIT_CONFIG)
 
 
 def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
@@ -87,7 +88,7 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
     if isinstance(err, StoreUnreachable):
         return Failure(EXIT_STORAGE, "storage", f"the data store cannot be reached: {_one_line(err)}")
     if isinstance(err, DataError):
-        return Failure(EXIT_DATA, "data", f"the data cannot be read: {_one_line(err)}")
+        return Failure(rerun.data_code, "data", f"the data cannot be read: {_one_line(err)}")
     if not isinstance(err, OSError) and (net := store_client_network_error(err)) is not None:
         return Failure(EXIT_STORAGE, "storage",
                        f"the data store cannot be reached ({_one_line(net)}): check the endpoint (AWS_ENDPOINT_URL "
