@@ -301,6 +301,14 @@ def _check_values(cfg: DictConfig) -> None:
         check_data_config(cfg.data, extra_loaders=_TRAINER_LOADERS)
     except DataConfigError as err:
         raise ConfigError(str(err)) from None
+    for key in ("model.embed_dim", "model.depth", "model.num_heads"):  # null: the value of model.arch
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"Config key {key!r} must be positive or null (model.arch's own value), "
+                              f"got {OmegaConf.select(cfg, key)!r}.")
+    ratio = cfg.model.decoder_mlp_ratio
+    if not math.isfinite(ratio) or int(cfg.model.decoder_dim * ratio) < 1:  # the MLP's width is int(dim * ratio)
+        raise ConfigError(f"Config key 'model.decoder_mlp_ratio' must be a positive number (the decoder MLP is "
+                          f"model.decoder_dim x ratio wide, at least 1), got {ratio!r}.")
     if cfg.threads is not None and cfg.threads <= 0:
         raise ConfigError(f"Config key 'threads' must be positive or null (the thread budget), got {cfg.threads!r}.")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
@@ -315,13 +323,18 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"Config key {key!r} must be a finite non-negative number, got {v!r}.")
     if cfg.optim.lr is not None and (not math.isfinite(cfg.optim.lr) or cfg.optim.lr < 0):
         raise ConfigError(f"Config key 'optim.lr' must be a finite non-negative number or null (base_lr scaling), got {cfg.optim.lr!r}.")
-    for key in ("optim.betas", "ema.start", "ema.end"):
+    for key in ("ema.start", "ema.end"):
         value = OmegaConf.select(cfg, key)
-        value = tuple(value) if OmegaConf.is_config(value) else value
-        if not all(0 <= v <= 1 for v in (value if isinstance(value, tuple) else (value,))):
+        if not 0 <= value <= 1:
             raise ConfigError(f"Config key {key!r} must be between 0 and 1, got {value!r}.")
+    betas = tuple(cfg.optim.betas)
+    if not all(0 <= b < 1 for b in betas):  # AdamW's bias correction divides by 1 - beta**step
+        raise ConfigError(f"Config key 'optim.betas' must hold two numbers in [0, 1) (AdamW refuses 1), "
+                          f"got {list(betas)!r}.")
+    if not 0 <= cfg.model.drop_path_rate < 1:  # a rate of 1 drops every residual branch
+        raise ConfigError(f"Config key 'model.drop_path_rate' must be in [0, 1), got {cfg.model.drop_path_rate!r}.")
     for key in ("model.tau", "eval.knn_t"):
-        if not OmegaConf.select(cfg, key) > 0:
+        if not (OmegaConf.select(cfg, key) > 0 and math.isfinite(OmegaConf.select(cfg, key))):
             raise ConfigError(f"Config key {key!r} must be a positive temperature, got {OmegaConf.select(cfg, key)!r}.")
     if cfg.collapse_guard.metric not in COLLAPSE_METRICS:
         raise ConfigError(f"Config key 'collapse_guard.metric' must be one of {', '.join(COLLAPSE_METRICS)} "
