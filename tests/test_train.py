@@ -68,6 +68,21 @@ def test_end_to_end_synthetic(tmp_path):
     assert set(saved) == set(net.state_dict()) and not any(k.startswith("module.") for k in saved)
 
 
+@pytest.mark.parametrize("overrides, reason", [
+    (["model.num_heads=null"], "dim should be divisible by num_heads"),   # vit_tiny's 3 heads, embed_dim 32
+    (["model.arch=vit_base_patch16_reg4_gap_256"], "no register tokens"),
+])
+def test_a_model_timm_cannot_build_is_a_config_error_and_writes_nothing(tmp_path, overrides, reason):
+    """Settings that pass the load-time checks but that timm refuses when it builds the encoder: one
+    sentence naming the model.* keys and timm's reason (exit 2), before the run folder is written."""
+    with pytest.raises(ConfigError) as info:
+        _run(tmp_path / "r", *overrides)
+    msg = str(info.value)
+    assert msg.startswith("Cannot build the model from model.arch=") and reason in msg, msg
+    assert "model.num_heads=" in msg and "\n" not in msg and msg.endswith("."), msg
+    assert not (tmp_path / "r").exists()
+
+
 def test_stop_then_resume_is_exact(tmp_path):
     """A run stopped at max_steps and resumed logs exactly the losses of an uninterrupted run."""
     _run(tmp_path / "a")

@@ -354,6 +354,12 @@ def _check_values(cfg: DictConfig) -> None:
             f"Config key 'data.num_visible' must be between 1 and {n - 1} for a {cfg.model.grid_size}x"
             f"{cfg.model.grid_size} grid, got {cfg.data.num_visible}."
         )
+    from lmim.model.encoder import arch_problem  # imports timm: only once the cheaper checks passed
+
+    problem = arch_problem(str(cfg.model.arch))
+    if problem:
+        raise ConfigError(f"Config key 'model.arch' must be the name of a timm ViT (timm's vision_transformer "
+                          f"module, e.g. vit_base_patch16_224), got {cfg.model.arch!r}: {problem}.")
     for name in cfg.log_with:
         if name not in ("tensorboard", "wandb"):
             raise ConfigError(f"Config key 'log_with' may hold 'tensorboard' and 'wandb', got {name!r}.")

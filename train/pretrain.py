@@ -316,9 +316,29 @@ def _seeded_model(cfg: DictConfig) -> LatentMIM:
     from lmim.model import LatentMIM
 
     set_seed(cfg.seed)
-    model = LatentMIM(OmegaConf.to_object(cfg.model))
+    try:
+        model = LatentMIM(OmegaConf.to_object(cfg.model))
+    except (AssertionError, RuntimeError, TypeError, ValueError, KeyError) as err:
+        # timm's own refusals (an unknown name, a width its heads do not divide, an argument its
+        # family does not take) are settings to change, not bugs: say which, before anything is written.
+        raise ConfigError(f"Cannot build the model from {_model_settings(cfg)}: {_first_line(err)}; change these "
+                          "model.* settings (model.arch must be a timm ViT such as vit_base_patch16_224, and "
+                          "model.embed_dim a multiple of model.num_heads).") from None
     set_seed(cfg.seed, device_specific=True)
     return model
+
+
+def _model_settings(cfg: DictConfig) -> str:
+    """The model.* keys that decide how timm builds the encoder, as `key=value` words."""
+    keys = ("arch", "embed_dim", "depth", "num_heads", "patch_size", "in_chans")
+    values = {k: OmegaConf.select(cfg.model, k) for k in keys}
+    return ", ".join(f"model.{k}={'null' if v is None else v}" for k, v in values.items())
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's message as a clause: its first line, without a trailing full stop."""
+    text = str(err).strip().strip("'\"")
+    return (text.splitlines()[0].rstrip(".") if text else type(err).__name__) or type(err).__name__
 
 
 def _check_eval_splits(cfg: DictConfig) -> None:
