@@ -99,6 +99,8 @@ def test_overrides_types_and_file_path(tmp_path):
         (["model.arch=vit_nope"], "'model.arch' must be the name of a timm ViT (timm's vision_transformer module"),
         (["model.arch=vit_tiny_patch16_22"], "did you mean 'vit_tiny_patch16_224'?"),
         (["model.arch=resnet50"], "got 'resnet50': it is a timm model but not a VisionTransformer"),
+        (["model.in_chans=1", "data.loader=torch"], "pipeline always gives RGB images (3 channels): use model.in_chans=3"),
+        (["model.in_chans=4"], "'model.in_chans' is 4, but the data.loader=dali pipeline"),
         (["model.tau=inf"], "'model.tau' must be a positive temperature"),
         (["model.depth=0"], "'model.depth' must be positive or null (model.arch's own value), got 0"),
         (["model.embed_dim=-96"], "'model.embed_dim' must be positive or null"),

@@ -83,6 +83,12 @@ def test_a_model_timm_cannot_build_is_a_config_error_and_writes_nothing(tmp_path
     assert not (tmp_path / "r").exists()
 
 
+def test_the_synthetic_loader_gives_model_in_chans_channels(tmp_path):
+    """model.in_chans != 3 is refused with the image pipelines (always RGB), so data.loader=synthetic,
+    the one loader it is allowed with, must give that many channels."""
+    assert _run(tmp_path / "r", "model.in_chans=1", "max_steps=1")["step"] == 1
+
+
 def test_stop_then_resume_is_exact(tmp_path):
     """A run stopped at max_steps and resumed logs exactly the losses of an uninterrupted run."""
     _run(tmp_path / "a")

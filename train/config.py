@@ -309,6 +309,10 @@ def _check_values(cfg: DictConfig) -> None:
     if not math.isfinite(ratio) or int(cfg.model.decoder_dim * ratio) < 1:  # the MLP's width is int(dim * ratio)
         raise ConfigError(f"Config key 'model.decoder_mlp_ratio' must be a positive number (the decoder MLP is "
                           f"model.decoder_dim x ratio wide, at least 1), got {ratio!r}.")
+    if cfg.model.in_chans != 3 and cfg.data.loader not in _TRAINER_LOADERS:
+        raise ConfigError(f"Config key 'model.in_chans' is {cfg.model.in_chans}, but the data.loader="
+                          f"{cfg.data.loader} pipeline always gives RGB images (3 channels): use model.in_chans=3 "
+                          "(grey images are read as RGB), or data.loader=synthetic.")
     if cfg.threads is not None and cfg.threads <= 0:
         raise ConfigError(f"Config key 'threads' must be positive or null (the thread budget), got {cfg.threads!r}.")
     if cfg.max_steps is not None and cfg.max_steps <= 0:

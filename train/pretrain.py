@@ -166,6 +166,7 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
         return SyntheticLoader(
             batch_size=batch_size or d.batch_size,
             image_size=m.grid_size * (m.patch_size + gap),
+            channels=m.in_chans,
             grid_size=m.grid_size,
             num_visible=d.num_visible,
             mask=d.mask,
