@@ -352,11 +352,25 @@ def _check_values(cfg: DictConfig) -> None:
             f"Config key 'model.patch_gap' is {cfg.model.patch_gap}: a gap of 1 cannot jitter (offsets are drawn in "
             "0..gap-1, so it only drops a row and a column of every cell); use 0 for no gap or 2 or more."
         )
+    # Every mask strategy gives exactly num_visible visible patches and the rest as targets. The
+    # InfoNCE loss standardises the predictions over the targets (an unbiased std divides by T - 1) and
+    # contrasts each target with the others, so T >= 2; with one it is NaN, reported as divergence.
     n = cfg.model.grid_size ** 2
-    if not 0 < cfg.data.num_visible < n:
+    if n < 3:
+        raise ConfigError(f"Config key 'model.grid_size' must be at least 2 (a training image needs at least 1 "
+                          f"visible and 2 target patches), got {cfg.model.grid_size}.")
+    if not 0 < cfg.data.num_visible <= n - 2:
         raise ConfigError(
-            f"Config key 'data.num_visible' must be between 1 and {n - 1} for a {cfg.model.grid_size}x"
-            f"{cfg.model.grid_size} grid, got {cfg.data.num_visible}."
+            f"Config key 'data.num_visible' must be between 1 and {n - 2} for a {cfg.model.grid_size}x"
+            f"{cfg.model.grid_size} grid (at least 2 patches must be targets: the loss contrasts each target with "
+            f"the others), got {cfg.data.num_visible}."
+        )
+    # s(x), the mean cosine between different tokens, needs 2 visible tokens (model/losses.py).
+    if cfg.model.sim_reg_coef > 0 and cfg.model.objective != "mae" and cfg.data.num_visible < 2:
+        raise ConfigError(
+            f"Config key 'data.num_visible' must be at least 2 when model.sim_reg_coef > 0 (the similarity "
+            f"regulariser averages the cosine between pairs of visible tokens), got {cfg.data.num_visible}; raise "
+            "it or set model.sim_reg_coef=0."
         )
     from lmim.model.encoder import arch_problem  # imports timm: only once the cheaper checks passed
 
