@@ -280,6 +280,11 @@ def _parse_override(item: str, schema: DictConfig) -> DictConfig:
 
 def _check_values(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express; each fails with one sentence."""
+    # The name is a folder under run_dir/logs (TensorBoard) and the default run_dir runs/<name>: a path
+    # in it would write the logs (or the run) outside the run folder.
+    if not str(cfg.name).strip() or str(cfg.name) in (".", "..") or any(c in str(cfg.name) for c in "/\\"):
+        raise ConfigError(f"Config key 'name' must be a plain name (no '/' or '\\', not '.' or '..'), got "
+                          f"{cfg.name!r}; to put the run elsewhere set run_dir=PATH.")
     if "://" in str(cfg.run_dir):  # Path("s3://b/r") is the local folder s3:/b/r: the run would land on local disk
         raise ConfigError(f"Config key 'run_dir' is a URL ({cfg.run_dir}); the run folder must be a local path or a "
                           "mounted shared volume (checkpoints are renamed into place atomically).")
