@@ -89,6 +89,20 @@ def test_the_synthetic_loader_gives_model_in_chans_channels(tmp_path):
     assert _run(tmp_path / "r", "model.in_chans=1", "max_steps=1")["step"] == 1
 
 
+def test_settings_that_do_less_than_they_say_are_told_at_start(tmp_path, capsys):
+    """max_steps beyond the schedule is capped, and k-NN monitoring without data.eval_url never runs:
+    both are valid, and each is said in one line at the start instead of silently."""
+    out = _run(tmp_path / "r", "epochs=1", "max_steps=50", "eval.knn_every_epochs=1")
+    assert out["step"] == 5
+    printed = capsys.readouterr().out
+    assert ("max_steps=50 is beyond the schedule's 5 steps (epochs=1 x 5 steps per epoch): the run stops at step 5; "
+            "raise epochs") in printed
+    assert "no k-NN evaluation: eval.knn_every_epochs=1 but data.eval_url is not set" in printed
+    _run(tmp_path / "r2", "max_steps=3", "eval.knn_every_epochs=0")
+    printed = capsys.readouterr().out
+    assert "beyond the schedule" not in printed and "no k-NN evaluation" not in printed
+
+
 def test_stop_then_resume_is_exact(tmp_path):
     """A run stopped at max_steps and resumed logs exactly the losses of an uninterrupted run."""
     _run(tmp_path / "a")

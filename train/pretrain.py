@@ -394,6 +394,18 @@ def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
     return loader, steps_per_epoch
 
 
+def _say_what_will_not_happen(cfg: DictConfig, accelerator, steps_per_epoch: int, total_steps: int) -> None:
+    """Settings that are valid but do less than they say: one line each, so the run holds no surprise."""
+    if cfg.max_steps is not None and cfg.max_steps > total_steps:
+        accelerator.print(f"max_steps={cfg.max_steps} is beyond the schedule's {total_steps} steps (epochs={cfg.epochs} x "
+                          f"{steps_per_epoch} steps per epoch): the run stops at step {total_steps}; raise epochs to "
+                          "train longer (the lr and EMA schedules span the epochs)")
+    if cfg.eval.knn_every_epochs > 0 and not cfg.data.eval_url:
+        accelerator.print(f"no k-NN evaluation: eval.knn_every_epochs={cfg.eval.knn_every_epochs} but data.eval_url is "
+                          "not set; set data.eval_url to a labelled split (as the vit_*_in1k presets' example commands "
+                          "do) to monitor k-NN top-1")
+
+
 def _make_stepper(cfg: DictConfig, accelerator, model: LatentMIM, sched: Schedules) -> Stepper:
     """AdamW for `model`, then torch.compile (compile=true) and Accelerate's wrapping (DDP, autocast)."""
     optimizer = make_optimizer(model, cfg.optim, sched.lr(0))
@@ -493,6 +505,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eff_batch = effective_batch_size(cfg, accelerator.num_processes)
     sched = Schedules.from_config(cfg, steps_per_epoch, eff_batch)
     cadence = Cadence.from_config(cfg, steps_per_epoch, sched.total_steps)
+    _say_what_will_not_happen(cfg, accelerator, steps_per_epoch, sched.total_steps)
     stepper = _make_stepper(cfg, accelerator, model, sched)
     state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
     if resumed is not None and (state.world_size != accelerator.num_processes
