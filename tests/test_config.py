@@ -120,6 +120,8 @@ def test_overrides_types_and_file_path(tmp_path):
         (["model.decoder_mlp_ratio=nan"], "'model.decoder_mlp_ratio' must be a positive number"),
         (["eval.knn_k=0"], "'eval.knn_k' must be positive"),
         (["synthetic_batches=0"], "'synthetic_batches' must be positive"),
+        (["data.loader=synthetic", "data.eval_url=/data/val"], "'data.eval_url' is set (/data/val) but data.loader=synthetic never reads it"),
+        (["data.loader=synthetic", "eval.knn_train_url=/data/train"], "'eval.knn_train_url' is set (/data/train) but data.loader=synthetic"),
         (["data.reader=dali", "data.url=s3://bucket/train"], "'data.reader' is 'dali', which reads local shards only"),
     ],
 )

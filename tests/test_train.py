@@ -97,10 +97,26 @@ def test_settings_that_do_less_than_they_say_are_told_at_start(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert ("max_steps=50 is beyond the schedule's 5 steps (epochs=1 x 5 steps per epoch): the run stops at step 5; "
             "raise epochs") in printed
-    assert "no k-NN evaluation: eval.knn_every_epochs=1 but data.eval_url is not set" in printed
+    assert "no k-NN evaluation: eval.knn_every_epochs=1 but data.loader=synthetic has no labelled split" in printed
     _run(tmp_path / "r2", "max_steps=3", "eval.knn_every_epochs=0")
     printed = capsys.readouterr().out
     assert "beyond the schedule" not in printed and "no k-NN evaluation" not in printed
+
+
+def test_knn_monitoring_without_an_eval_split_says_how_to_get_one():
+    from lmim.train.pretrain import _say_what_will_not_happen
+
+    class Printer:
+        lines: list[str] = []
+
+        def print(self, line: str) -> None:
+            self.lines.append(line)
+
+    printer = Printer()
+    _say_what_will_not_happen(load_config("quickstart", ["eval.knn_every_epochs=2"]), printer, 5, 50)
+    assert printer.lines == ["no k-NN evaluation: eval.knn_every_epochs=2 but data.eval_url is not set; set "
+                             "data.eval_url to a labelled split (as the vit_*_in1k presets' example commands do) to "
+                             "monitor k-NN top-1"]
 
 
 def test_stop_then_resume_is_exact(tmp_path):

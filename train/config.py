@@ -314,6 +314,12 @@ def _check_values(cfg: DictConfig) -> None:
     if not math.isfinite(ratio) or int(cfg.model.decoder_dim * ratio) < 1:  # the MLP's width is int(dim * ratio)
         raise ConfigError(f"Config key 'model.decoder_mlp_ratio' must be a positive number (the decoder MLP is "
                           f"model.decoder_dim x ratio wide, at least 1), got {ratio!r}.")
+    if cfg.data.loader == "synthetic":  # make_loader gives synthetic noise for every URL, eval splits included
+        for key in ("data.eval_url", "eval.knn_train_url"):
+            if OmegaConf.select(cfg, key):
+                raise ConfigError(f"Config key {key!r} is set ({OmegaConf.select(cfg, key)}) but data.loader=synthetic "
+                                  "never reads it (k-NN would score unlabelled synthetic noise): set "
+                                  f"{key}=null, or use data.loader=dali or torch.")
     if cfg.model.in_chans != 3 and cfg.data.loader not in _TRAINER_LOADERS:
         raise ConfigError(f"Config key 'model.in_chans' is {cfg.model.in_chans}, but the data.loader="
                           f"{cfg.data.loader} pipeline always gives RGB images (3 channels): use model.in_chans=3 "

@@ -400,7 +400,11 @@ def _say_what_will_not_happen(cfg: DictConfig, accelerator, steps_per_epoch: int
         accelerator.print(f"max_steps={cfg.max_steps} is beyond the schedule's {total_steps} steps (epochs={cfg.epochs} x "
                           f"{steps_per_epoch} steps per epoch): the run stops at step {total_steps}; raise epochs to "
                           "train longer (the lr and EMA schedules span the epochs)")
-    if cfg.eval.knn_every_epochs > 0 and not cfg.data.eval_url:
+    if cfg.eval.knn_every_epochs > 0 and cfg.data.loader == "synthetic":
+        accelerator.print(f"no k-NN evaluation: eval.knn_every_epochs={cfg.eval.knn_every_epochs} but data.loader="
+                          "synthetic has no labelled split; use data.loader=dali or torch with data.eval_url to "
+                          "monitor k-NN top-1")
+    elif cfg.eval.knn_every_epochs > 0 and not cfg.data.eval_url:
         accelerator.print(f"no k-NN evaluation: eval.knn_every_epochs={cfg.eval.knn_every_epochs} but data.eval_url is "
                           "not set; set data.eval_url to a labelled split (as the vit_*_in1k presets' example commands "
                           "do) to monitor k-NN top-1")
