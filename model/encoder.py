@@ -41,6 +41,22 @@ def encoder_kwargs(cfg: ModelConfig) -> dict:
     return kw
 
 
+def arch_problem(arch: str) -> str | None:
+    """Why `build_encoder` cannot build `arch`, judged from timm's registry alone (nothing is built),
+    or None when it is a name of timm's vision_transformer module (the rest is checked by building).
+    """
+    from difflib import get_close_matches
+
+    from timm.models import is_model, is_model_in_modules, list_models
+
+    if is_model_in_modules(arch, "vision_transformer"):
+        return None
+    if is_model(arch):
+        return "it is a timm model but not a VisionTransformer"
+    close = get_close_matches(arch, list_models(module="vision_transformer"), n=1)
+    return "timm has no model of that name" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def sincos_pos_embed(grid_size: int, dim: int, cls_token: bool = True) -> torch.Tensor:
     """[1, (1 +) G*G, dim] 2-D sin-cos embedding in row-major grid order; the CLS row is zeros."""
     pe = build_sincos2d_pos_embed([grid_size, grid_size], dim=dim)

@@ -68,6 +68,57 @@ def test_end_to_end_synthetic(tmp_path):
     assert set(saved) == set(net.state_dict()) and not any(k.startswith("module.") for k in saved)
 
 
+@pytest.mark.parametrize("overrides, reason", [
+    (["model.num_heads=null"], "dim should be divisible by num_heads"),   # vit_tiny's 3 heads, embed_dim 32
+    (["model.arch=vit_base_patch16_reg4_gap_256"], "no register tokens"),
+])
+def test_a_model_timm_cannot_build_is_a_config_error_and_writes_nothing(tmp_path, overrides, reason):
+    """Settings that pass the load-time checks but that timm refuses when it builds the encoder: one
+    sentence naming the model.* keys and timm's reason (exit 2), before the run folder is written."""
+    with pytest.raises(ConfigError) as info:
+        _run(tmp_path / "r", *overrides)
+    msg = str(info.value)
+    assert msg.startswith("Cannot build the model from model.arch=") and reason in msg, msg
+    assert "model.num_heads=" in msg and "\n" not in msg and msg.endswith("."), msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_synthetic_loader_gives_model_in_chans_channels(tmp_path):
+    """model.in_chans != 3 is refused with the image pipelines (always RGB), so data.loader=synthetic,
+    the one loader it is allowed with, must give that many channels."""
+    assert _run(tmp_path / "r", "model.in_chans=1", "max_steps=1")["step"] == 1
+
+
+def test_settings_that_do_less_than_they_say_are_told_at_start(tmp_path, capsys):
+    """max_steps beyond the schedule is capped, and k-NN monitoring without data.eval_url never runs:
+    both are valid, and each is said in one line at the start instead of silently."""
+    out = _run(tmp_path / "r", "epochs=1", "max_steps=50", "eval.knn_every_epochs=1")
+    assert out["step"] == 5
+    printed = capsys.readouterr().out
+    assert ("max_steps=50 is beyond the schedule's 5 steps (epochs=1 x 5 steps per epoch): the run stops at step 5; "
+            "raise epochs") in printed
+    assert "no k-NN evaluation: eval.knn_every_epochs=1 but data.loader=synthetic has no labelled split" in printed
+    _run(tmp_path / "r2", "max_steps=3", "eval.knn_every_epochs=0")
+    printed = capsys.readouterr().out
+    assert "beyond the schedule" not in printed and "no k-NN evaluation" not in printed
+
+
+def test_knn_monitoring_without_an_eval_split_says_how_to_get_one():
+    from lmim.train.pretrain import _say_what_will_not_happen
+
+    class Printer:
+        lines: list[str] = []
+
+        def print(self, line: str) -> None:
+            self.lines.append(line)
+
+    printer = Printer()
+    _say_what_will_not_happen(load_config("quickstart", ["eval.knn_every_epochs=2"]), printer, 5, 50)
+    assert printer.lines == ["no k-NN evaluation: eval.knn_every_epochs=2 but data.eval_url is not set; set "
+                             "data.eval_url to a labelled split (as the vit_*_in1k presets' example commands do) to "
+                             "monitor k-NN top-1"]
+
+
 def test_stop_then_resume_is_exact(tmp_path):
     """A run stopped at max_steps and resumed logs exactly the losses of an uninterrupted run."""
     _run(tmp_path / "a")

@@ -280,6 +280,11 @@ def _parse_override(item: str, schema: DictConfig) -> DictConfig:
 
 def _check_values(cfg: DictConfig) -> None:
     """Semantic checks the type system cannot express; each fails with one sentence."""
+    # The name is a folder under run_dir/logs (TensorBoard) and the default run_dir runs/<name>: a path
+    # in it would write the logs (or the run) outside the run folder.
+    if not str(cfg.name).strip() or str(cfg.name) in (".", "..") or any(c in str(cfg.name) for c in "/\\"):
+        raise ConfigError(f"Config key 'name' must be a plain name (no '/' or '\\', not '.' or '..'), got "
+                          f"{cfg.name!r}; to put the run elsewhere set run_dir=PATH.")
     if "://" in str(cfg.run_dir):  # Path("s3://b/r") is the local folder s3:/b/r: the run would land on local disk
         raise ConfigError(f"Config key 'run_dir' is a URL ({cfg.run_dir}); the run folder must be a local path or a "
                           "mounted shared volume (checkpoints are renamed into place atomically).")
@@ -301,6 +306,24 @@ def _check_values(cfg: DictConfig) -> None:
         check_data_config(cfg.data, extra_loaders=_TRAINER_LOADERS)
     except DataConfigError as err:
         raise ConfigError(str(err)) from None
+    for key in ("model.embed_dim", "model.depth", "model.num_heads"):  # null: the value of model.arch
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"Config key {key!r} must be positive or null (model.arch's own value), "
+                              f"got {OmegaConf.select(cfg, key)!r}.")
+    ratio = cfg.model.decoder_mlp_ratio
+    if not math.isfinite(ratio) or int(cfg.model.decoder_dim * ratio) < 1:  # the MLP's width is int(dim * ratio)
+        raise ConfigError(f"Config key 'model.decoder_mlp_ratio' must be a positive number (the decoder MLP is "
+                          f"model.decoder_dim x ratio wide, at least 1), got {ratio!r}.")
+    if cfg.data.loader == "synthetic":  # make_loader gives synthetic noise for every URL, eval splits included
+        for key in ("data.eval_url", "eval.knn_train_url"):
+            if OmegaConf.select(cfg, key):
+                raise ConfigError(f"Config key {key!r} is set ({OmegaConf.select(cfg, key)}) but data.loader=synthetic "
+                                  "never reads it (k-NN would score unlabelled synthetic noise): set "
+                                  f"{key}=null, or use data.loader=dali or torch.")
+    if cfg.model.in_chans != 3 and cfg.data.loader not in _TRAINER_LOADERS:
+        raise ConfigError(f"Config key 'model.in_chans' is {cfg.model.in_chans}, but the data.loader="
+                          f"{cfg.data.loader} pipeline always gives RGB images (3 channels): use model.in_chans=3 "
+                          "(grey images are read as RGB), or data.loader=synthetic.")
     if cfg.threads is not None and cfg.threads <= 0:
         raise ConfigError(f"Config key 'threads' must be positive or null (the thread budget), got {cfg.threads!r}.")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
@@ -315,13 +338,18 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"Config key {key!r} must be a finite non-negative number, got {v!r}.")
     if cfg.optim.lr is not None and (not math.isfinite(cfg.optim.lr) or cfg.optim.lr < 0):
         raise ConfigError(f"Config key 'optim.lr' must be a finite non-negative number or null (base_lr scaling), got {cfg.optim.lr!r}.")
-    for key in ("optim.betas", "ema.start", "ema.end"):
+    for key in ("ema.start", "ema.end"):
         value = OmegaConf.select(cfg, key)
-        value = tuple(value) if OmegaConf.is_config(value) else value
-        if not all(0 <= v <= 1 for v in (value if isinstance(value, tuple) else (value,))):
+        if not 0 <= value <= 1:
             raise ConfigError(f"Config key {key!r} must be between 0 and 1, got {value!r}.")
+    betas = tuple(cfg.optim.betas)
+    if not all(0 <= b < 1 for b in betas):  # AdamW's bias correction divides by 1 - beta**step
+        raise ConfigError(f"Config key 'optim.betas' must hold two numbers in [0, 1) (AdamW refuses 1), "
+                          f"got {list(betas)!r}.")
+    if not 0 <= cfg.model.drop_path_rate < 1:  # a rate of 1 drops every residual branch
+        raise ConfigError(f"Config key 'model.drop_path_rate' must be in [0, 1), got {cfg.model.drop_path_rate!r}.")
     for key in ("model.tau", "eval.knn_t"):
-        if not OmegaConf.select(cfg, key) > 0:
+        if not (OmegaConf.select(cfg, key) > 0 and math.isfinite(OmegaConf.select(cfg, key))):
             raise ConfigError(f"Config key {key!r} must be a positive temperature, got {OmegaConf.select(cfg, key)!r}.")
     if cfg.collapse_guard.metric not in COLLAPSE_METRICS:
         raise ConfigError(f"Config key 'collapse_guard.metric' must be one of {', '.join(COLLAPSE_METRICS)} "
@@ -335,12 +363,32 @@ def _check_values(cfg: DictConfig) -> None:
             f"Config key 'model.patch_gap' is {cfg.model.patch_gap}: a gap of 1 cannot jitter (offsets are drawn in "
             "0..gap-1, so it only drops a row and a column of every cell); use 0 for no gap or 2 or more."
         )
+    # Every mask strategy gives exactly num_visible visible patches and the rest as targets. The
+    # InfoNCE loss standardises the predictions over the targets (an unbiased std divides by T - 1) and
+    # contrasts each target with the others, so T >= 2; with one it is NaN, reported as divergence.
     n = cfg.model.grid_size ** 2
-    if not 0 < cfg.data.num_visible < n:
+    if n < 3:
+        raise ConfigError(f"Config key 'model.grid_size' must be at least 2 (a training image needs at least 1 "
+                          f"visible and 2 target patches), got {cfg.model.grid_size}.")
+    if not 0 < cfg.data.num_visible <= n - 2:
         raise ConfigError(
-            f"Config key 'data.num_visible' must be between 1 and {n - 1} for a {cfg.model.grid_size}x"
-            f"{cfg.model.grid_size} grid, got {cfg.data.num_visible}."
+            f"Config key 'data.num_visible' must be between 1 and {n - 2} for a {cfg.model.grid_size}x"
+            f"{cfg.model.grid_size} grid (at least 2 patches must be targets: the loss contrasts each target with "
+            f"the others), got {cfg.data.num_visible}."
         )
+    # s(x), the mean cosine between different tokens, needs 2 visible tokens (model/losses.py).
+    if cfg.model.sim_reg_coef > 0 and cfg.model.objective != "mae" and cfg.data.num_visible < 2:
+        raise ConfigError(
+            f"Config key 'data.num_visible' must be at least 2 when model.sim_reg_coef > 0 (the similarity "
+            f"regulariser averages the cosine between pairs of visible tokens), got {cfg.data.num_visible}; raise "
+            "it or set model.sim_reg_coef=0."
+        )
+    from lmim.model.encoder import arch_problem  # imports timm: only once the cheaper checks passed
+
+    problem = arch_problem(str(cfg.model.arch))
+    if problem:
+        raise ConfigError(f"Config key 'model.arch' must be the name of a timm ViT (timm's vision_transformer "
+                          f"module, e.g. vit_base_patch16_224), got {cfg.model.arch!r}: {problem}.")
     for name in cfg.log_with:
         if name not in ("tensorboard", "wandb"):
             raise ConfigError(f"Config key 'log_with' may hold 'tensorboard' and 'wandb', got {name!r}.")

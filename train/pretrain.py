@@ -171,6 +171,7 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
         return SyntheticLoader(
             batch_size=batch_size or d.batch_size,
             image_size=m.grid_size * (m.patch_size + gap),
+            channels=m.in_chans,
             grid_size=m.grid_size,
             num_visible=d.num_visible,
             mask=d.mask,
@@ -321,9 +322,29 @@ def _seeded_model(cfg: DictConfig) -> LatentMIM:
     from lmim.model import LatentMIM
 
     set_seed(cfg.seed)
-    model = LatentMIM(OmegaConf.to_object(cfg.model))
+    try:
+        model = LatentMIM(OmegaConf.to_object(cfg.model))
+    except (AssertionError, RuntimeError, TypeError, ValueError, KeyError) as err:
+        # timm's own refusals (an unknown name, a width its heads do not divide, an argument its
+        # family does not take) are settings to change, not bugs: say which, before anything is written.
+        raise ConfigError(f"Cannot build the model from {_model_settings(cfg)}: {_first_line(err)}; change these "
+                          "model.* settings (model.arch must be a timm ViT such as vit_base_patch16_224, and "
+                          "model.embed_dim a multiple of model.num_heads).") from None
     set_seed(cfg.seed, device_specific=True)
     return model
+
+
+def _model_settings(cfg: DictConfig) -> str:
+    """The model.* keys that decide how timm builds the encoder, as `key=value` words."""
+    keys = ("arch", "embed_dim", "depth", "num_heads", "patch_size", "in_chans")
+    values = {k: OmegaConf.select(cfg.model, k) for k in keys}
+    return ", ".join(f"model.{k}={'null' if v is None else v}" for k, v in values.items())
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's message as a clause: its first line, without a trailing full stop."""
+    text = str(err).strip().strip("'\"")
+    return (text.splitlines()[0].rstrip(".") if text else type(err).__name__) or type(err).__name__
 
 
 def _check_eval_splits(cfg: DictConfig) -> None:
@@ -376,6 +397,22 @@ def _open_loader(cfg: DictConfig, accelerator) -> tuple[Any, int]:
             "lower data.batch_size or grad_accum."
         )
     return loader, steps_per_epoch
+
+
+def _say_what_will_not_happen(cfg: DictConfig, accelerator, steps_per_epoch: int, total_steps: int) -> None:
+    """Settings that are valid but do less than they say: one line each, so the run holds no surprise."""
+    if cfg.max_steps is not None and cfg.max_steps > total_steps:
+        accelerator.print(f"max_steps={cfg.max_steps} is beyond the schedule's {total_steps} steps (epochs={cfg.epochs} x "
+                          f"{steps_per_epoch} steps per epoch): the run stops at step {total_steps}; raise epochs to "
+                          "train longer (the lr and EMA schedules span the epochs)")
+    if cfg.eval.knn_every_epochs > 0 and cfg.data.loader == "synthetic":
+        accelerator.print(f"no k-NN evaluation: eval.knn_every_epochs={cfg.eval.knn_every_epochs} but data.loader="
+                          "synthetic has no labelled split; use data.loader=dali or torch with data.eval_url to "
+                          "monitor k-NN top-1")
+    elif cfg.eval.knn_every_epochs > 0 and not cfg.data.eval_url:
+        accelerator.print(f"no k-NN evaluation: eval.knn_every_epochs={cfg.eval.knn_every_epochs} but data.eval_url is "
+                          "not set; set data.eval_url to a labelled split (as the vit_*_in1k presets' example commands "
+                          "do) to monitor k-NN top-1")
 
 
 def _make_stepper(cfg: DictConfig, accelerator, model: LatentMIM, sched: Schedules) -> Stepper:
@@ -477,6 +514,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eff_batch = effective_batch_size(cfg, accelerator.num_processes)
     sched = Schedules.from_config(cfg, steps_per_epoch, eff_batch)
     cadence = Cadence.from_config(cfg, steps_per_epoch, sched.total_steps)
+    _say_what_will_not_happen(cfg, accelerator, steps_per_epoch, sched.total_steps)
     stepper = _make_stepper(cfg, accelerator, model, sched)
     state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
     if resumed is not None and (state.world_size != accelerator.num_processes
