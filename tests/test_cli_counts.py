@@ -58,8 +58,17 @@ def test_quickstart_never_deletes_a_folder_that_is_not_an_earlier_run(tmp_path, 
     (mine / "config.yaml").write_text("lr: 1\n")
     (mine / "thesis.txt").write_text("years of work")
     assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(mine), "max_steps=1"]) == 2
-    assert "is not a previous run folder" in capsys.readouterr().err
+    assert "is not a previous quickstart's run folder" in capsys.readouterr().err
     assert (mine / "thesis.txt").read_text() == "years of work"
+    # An `lmim pretrain` run holds only what a run writes, but it is not the quickstart's: its
+    # checkpoints must survive a quickstart pointed at it.
+    pretrain_run = tmp_path / "pretrain-run"
+    (pretrain_run / "checkpoints" / "step_00000046").mkdir(parents=True)
+    (pretrain_run / "config.yaml").write_text("name: quickstart\n")
+    (pretrain_run / "status.json").write_text('{"status": "completed"}\n')
+    assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(pretrain_run), "max_steps=1"]) == 2
+    assert "has no quickstart.json" in capsys.readouterr().err
+    assert (pretrain_run / "checkpoints" / "step_00000046").is_dir()
     assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "a"),
                             f"run_dir={tmp_path / 'b'}"]) == 2
     assert "--run-dir" in capsys.readouterr().err

@@ -343,3 +343,17 @@ def test_a_synthetic_data_checkpoint_resumed_on_real_data_is_a_config_error_not_
     assert again.returncode == 2, again.stderr[-2000:]
     assert "data.loader is 'dali' but step_00000002 was trained with 'synthetic'" in _one_sentence(again)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+def test_pretrain_whose_output_reader_goes_away_is_not_a_storage_failure():
+    """`lmim pretrain ... | head`: the closed pipe is a BrokenPipeError, a ConnectionError, which read
+    as 'the data store cannot be reached' (exit 5). It is 141, as a shell reports a SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", "--print-config"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr[-2000:]
+    assert "data store" not in proc.stderr and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr

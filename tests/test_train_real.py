@@ -268,3 +268,31 @@ def test_under_torchrun_a_config_error_is_said_once_and_a_data_error_names_its_p
                              env=_env(), capture_output=True, text=True, timeout=300)
     said = sorted(line.split(":", 1)[0] for line in missing.stderr.splitlines() if line.startswith("lmim pretrain"))
     assert said == ["lmim pretrain (process 0 of 2)", "lmim pretrain (process 1 of 2)"], missing.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_during_the_quickstart_is_recorded_and_a_rerun_starts_over(tmp_path):
+    """SIGTERM (a closed terminal, a job limit) mid-training: one sentence, exit 143, status.json
+    says interrupted and how to go on, which for the quickstart is to run it again (it starts over)."""
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmim.tools.cli", "quickstart", "--dataset", "digits", "--data-dir", str(data),
+           "--run-dir", str(run_dir), "progress=false"]
+    proc = subprocess.Popen([*cmd, "max_steps=100000", "epochs=1000"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    status = run_dir / "status.json"
+    deadline = time.monotonic() + 300
+    while not (status.is_file() and json.loads(status.read_text())["status"] == "running"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(2)   # into the training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("lmim quickstart")]
+    assert len(said) == 1 and "SIGTERM" in said[0], err[-3000:]
+    recorded = json.loads(status.read_text())
+    assert recorded["status"] == "interrupted" and "run the same `lmim quickstart` command again" in recorded["message"]
+    again = subprocess.run([*cmd, "max_steps=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "quickstart.json").read_text())["steps"] == 2

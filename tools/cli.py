@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import select
 import sys
-
-EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         result = func(rest)
         sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
     except BrokenPipeError as err:
-        if not _stdout_closed():
+        from lmim.train.failures import EXIT_CLOSED_PIPE, stdout_closed
+
+        if not stdout_closed():
             return _safety_net(name, err)
         # `lmim ... | head`: the reader has gone, which is not a failure to report. Point stdout at
         # /dev/null so Python's own flush at exit does not complain, and exit as a SIGPIPE'd tool would.
@@ -59,16 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as err:
         return _safety_net(name, err)
     return int(result or 0)
-
-
-def _stdout_closed() -> bool:
-    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError may also come from a socket)."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _safety_net(name: str, err: BaseException) -> int:

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmim.train.failures import EXIT_DATA, Rerun, sigterm_interrupts
+
 __all__ = ["main", "prepare_data", "evaluate_encoders"]
 
 _TRAIN_PER_CLASS = {"fashion_mnist": 600, "digits": None}   # digits: the whole train split (1,437)
@@ -147,14 +149,27 @@ _RUN_FOLDER_ENTRIES = {"config.yaml", "status.json", "metrics.jsonl", "logs", "c
                        "encoder.safetensors", "quickstart.json"}
 
 
+_MARKER = "quickstart.json"   # written first: a folder without it is not the quickstart's (an `lmim pretrain` run)
+
+# How the user goes on after a quickstart that stopped (status.json says it too): it starts over.
+_RERUN = Rerun("run the same `lmim quickstart` command again (it starts over)", "the run folder",
+               "data.storage_options", EXIT_DATA)
+
+
 def _is_previous_run(run_dir: Path) -> bool:
-    """`run_dir` is an earlier run's folder (its status.json and config.yaml, nothing a run does not
-    write), which the quickstart may delete and start again in."""
+    """`run_dir` is an earlier quickstart's folder (its marker, and nothing a run does not write),
+    which the quickstart may delete and start again in. An `lmim pretrain` run has no marker: its
+    checkpoints are never deleted here."""
     names = {p.name for p in run_dir.iterdir()}
-    return {"config.yaml", "status.json"} <= names and names <= _RUN_FOLDER_ENTRIES
+    return _MARKER in names and names <= _RUN_FOLDER_ENTRIES
 
 
 def main(argv: list[str] | None = None) -> int:
+    with sigterm_interrupts():   # a SIGTERM unwinds like Ctrl-C: status.json says interrupted, one sentence
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     from lmim.train.config import ConfigError, load_config
@@ -170,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give the run folder as --run-dir DIR, not as a run_dir= override (the quickstart writes "
                               "its encoder and summary there too).")
         if run_dir.exists() and any(run_dir.iterdir()) and not _is_previous_run(run_dir):
-            raise ConfigError(f"--run-dir {str(run_dir)!r} exists and is not a previous run folder (it holds files a "
-                              "run does not write); choose another.")
+            raise ConfigError(f"--run-dir {str(run_dir)!r} exists and is not a previous quickstart's run folder (it "
+                              f"has no {_MARKER}, or holds files a run does not write); choose another.")
         data = prepare_data(args.data_dir, args.dataset)
         mean, std = data["mean"], data["std"]
         overrides = [
@@ -189,12 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a previous quickstart run: start fresh
+    run_dir.mkdir(parents=True)
+    (run_dir / _MARKER).write_text(json.dumps({"status": "training"}) + "\n")   # replaced by the results at the end
 
     _say(f"pretraining a tiny ViT on {data['dataset']} ({cfg.epochs} epochs on {cfg.device}); "
          f"TensorBoard: tensorboard --logdir {run_dir / 'logs'}")
     t_train = time.perf_counter()
     try:
-        summary = run(cfg)
+        summary = run(cfg, _RERUN)
     except TrainingError as err:
         print(f"lmim quickstart: {err}", file=sys.stderr)
         return 1
@@ -225,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(ckpt),
         "encoder": str(encoder_path),
     }
-    (run_dir / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run_dir / _MARKER).write_text(json.dumps(result, indent=2) + "\n")
 
     width = max(len(k) for k in scores)
     gain = scores["Latent MIM (trained)"] - scores["random init"]

@@ -6,8 +6,14 @@ a scheduler, a person and a script all see the same thing.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import select
+import signal
+import sys
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 from lmim.pipeline.config import DataConfigError
 from lmim.pipeline.errors import DataError, StoreUnreachable, store_client_network_error
@@ -24,6 +30,7 @@ EXIT_STORAGE = 5       # the object store is unreachable or refuses access
 EXIT_DISK = 6          # the local disk is full, read-only or not writable
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose output's reader went away
 EXIT_UNEXPECTED = 70   # a bug: the traceback is the message
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -32,6 +39,35 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `scancel`, a preempting scheduler, torchrun stopping its workers), raised in
     the main thread so the run unwinds as from Ctrl-C: status.json says interrupted, loaders close."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM raises `Terminated` in the main thread (a preempted job then records
+    why it stopped instead of leaving status.json at "running"); the old handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`| head`); a BrokenPipeError may also come
+    from a socket to the store, which is a storage failure."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class TrainingError(RuntimeError):
@@ -78,6 +114,9 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
                        f"stopped by SIGTERM (kill, scancel or preemption); {rerun.how}.")
     if isinstance(err, KeyboardInterrupt):
         return Failure(EXIT_INTERRUPTED, "interrupted", f"interrupted; {rerun.how}.")
+    if isinstance(err, BrokenPipeError) and stdout_closed():
+        return Failure(EXIT_CLOSED_PIPE, "interrupted",
+                       f"stopped: the reader of the output went away (e.g. `| head`); {rerun.how}.")
     if isinstance(err, TrainingError):
         return Failure(EXIT_DIVERGED, "diverged", _one_line(err))
     if isinstance(err, (ConfigError, DataConfigError)):  # DataConfigError: a data.* value that needs the data to check

@@ -42,14 +42,11 @@ non-finite-loss and collapse checks, plots).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import errno
 import json
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -75,7 +72,15 @@ from lmim.train.checkpoint import (
     save_checkpoint,
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
-from lmim.train.failures import Failure, Terminated, TrainingError, classify
+from lmim.train.failures import (
+    EXIT_CLOSED_PIPE,
+    TRAINING_RUN,
+    Failure,
+    Rerun,
+    TrainingError,
+    classify,
+    sigterm_interrupts,
+)
 from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
 from lmim.train.meter import Meter
 from lmim.train.report import Reporter
@@ -492,8 +497,9 @@ def knn_evaluate(cfg: DictConfig, accelerator, encoder: torch.nn.Module) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     """Train per `cfg` (a resolved TrainConfig); returns a summary (paths, last metrics, timings).
+    `rerun` is how status.json tells the user to go on after a stop that loses nothing.
 
     Raises:
         ConfigError: a bad setting found at start-up (one sentence).
@@ -560,7 +566,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 reporter.evaluation(state.step, result)
     except BaseException as err:
         # Whatever stopped the run, status.json must say it did not complete, and why.
-        failure = classify(err)
+        failure = classify(err, rerun)
         status = failure.status
         raise
     finally:
@@ -599,26 +605,8 @@ def _epochs(loader, meter: Meter) -> Iterator[Batch]:
                             "find the broken shards with `lmim verify DST` and rebuild them with `lmim shard SRC DST --recheck`.")
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Inside the block SIGTERM raises `Terminated` in the main thread (a preempted job then records
-    why it stopped instead of leaving status.json at "running"); the old handler comes back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
-    with _sigterm_interrupts():
+    with sigterm_interrupts():
         return _main(argv)
 
 
@@ -632,6 +620,7 @@ def _main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
+            sys.stdout.flush()  # a reader that went away (`| head`) shows here, where it is classified
             return 0
         summary = run(cfg)
     except (Exception, KeyboardInterrupt) as err:
@@ -645,6 +634,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
             traceback.print_exception(err, file=sys.stderr)
         where = f" (traceback: {log_file})" if log_file and failure.expected else ""
+        if failure.code == EXIT_CLOSED_PIPE:  # nothing more can reach stdout: keep Python's flush at exit quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         rank, world = _launcher_rank()
         # Every process of a launch reads the same config: process 0 says a config error for all of them.
         # Any other failure may be one process's own (its shards, its device), so each says which it is.
@@ -653,7 +644,11 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"{who}: {failure.sentence}{where}", file=sys.stderr)
         return failure.code
     if _launcher_rank()[0] == 0:   # once per run, not once per process
-        print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}")
+        try:
+            print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}",
+                  flush=True)
+        except BrokenPipeError:  # the run is complete; only its last line had no reader
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
