@@ -224,3 +224,19 @@ def test_compile_on_or_off_does_not_change_what_a_checkpoint_holds(tmp_path, com
     acc, loaded_net = prepared(not compiled_first, seed=1)
     load_checkpoint(acc, ckpt, states={})
     assert all(torch.equal(a, b) for a, b in zip(saved_net.state_dict().values(), loaded_net.state_dict().values()))
+
+
+@pytest.mark.parametrize("damaged", ["step_00000008", "step_00000005"])
+def test_a_checkpoint_with_an_unreadable_marker_keeps_its_place_in_writing_order(tmp_path, damaged):
+    """After a resume that moved the step counter back, step_5 was written after step_8. A damaged
+    marker must not move a checkpoint by its step: a damaged step_8 stays the oldest (rotated out
+    first), a damaged step_5 stays the newest (tried first by resume=auto, and named)."""
+    root = tmp_path / "checkpoints"
+    for seq, (name, written) in enumerate((("step_00000004", 100), ("step_00000008", 200), ("step_00000005", 300)), 1):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"weights")
+        os.utime(root / name / "model.safetensors", (written, written))
+        (root / name / COMPLETE_MARKER).write_text(json.dumps({"step": int(name[5:]), "sequence": seq, "files": {}}))
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8, 5]
+    (root / damaged / COMPLETE_MARKER).write_text("garbage")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8, 5]

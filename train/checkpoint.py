@@ -173,8 +173,9 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     Oldest means written first, not the lowest step: a run resumed with fewer steps per epoch (more
     processes, a larger batch or grad_accum) moves its step counter back (`pretrain._rebase_steps`),
     so its new checkpoints can have lower steps than the ones it resumed from. A checkpoint whose
-    marker cannot be read goes just after the readable one of the nearest lower step, so that a
-    damaged newest checkpoint is still tried first (and named) by resume=auto."""
+    marker cannot be read goes just after the readable ones whose weights were written before its
+    own (file times), so that a damaged newest checkpoint is still tried first (and named) by
+    resume=auto, and a damaged old one is rotated out first."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
@@ -183,16 +184,25 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         m = _NAME.match(p.name)
         if m and p.is_dir() and is_complete(p):
             found.append((int(m.group(1)), p, _sequence(p)))
-    readable = sorted((step, seq) for step, _, seq in found if seq is not None)
+    readable = [(_weights_written_at(path), seq) for _, path, seq in found if seq is not None]
 
     def order(item: tuple[int, Path, int | None]) -> tuple[float, int]:
-        step, _, seq = item
+        step, path, seq = item
         if seq is None:
-            below = [s for st, s in readable if st <= step]
-            seq = max(below) + 0.5 if below else -0.5
+            written = _weights_written_at(path)
+            before = [s for t, s in readable if t <= written]
+            seq = max(before) + 0.5 if before else -0.5
         return seq, step
 
     return [(step, path) for step, path, _ in sorted(found, key=order)]
+
+
+def _weights_written_at(path: Path) -> float:
+    """When a checkpoint's weights were written (their file's time; the marker may be the damaged file)."""
+    try:
+        return (path / "model.safetensors").stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
