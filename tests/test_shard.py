@@ -492,3 +492,20 @@ def test_a_disk_that_fills_during_a_build_is_exit_6_and_a_rerun_finishes_it(tmp_
                            timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert verify_dataset(str(dst)) == []
+
+
+def test_a_part_run_on_a_finished_dataset_names_the_other_parts_damage_instead_of_calling_it_complete(
+        class_tree, tmp_path, capsys):
+    """A --part run rebuilds only its own shards; when another part's shard is gone it must not say the
+    dataset is complete with nothing to do. Running that part repairs it."""
+    dst = tmp_path / "ds"
+    build_dataset(str(class_tree), str(dst), shard_max_samples=5, progress=False)
+    (dst / "shard-000001.tar").unlink()                          # shard 1 is part 1/2's (1 % 2)
+    shard = ["shard", str(class_tree), str(dst), "--shard-max-samples", "5", "--workers", "1"]
+    rc, err = _cli([*shard, "--part", "0/2"], capsys)
+    assert rc == 0 and "already complete" not in err
+    assert "its own shards" in err and "1 of other parts are missing or damaged (shard-000001.tar)" in err
+    assert not (dst / "shard-000001.tar").exists()
+    rc, err = _cli([*shard, "--part", "1/2"], capsys)
+    assert rc == 0 and "repaired: rebuilt 1" in err
+    assert verify_dataset(str(dst)) == []

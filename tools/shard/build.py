@@ -82,6 +82,8 @@ class BuildResult:
     part: tuple[int, int]       # (i, N) of this run; (0, 1) for a whole build
     already_complete: bool      # DST already held this finished dataset: the run did nothing
     repaired: list[str] = dataclasses.field(default_factory=list)  # shards of a finished dataset rebuilt (missing or damaged)
+    # a --part run on a finished dataset: other parts' shards found missing or of another size (it repairs its own only)
+    others_damaged: list[str] = dataclasses.field(default_factory=list)
 
 
 def build_dataset(src: str, dst: str, options: BuildOptions | None = None, **keywords: Any) -> BuildSummary:
@@ -148,7 +150,9 @@ def run_build(src: str, dst: str, options: BuildOptions) -> BuildResult:
             return BuildResult(_run(dest, corpus, plan, options, t0), scrub_url(dest.url), part, already_complete=False)
         damaged = _damaged_of_mine(dest, done, plan, options)
         if not damaged:
-            return BuildResult(_summary_from_manifest(done, t0), scrub_url(dest.url), part, already_complete=True)
+            others = _damaged_of_others(dest, done, plan, options)
+            return BuildResult(_summary_from_manifest(done, t0), scrub_url(dest.url), part, already_complete=not others,
+                               others_damaged=others)
         restore_plan(dest, plan_doc)  # the merge that rewrites the manifest reads it
         # the shards were just checked (read in full under --recheck): _run need not read them again
         summary = _run(dest, corpus, plan, dataclasses.replace(options, recheck=False), t0,
@@ -165,6 +169,17 @@ def _damaged_of_mine(dest: Store, manifest: Manifest, plan: Plan, options: Build
     numbers = {f"{shard_name(options.prefix, n)}.tar": n for n in range(len(plan.shards))}
     mine = [s for s in manifest.shards if s.name in numbers and numbers[s.name] % part_n == part_i]
     return {name: numbers[name] for name in damaged_shards(dest, mine, manifest.classes, recheck=options.recheck)}
+
+
+def _damaged_of_others(dest: Store, manifest: Manifest, plan: Plan, options: BuildOptions) -> list[str]:
+    """Names of the other parts' shards of a finished dataset that are missing or of another size (one
+    listing, no reads): a --part run does not rebuild them, but must not call the dataset complete."""
+    if options.part_count == 1:
+        return []
+    part_i, part_n = options.part_index, options.part_count
+    numbers = {f"{shard_name(options.prefix, n)}.tar": n for n in range(len(plan.shards))}
+    others = [s for s in manifest.shards if s.name in numbers and numbers[s.name] % part_n != part_i]
+    return damaged_shards(dest, others, manifest.classes, recheck=False)
 
 
 def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: float,

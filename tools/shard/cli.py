@@ -86,6 +86,11 @@ def main(argv: list[str]) -> int:
 def _report(result: BuildResult) -> str:
     """What `lmim shard` says on stderr when a run ends (unless --quiet)."""
     s, (part_i, part_n) = result.summary, result.part
+    if result.others_damaged:
+        shown = ", ".join(result.others_damaged[:3]) + (", ..." if len(result.others_damaged) > 3 else "")
+        return (f"lmim shard: part {part_i}/{part_n}: its own shards of {result.dataset} are in place, but "
+                f"{len(result.others_damaged)} of other parts are missing or damaged ({shown}): run those parts again, "
+                f"or the whole build without --part, to rebuild them")
     if result.already_complete:
         return (f"lmim shard: {result.dataset} is already complete ({s.samples} samples in {s.shards} shards); "
                 f"nothing to do")
