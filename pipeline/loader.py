@@ -211,19 +211,18 @@ class Loader:
             self._source_samples = [int(n) for n in state["source_samples"]]
         self._restore_skips([state] if same_data else [])
         self._carry = state.get("carry") if same_data else None
-        same = (same_data and state["world_size"] == self.world_size and state["rank"] == self.rank
-                and state["batch_size"] == self.batch_size and state["seed"] == self.seed
-                and state["train"] == self.train)
-        if not same and self._next_batch > 0:
+        changed = self._what_changed(state, same_data)
+        if changed and self._next_batch > 0:
             log.warning("the data loader resumes at the start of epoch %d, not mid-epoch, because %s changed since "
-                        "the checkpoint", self.epoch + 1, self._what_changed(state, same_data))
+                        "the checkpoint", self.epoch + 1, ", ".join(changed))
             self.epoch, self._next_batch = self.epoch + 1, 0
         if self.epoch < 0 or not 0 <= self._next_batch <= self._batches_in(self.epoch):
             raise ValueError(f"loader state says epoch {self.epoch}, batch {self._next_batch}, but that epoch has "
                              f"{self._batches_in(self.epoch)} batches here")
 
-    def _what_changed(self, state: dict[str, Any], same_data: bool) -> str:
-        """The settings that differ between `state` and this loader, in words ("batch_size 64 -> 32, ...")."""
+    def _what_changed(self, state: dict[str, Any], same_data: bool) -> list[str]:
+        """What differs between `state` and this loader, in words (["batch_size 64 -> 32", ...]); empty
+        when the saved mid-epoch position carries over."""
         now = {"world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size, "seed": self.seed,
                "train": self.train}
         changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state[k] != v]
@@ -232,7 +231,7 @@ class Loader:
                            f"{sum(self.counts)} in {len(self.counts)})")
         elif not same_data:
             changed.append("the data.sources mixture (its URLs or weights)")
-        return ", ".join(changed)
+        return changed
 
     def _same_sources(self, state: dict[str, Any]) -> bool:
         """`state` was saved reading the same sources, in the same order (their weights may differ)."""

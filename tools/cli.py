@@ -46,15 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = func(rest)
         sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
-    except BrokenPipeError as err:
-        from lmim.train.failures import EXIT_CLOSED_PIPE, stdout_closed
-
-        if not stdout_closed():
-            return _safety_net(name, err)
-        # `lmim ... | head`: the reader has gone, which is not a failure to report. Point stdout at
-        # /dev/null so Python's own flush at exit does not complain, and exit as a SIGPIPE'd tool would.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_CLOSED_PIPE
     except (Exception, KeyboardInterrupt) as err:
         return _safety_net(name, err)
     return int(result or 0)
@@ -64,11 +55,14 @@ def _safety_net(name: str, err: BaseException) -> int:
     """The safety net under every sub-command: an expected failure it did not phrase itself (a full
     disk under the shard builder, refused credentials, Ctrl-C) still ends as one sentence with the
     documented exit code; anything else is a bug and keeps its traceback."""
-    from lmim.train.failures import ONE_COMMAND, classify
+    from lmim.train.failures import EXIT_CLOSED_PIPE, ONE_COMMAND, classify, silence_stdout
 
     failure = classify(err, ONE_COMMAND)
     if not failure.expected or os.environ.get("LMIM_DEBUG"):
         raise err
+    if failure.code == EXIT_CLOSED_PIPE:  # `lmim ... | head`: the reader left; nothing to report, as a SIGPIPE'd tool
+        silence_stdout()
+        return failure.code
     print(f"lmim {name}: {failure.sentence}", file=sys.stderr)
     return failure.code
 

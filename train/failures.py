@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import select
 import signal
 import sys
@@ -68,6 +69,11 @@ def stdout_closed() -> bool:
         return any(events & select.POLLERR for _, events in poller.poll(0))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so Python's own flush at exit stays quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class TrainingError(RuntimeError):

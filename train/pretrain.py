@@ -80,6 +80,7 @@ from lmim.train.failures import (
     TrainingError,
     classify,
     sigterm_interrupts,
+    silence_stdout,
 )
 from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
 from lmim.train.meter import Meter
@@ -453,13 +454,16 @@ def _rebase_steps(state: TrainState, loader, steps_per_epoch: int, eff_batch: in
     the lr and EMA schedules jumped. Move the step counter to where this run's schedules expect the
     loader's position (the rest of the interrupted epoch, or the next epoch when the data could not
     resume mid-epoch), so lr, EMA momentum and the cadence go on from the same point of training. The
-    peak lr follows the new effective batch (the linear scaling rule)."""
+    peak lr follows the new effective batch (the linear scaling rule). Nothing to do when neither changed
+    (a checkpoint of an older lmim records no steps per epoch: only its process count is compared)."""
     old_step = state.step
     changed = []
     if state.world_size != accelerator.num_processes:
         changed.append(f"{state.world_size} -> {accelerator.num_processes} processes")
     if state.steps_per_epoch and state.steps_per_epoch != steps_per_epoch:
         changed.append(f"{state.steps_per_epoch} -> {steps_per_epoch} steps per epoch")
+    if not changed:
+        return
     state.step = max(0, (loader.epoch + 1) * steps_per_epoch - loader.batches_left() // cfg.grad_accum)
     lr_note = ""
     if state.effective_batch and state.effective_batch != eff_batch:
@@ -523,8 +527,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     _say_what_will_not_happen(cfg, accelerator, steps_per_epoch, sched.total_steps)
     stepper = _make_stepper(cfg, accelerator, model, sched)
     state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
-    if resumed is not None and (state.world_size != accelerator.num_processes
-                                or state.steps_per_epoch not in (0, steps_per_epoch)):
+    if resumed is not None:
         _rebase_steps(state, loader, steps_per_epoch, eff_batch, cfg, accelerator, sched)
     state.world_size, state.steps_per_epoch, state.effective_batch = accelerator.num_processes, steps_per_epoch, eff_batch
     if resumed is not None and cadence.done(state.step):
@@ -634,8 +637,8 @@ def _main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
             traceback.print_exception(err, file=sys.stderr)
         where = f" (traceback: {log_file})" if log_file and failure.expected else ""
-        if failure.code == EXIT_CLOSED_PIPE:  # nothing more can reach stdout: keep Python's flush at exit quiet
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if failure.code == EXIT_CLOSED_PIPE:  # nothing more can reach stdout
+            silence_stdout()
         rank, world = _launcher_rank()
         # Every process of a launch reads the same config: process 0 says a config error for all of them.
         # Any other failure may be one process's own (its shards, its device), so each says which it is.
@@ -648,7 +651,7 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, run folder {summary['run_dir']}",
                   flush=True)
         except BrokenPipeError:  # the run is complete; only its last line had no reader
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            silence_stdout()
     return 0
 
 

@@ -165,9 +165,8 @@ def run_build(src: str, dst: str, options: BuildOptions) -> BuildResult:
 def _damaged_of_mine(dest: Store, manifest: Manifest, plan: Plan, options: BuildOptions) -> dict[str, int]:
     """{shard file name: plan number} of this run's shards of a finished dataset that must be rebuilt
     (a part build repairs its own shards only, as it builds only those)."""
-    part_i, part_n = options.part_index, options.part_count
-    numbers = {f"{shard_name(options.prefix, n)}.tar": n for n in range(len(plan.shards))}
-    mine = [s for s in manifest.shards if s.name in numbers and numbers[s.name] % part_n == part_i]
+    numbers = _plan_numbers(plan, options)
+    mine = [s for s in manifest.shards if _is_mine(numbers.get(s.name), options)]
     return {name: numbers[name] for name in damaged_shards(dest, mine, manifest.classes, recheck=options.recheck)}
 
 
@@ -176,10 +175,19 @@ def _damaged_of_others(dest: Store, manifest: Manifest, plan: Plan, options: Bui
     listing, no reads): a --part run does not rebuild them, but must not call the dataset complete."""
     if options.part_count == 1:
         return []
-    part_i, part_n = options.part_index, options.part_count
-    numbers = {f"{shard_name(options.prefix, n)}.tar": n for n in range(len(plan.shards))}
-    others = [s for s in manifest.shards if s.name in numbers and numbers[s.name] % part_n != part_i]
+    numbers = _plan_numbers(plan, options)
+    others = [s for s in manifest.shards if s.name in numbers and not _is_mine(numbers[s.name], options)]
     return damaged_shards(dest, others, manifest.classes, recheck=False)
+
+
+def _plan_numbers(plan: Plan, options: BuildOptions) -> dict[str, int]:
+    """{shard file name: its number in the plan}."""
+    return {f"{shard_name(options.prefix, n)}.tar": n for n in range(len(plan.shards))}
+
+
+def _is_mine(number: int | None, options: BuildOptions) -> bool:
+    """Whether shard `number` of the plan is this part's to build (as `_run` splits them)."""
+    return number is not None and number % options.part_count == options.part_index
 
 
 def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: float,
@@ -187,7 +195,7 @@ def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: flo
     """Build this run's missing shards and those in `rebuild` (found damaged), then merge (a whole
     build) or summarise this part."""
     part_i, part_n = options.part_index, options.part_count
-    mine = [n for n in range(len(plan.shards)) if n % part_n == part_i]
+    mine = [n for n in range(len(plan.shards)) if _is_mine(n, options)]
     done = completed_records(dest, plan, options.prefix)
     if options.recheck:  # a resumed build trusts a finished shard's size; --recheck reads it too
         recorded = {r.info.name: n for n, r in done.items() if n in mine and r.info is not None}
@@ -223,7 +231,7 @@ def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: flo
     if manifest is not None:
         return BuildSummary(manifest.total_samples, len(manifest.shards), len(manifest.classes or []),
                             int(manifest.build.get("rejects", 0)), seconds, manifest.total_bytes, **this_run)
-    records = [r for r in list(done.values()) + results if r.shard % part_n == part_i]
+    records = [r for r in list(done.values()) + results if _is_mine(r.shard, options)]
     infos = [r.info for r in records if r.info is not None]
     return BuildSummary(sum(i.samples for i in infos), len(infos), len(corpus.classes or []),
                         sum(len(r.rejects) for r in records), seconds, sum(i.bytes for i in infos),

@@ -133,8 +133,8 @@ def _fetch(store: Store, name: str) -> bytes:
 
 
 def _samples_of(data: bytes, index: str, info: ShardInfo) -> Iterator[tuple[str, str, bytes, bytes, bytes]]:
-    """(key, image ext, image bytes, .json bytes, .cls bytes) per sample, split by the shard's index
-    as the streaming loader splits it."""
+    """(key, image ext, image bytes, .json bytes, .cls bytes) per sample, split by the shard's index,
+    as DALI's reader splits a local shard (so a remote dataset's index is checked as a local one's)."""
     for comps in parse_index(index, info.name, info.samples, len(data)):
         ext = next((e for e in IMAGE_EXTENSIONS if e in comps), None)
         if ext is None:
