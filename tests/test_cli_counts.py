@@ -69,6 +69,8 @@ def test_quickstart_never_deletes_a_folder_that_is_not_an_earlier_run(tmp_path, 
     assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(pretrain_run), "max_steps=1"]) == 2
     assert "has no quickstart.json" in capsys.readouterr().err
     assert (pretrain_run / "checkpoints" / "step_00000046").is_dir()
+    assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(mine / "thesis.txt")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
     assert quickstart.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "a"),
                             f"run_dir={tmp_path / 'b'}"]) == 2
     assert "--run-dir" in capsys.readouterr().err

@@ -184,6 +184,8 @@ def _main(argv: list[str] | None = None) -> int:
         if any(o.split("=", 1)[0].strip() == "run_dir" for o in args.overrides):
             raise ConfigError("give the run folder as --run-dir DIR, not as a run_dir= override (the quickstart writes "
                               "its encoder and summary there too).")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--run-dir {str(run_dir)!r} is a file; give a folder (it is created if missing).")
         if run_dir.exists() and any(run_dir.iterdir()) and not _is_previous_run(run_dir):
             raise ConfigError(f"--run-dir {str(run_dir)!r} exists and is not a previous quickstart's run folder (it "
                               f"has no {_MARKER}, or holds files a run does not write); choose another.")
