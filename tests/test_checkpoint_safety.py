@@ -240,3 +240,15 @@ def test_a_checkpoint_with_an_unreadable_marker_keeps_its_place_in_writing_order
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8, 5]
     (root / damaged / COMPLETE_MARKER).write_text("garbage")
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8, 5]
+
+
+def test_a_trainer_state_from_before_the_update_count_counts_its_steps_as_updates():
+    """Checkpoints of an older lmim record no `updates`: the step is the count they had (no rebase
+    existed then), so the metrics of a run resumed from one go on from there, not from 0."""
+    from lmim.train.checkpoint import TrainState
+
+    state = TrainState()
+    state.load_state_dict({"step": 40, "micro_step": 80, "images_seen": 640, "world_size": 1, "history": {}})
+    assert (state.step, state.updates) == (40, 40)
+    state.load_state_dict({**state.state_dict(), "step": 12, "updates": 40})   # a rebased run's own state
+    assert (state.step, state.updates) == (12, 40)

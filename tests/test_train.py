@@ -226,6 +226,11 @@ def test_resume_with_another_grad_accum_keeps_the_epochs_and_the_newest_checkpoi
     assert steps == [*range(1, 9), *range(5, 11)]                   # 8 steps of 1 batch, then 6 of 2: 20 batches
     epochs = [r["epoch"] for r in logged if "loss" in r]
     assert epochs == sorted(epochs) and epochs[-1] == 2.0           # the data's epoch never goes back
+    # The optimizer-step count never goes back either: it is the x-axis of the trackers and plots, and
+    # what keys read_metrics, which keeps both runs' records (by step it would merge steps 5-8 of the two).
+    assert [r["update"] for r in logged if "loss" in r] == list(range(1, 15))
+    kept = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in kept] == steps and [r["images_seen"] for r in kept][-1] == 20 * 8  # 20 batches of 8
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, capsys):
@@ -251,3 +256,21 @@ def test_metrics_jsonl_is_strict_json_with_undefined_values_as_null(tmp_path):
     log.close()
     record = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=refuse)
     assert record == {"step": 1, "loss": 1.5, "collapse_cos": None, "x": None}
+
+
+def test_read_metrics_keeps_the_later_of_a_redone_point_and_reads_records_of_an_older_lmim(tmp_path):
+    """A run killed after its last checkpoint redoes those steps when resumed: the later record of a
+    point wins. Records written before the update count existed are keyed by their step, and a record
+    that is not an object (a hand edit) is passed over, not a crash of the end-of-run plots."""
+    lines = [
+        {"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0},                             # an older lmim
+        {"step": 3, "update": 3, "loss": 7.0}, {"step": 4, "update": 4, "loss": 6.5},   # killed after 3
+        {"step": 4, "update": 4, "loss": 6.0},                                          # redone on resume
+        {"step": 2, "update": 5, "loss": 5.0},                                          # rebased: step 2 again
+        [1, 2], {"event": "note"},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"step\": 6, \"lo")   # the last line cut by a kill
+    recs = read_metrics(path)
+    assert [(r.get("step"), r.get("loss")) for r in recs] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (2, 5.0),
+                                                             (None, None)]

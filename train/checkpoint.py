@@ -80,7 +80,8 @@ class CheckpointError(RuntimeError):
 class TrainState:
     """The trainer's own counters, checkpointed through `register_for_checkpointing`."""
 
-    step: int = 0                      # optimizer steps done
+    step: int = 0                      # the schedules' position: lr, EMA, cadence, checkpoint names (moved on a rebase)
+    updates: int = 0                   # optimizer steps done over the run's whole life, resumes included (never moved back)
     micro_step: int = 0                # micro-batches (forward/backward passes) done
     images_seen: int = 0               # over all processes
     world_size: int = 1
@@ -103,6 +104,8 @@ class TrainState:
                 raise ValueError(f"trainer_state's {key!r} is {value!r}")
         for key, value in state.items():
             setattr(self, key, value)
+        if "updates" not in state:  # a checkpoint of an older lmim: its step is the best count there is
+            self.updates = self.step
 
 
 class RankedState:

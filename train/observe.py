@@ -44,9 +44,14 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl; for a step logged twice (a resumed run re-doing steps after
-    its last checkpoint) the later record wins. Sorted by step."""
-    by_step: dict[int, dict[str, Any]] = {}
+    """All records of a metrics.jsonl in training order; a point logged twice (a resumed run re-doing
+    the steps after its last checkpoint) keeps the later record.
+
+    Records are keyed by `update`, the optimizer steps since the run began, which never goes back;
+    `step` (the schedules' position) repeats after a resume with fewer steps per epoch, where both
+    runs' records are real and are all kept. Records of an older lmim have only `step`: it keys them.
+    """
+    by_point: dict[int, dict[str, Any]] = {}
     extra: list[dict[str, Any]] = []
     p = Path(path)
     if not p.is_file():
@@ -58,11 +63,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-        if "step" in rec:
-            by_step[int(rec["step"])] = {**by_step.get(int(rec["step"]), {}), **rec}
+        if not isinstance(rec, dict):
+            continue
+        point = rec.get("update", rec.get("step"))
+        if isinstance(point, int) and not isinstance(point, bool):
+            by_point[point] = {**by_point.get(point, {}), **rec}
         else:
             extra.append(rec)
-    return [by_step[s] for s in sorted(by_step)] + extra
+    return [by_point[k] for k in sorted(by_point)] + extra
 
 
 class CollapseGuard:
@@ -140,10 +148,10 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path) -> Path | None:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
-        pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+        pts = [(r.get("update", r["step"]), r[key]) for r in records if key in r and r[key] is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("optimizer steps", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:

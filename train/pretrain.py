@@ -546,6 +546,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
         while not cadence.done(state.step):
             outs = train_step(stepper, batches, state.step, metrics=cadence.logs(state.step + 1))
             state.step += 1
+            state.updates += 1
             state.micro_step += len(outs)
             state.images_seen += eff_batch
             meter.add_step(outs, state.step)
@@ -553,7 +554,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
             if cadence.logs(state.step) or cadence.evaluates(state.step) or cadence.checkpoints(state.step):
                 # Also before an evaluation or a checkpoint: a non-finite loss stops the run here, so
                 # diverged weights are never evaluated or checkpointed.
-                reporter.window(meter, state.step, last_ckpt)
+                reporter.window(meter, state, last_ckpt)
             # The checkpoint comes before the evaluation: an evaluation that stops the run (its split
             # unreadable, the store down) loses no training. The evaluation leaves the RNGs as it found
             # them, so a run resumed from this checkpoint goes on as an uninterrupted one.
@@ -566,7 +567,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
                 with rng_untouched():
                     result = knn_evaluate(cfg, accelerator, stepper.net.encoder)
                 state.history["knn_top1"] = result["knn_top1"]
-                reporter.evaluation(state.step, result)
+                reporter.evaluation(state, result)
     except BaseException as err:
         # Whatever stopped the run, status.json must say it did not complete, and why.
         failure = classify(err, rerun)

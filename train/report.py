@@ -87,13 +87,19 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(1)
 
-    def window(self, meter: Meter, step: int, last_checkpoint: Path | None) -> None:
+    def window(self, meter: Meter, state: TrainState, last_checkpoint: Path | None) -> None:
         """Close `meter`'s window (averaged over processes) and log it, unless it is empty.
+
+        Each record carries `step` (the schedules' position, which a resume with another number of
+        steps per epoch moves back) and `update` (optimizer steps since the run began, which never
+        goes back): trackers and plots use `update`, because W&B drops every point logged at a step
+        below its last one and TensorBoard draws a step axis that goes back as a scribble.
 
         Raises:
             TrainingError: a loss in the window was non-finite, or the collapse guard says stop.
         """
         acc = self.accelerator
+        step = state.step
         w = meter.window(lambda t: acc.reduce(t.to(acc.device), reduction="sum") / acc.num_processes)
         if w is None:
             return
@@ -109,6 +115,8 @@ class Reporter:
             raise TrainingError(f"The loss became non-finite (nan/inf) {when}; training stopped and {then}")
         record = {
             "step": step,
+            "update": state.updates,
+            "images_seen": state.images_seen,
             "epoch": getattr(self.loader, "epochs_done", step / self.steps_per_epoch),
             "loss": w.loss,
             **w.metrics,
@@ -118,7 +126,7 @@ class Reporter:
             **_data_counts(self.loader),
             **self._source_counts(),
         }
-        acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        acc.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "update")}, step=state.updates)
         self.metrics_log.write(record)
         self.last = record
         if self.progress is not None:
@@ -126,7 +134,7 @@ class Reporter:
                                       wait=f"{record['data_wait_share']:.0%}", refresh=False)
         if self.progress_lines:
             print(progress_line(step, self.stop_step, record), flush=True)
-        self._check_collapse(step, record, last_checkpoint)
+        self._check_collapse(state, record, last_checkpoint)
 
     def _source_counts(self) -> dict[str, int]:
         """Training on a mixture (data.sources): the samples every process together took from each
@@ -139,8 +147,9 @@ class Reporter:
                            reduction="sum")
         return {f"data_samples/{name}": int(n) for name, n in zip(per_process, total.tolist())}
 
-    def _check_collapse(self, step: int, record: dict[str, float], last_checkpoint: Path | None) -> None:
+    def _check_collapse(self, state: TrainState, record: dict[str, float], last_checkpoint: Path | None) -> None:
         cfg = self.cfg.collapse_guard
+        step = state.step
         verdict = self.guard.update(step, float(record.get(cfg.metric, float("nan"))))
         if verdict == "ok":
             return
@@ -149,15 +158,16 @@ class Reporter:
             f"{self.guard.count} logged steps: the encoder maps different images to nearly the same vector."
         )
         self.accelerator.print("\n" + "!" * 100 + f"\n{msg}\n" + "!" * 100)
-        self.metrics_log.write({"event": "collapse_warning", "step": step, "message": msg})
+        self.metrics_log.write({"event": "collapse_warning", "step": step, "update": state.updates, "message": msg})
         if verdict == "stop":
             kept = f"the last checkpoint is kept ({last_checkpoint})" if last_checkpoint else "no checkpoint was written yet"
             raise TrainingError(f"{msg} Stopped (collapse_guard.action=stop); {kept}.")
 
-    def evaluation(self, step: int, result: dict[str, float]) -> None:
-        """A k-NN result ({"knn_top1": %})."""
-        self.accelerator.log({"eval/knn_top1": result["knn_top1"]}, step=step)
-        self.metrics_log.write({"step": step, **result})
+    def evaluation(self, state: TrainState, result: dict[str, float]) -> None:
+        """A k-NN result ({"knn_top1": %}), at `state`'s step and update (as `window`'s records)."""
+        step = state.step
+        self.accelerator.log({"eval/knn_top1": result["knn_top1"]}, step=state.updates)
+        self.metrics_log.write({"step": step, "update": state.updates, **result})
         self.accelerator.print(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}% ({knn_metric_name(self.cfg)})")
 
     # ------------------------------------------------------------------------------------ at the end
