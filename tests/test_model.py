@@ -233,10 +233,16 @@ def test_similarity_regulariser_and_metrics():
     assert out["loss_sim"] > 0
     assert torch.allclose(out["loss"], out["loss_pred"] + 0.1 * out["loss_sim"])
     x = torch.randn(2, 6, 8)
+    # s as the reference computes it (the s* schedule is set against it): all 6 x 6 pairs, self included.
     direct = torch.stack([
-        torch.stack([F.cosine_similarity(x[b, i], x[b, j], dim=0) for i in range(6) for j in range(6) if i != j]).mean()
+        torch.stack([F.cosine_similarity(x[b, i], x[b, j], dim=0) for i in range(6) for j in range(6)]).mean()
         for b in range(2)]).mean()
     assert torch.allclose(mean_token_similarity(x), direct, atol=1e-5)
+    assert torch.allclose(mean_token_similarity(torch.ones(1, 5, 3)), torch.tensor(1.0))
+    # The collapse diagnostic is over pairs of *different* images: two orthogonal images read 0, not 0.5.
+    from lmim.model.losses import collapse_cosine
+    two = torch.stack([torch.tensor([[1.0, 0.0]]).expand(4, 2), torch.tensor([[0.0, 1.0]]).expand(4, 2)])
+    assert torch.allclose(collapse_cosine(two), torch.tensor(0.0), atol=1e-6)
     # Effective rank: ~1 for collapsed features (one vector + tiny noise), ~C for isotropic ones.
     from lmim.model.losses import effective_rank
     collapsed = torch.randn(1, 16).expand(64, -1) + 1e-4 * torch.randn(64, 16)

@@ -376,11 +376,12 @@ def _check_values(cfg: DictConfig) -> None:
             f"{cfg.model.grid_size} grid (at least 2 patches must be targets: the loss contrasts each target with "
             f"the others), got {cfg.data.num_visible}."
         )
-    # s(x), the mean cosine between different tokens, needs 2 visible tokens (model/losses.py).
+    # s(x) of one visible token is its cosine with itself, 1 whatever the weights: the visible half of
+    # the regulariser would push nothing but stay a constant penalty (model/losses.py).
     if cfg.model.sim_reg_coef > 0 and cfg.model.objective != "mae" and cfg.data.num_visible < 2:
         raise ConfigError(
             f"Config key 'data.num_visible' must be at least 2 when model.sim_reg_coef > 0 (the similarity "
-            f"regulariser averages the cosine between pairs of visible tokens), got {cfg.data.num_visible}; raise "
+            f"regulariser compares the visible tokens with each other; one token only matches itself), got {cfg.data.num_visible}; raise "
             "it or set model.sim_reg_coef=0."
         )
     from lmim.model.encoder import arch_problem  # imports timm: only once the cheaper checks passed
