@@ -35,3 +35,11 @@ def test_bench_pipeline_bad_url(capsys, tmp_path):
     rc = main(["bench", "pipeline", str(tmp_path / "nothing-here")])
     assert rc == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_bench_pipeline_batch_larger_than_the_dataset_names_the_bench_option(capsys, tmp_path):
+    """The loader's own sentence says data.batch_size (a training key); the bench's option is --batch-size."""
+    rc = main(["bench", "pipeline", "--images", "6", "--image-size", "32", "32", "--batch-size", "8",
+               "--grid", "4", "--patch", "8", "--gap", "0", "--num-visible", "4", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--batch-size 8 is larger than the dataset (6 samples" in err and "data.batch_size" not in err

@@ -193,6 +193,10 @@ def main(argv: list[str]) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="lmim-bench-pipe-", dir=args.workdir)
             url = _synthetic(tmp.name, args.images, tuple(args.image_size), args.shard_samples)
         manifest = read_manifest(url)
+        if args.batch_size > manifest.total_samples:  # the loader's own sentence names data.batch_size
+            print(f"lmim bench pipeline: --batch-size {args.batch_size} is larger than the dataset "
+                  f"({manifest.total_samples} samples at {url}); lower --batch-size.", file=sys.stderr)
+            return 2
         common = dict(url=url, batch_size=args.batch_size, num_threads=args.threads, mask=args.mask,
                       num_visible=args.num_visible)
         cfgs = {"dali": DataConfig(loader="dali", **common), "baseline": DataConfig(loader="torch", **common),
