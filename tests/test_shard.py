@@ -412,8 +412,42 @@ def test_a_rerun_rebuilds_missing_and_damaged_shards_byte_identically(class_tree
     # a dataset whose _build/ was removed once it was complete is repaired as well
     shutil.rmtree(dst / "_build")
     first = {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()}
-    err, _ = repair(lambda: (dst / "shard-000001.tar").unlink())
-    assert "(shard-000001.tar)" in err
+    err, rebuilt = repair(lambda: (dst / "shard-000001.tar").unlink())
+    assert "(shard-000001.tar)" in err and not rebuilt   # the intact shards are kept, not rebuilt too
+
+
+def test_a_repair_after_build_state_was_removed_rebuilds_only_the_damage_and_parts_still_merge(tmp_path, capsys):
+    """`_build/` may go once a dataset is complete. A repair then restores the records of the intact
+    shards from the manifest and rejects.jsonl, so it rebuilds only what is missing (not the whole
+    dataset), the rewritten manifest and rejects.jsonl are byte-identical, and a `--part` repair can
+    still meet the other parts in the merge (it said "not built yet" for their shards before)."""
+    src = tmp_path / "src"
+    write_photo_jpegs(src, 20, size=SMALL, num_classes=2, seed=3)
+    (src / "class_000" / "broken.jpg").write_bytes(b"not a jpeg")
+    dst = tmp_path / "ds"
+    shard = ["shard", str(src), str(dst), "--shard-max-samples", "4", "--workers", "1"]
+    for part in ("0/2", "1/2"):
+        assert _cli([*shard, "--part", part], capsys)[0] == 0
+    first = {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()}
+    assert b"broken.jpg" in first["rejects.jsonl"]
+    shutil.rmtree(dst / "_build")
+    (dst / "shard-000002.tar").unlink()      # part 0's
+    (dst / "shard-000003.tar").unlink()      # part 1's
+    kept = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.tar")}
+    rc, err = _cli([*shard, "--part", "0/2"], capsys)
+    assert rc == 0 and "rebuilt 1 missing or damaged shards (shard-000002.tar)" in err
+    assert "1 shards of other parts are missing or damaged (shard-000003.tar)" in err
+    rc, err = _cli([*shard, "--part", "1/2"], capsys)
+    assert rc == 0 and "every part is done" in err
+    assert {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()} == first
+    assert all((dst / n).stat().st_mtime_ns == t for n, t in kept.items())
+    assert _cli(["merge", str(dst)], capsys)[0] == 0
+    # the same for a whole build: one shard missing, one shard rebuilt
+    shutil.rmtree(dst / "_build")
+    (dst / "shard-000001.tar").unlink()
+    summary = build_dataset(str(src), str(dst), shard_max_samples=4, progress=False)
+    assert (summary.built_shards, summary.rejects) == (1, 1)
+    assert {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()} == first
 
 
 def test_recheck_also_rebuilds_a_damaged_shard_of_an_unfinished_build(class_tree, tmp_path):

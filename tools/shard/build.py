@@ -43,7 +43,8 @@ from lmim.tools.shard.processes import FORKS, context, run_forked, run_spawned
 from lmim.tools.shard.progress import Counters, ProgressBar, attach, reporting
 from lmim.tools.shard.sources import Corpus, SourceError, open_corpus
 from lmim.tools.shard.repair import damaged_shards, failing_recheck
-from lmim.tools.shard.state import TMP_DIR, ShardRecord, claim, completed_records, restore_plan, shard_name
+from lmim.tools.shard.state import (TMP_DIR, ShardRecord, claim, completed_records, restore_plan,
+                                    restore_records, shard_name)
 from lmim.tools.shard.tasks import ShardTask, TaskContext, build_shard, run_shards
 
 __all__ = ["BuildError", "BuildOptions", "BuildSummary", "BuildResult", "build_dataset", "run_build", "merge_parts"]
@@ -149,15 +150,19 @@ def run_build(src: str, dst: str, options: BuildOptions) -> BuildResult:
         if done is None:
             return BuildResult(_run(dest, corpus, plan, options, t0), scrub_url(dest.url), part, already_complete=False)
         damaged = _damaged_of_mine(dest, done, plan, options)
+        others = _damaged_of_others(dest, done, plan, options)
         if not damaged:
-            others = _damaged_of_others(dest, done, plan, options)
             return BuildResult(_summary_from_manifest(done, t0), scrub_url(dest.url), part, already_complete=not others,
                                others_damaged=others)
         restore_plan(dest, plan_doc)  # the merge that rewrites the manifest reads it
+        numbers = _plan_numbers(plan, options)
+        restore_records(dest, done, plan, [item.id for item in corpus.items], options.prefix,
+                        skip=set(damaged.values()) | {numbers[name] for name in others})
         # the shards were just checked (read in full under --recheck): _run need not read them again
         summary = _run(dest, corpus, plan, dataclasses.replace(options, recheck=False), t0,
                        rebuild=frozenset(damaged.values()))
-        return BuildResult(summary, scrub_url(dest.url), part, already_complete=False, repaired=sorted(damaged))
+        return BuildResult(summary, scrub_url(dest.url), part, already_complete=False, repaired=sorted(damaged),
+                           others_damaged=others)
     finally:
         corpus.close()
 

@@ -86,8 +86,8 @@ def main(argv: list[str]) -> int:
 def _report(result: BuildResult) -> str:
     """What `lmim shard` says on stderr when a run ends (unless --quiet)."""
     s, (part_i, part_n) = result.summary, result.part
-    if result.others_damaged:
-        shown = ", ".join(result.others_damaged[:3]) + (", ..." if len(result.others_damaged) > 3 else "")
+    shown = ", ".join(result.others_damaged[:3]) + (", ..." if len(result.others_damaged) > 3 else "")
+    if result.others_damaged and not result.repaired:
         return (f"lmim shard: part {part_i}/{part_n}: its own shards of {result.dataset} are in place, but "
                 f"{len(result.others_damaged)} of other parts are missing or damaged ({shown}): run those parts again, "
                 f"or the whole build without --part, to rebuild them")
@@ -106,6 +106,9 @@ def _report(result: BuildResult) -> str:
     if part_n > 1 and s.complete:
         lines.append(f"  every part is done: this part, the last to finish, wrote {MANIFEST_NAME} (the counts "
                      f"above are the whole dataset's)")
+    elif result.others_damaged:
+        lines.append(f"  {len(result.others_damaged)} shards of other parts are missing or damaged ({shown}): run "
+                     f"those parts again (the last to finish writes {MANIFEST_NAME}), or the whole build without --part")
     elif part_n > 1:
         lines.append(f"  other parts are still building; the last part to finish writes {MANIFEST_NAME} "
                      f"(or run `lmim merge {result.dataset}` once all {part_n} parts are done)")

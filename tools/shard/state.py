@@ -14,14 +14,14 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lmim.pipeline.format.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from lmim.pipeline.format.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest, ShardInfo
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import check_not_foreign, scrub_url
 from lmim.tools.shard.errors import BuildError, reach_error
 from lmim.tools.shard.plan import Plan
 
 __all__ = ["BUILD_DIR", "PLAN_NAME", "SIDECAR_DIR", "TMP_DIR", "ShardRecord", "shard_name", "read_json",
-           "claim", "restore_plan", "completed_records", "fingerprint_records"]
+           "claim", "restore_plan", "restore_records", "completed_records", "fingerprint_records"]
 
 BUILD_DIR = "_build"
 PLAN_NAME = f"{BUILD_DIR}/plan.json"
@@ -105,6 +105,54 @@ def restore_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
     existing = read_json(dest, PLAN_NAME)
     if existing is None or existing.get("fingerprint") != plan_doc["fingerprint"]:
         _write_plan(dest, plan_doc)
+
+
+def restore_records(dest: Store, manifest: Manifest, plan: Plan, item_ids: list[str], prefix: str,
+                    skip: set[int]) -> int:
+    """Write the sidecar again of every shard of a finished dataset that has lost it (a user may
+    remove `_build/` once the dataset is complete), except those in `skip` (found damaged: they are
+    rebuilt). Without them a repair would rebuild every shard, and a `--part` repair could never
+    merge, since the merge gathers every part's records. Returns how many were written.
+
+    A record is rebuilt from the manifest (the shard's info) and `rejects.jsonl` (its rejected
+    inputs, found by the plan: each input belongs to one shard); `item_ids` are the corpus items' ids
+    in plan index order. Shards whose every input was rejected have no manifest entry and get a
+    record with no info, as the build wrote.
+    """
+    have = fingerprint_records(dest, plan.fingerprint)
+    lost = [n for n in range(len(plan.shards)) if n not in have and n not in skip]
+    if not lost:
+        return 0
+    info_by_name = {s.name: s for s in manifest.shards}
+    shard_of = {item_ids[i]: n for n, members in enumerate(plan.shards) for i in members}
+    rejects: dict[int, list[dict[str, str]]] = {}
+    for reject in _read_rejects(dest):
+        n = shard_of.get(reject.get("source"))
+        if n is not None:
+            rejects.setdefault(n, []).append(reject)
+    for n in lost:
+        record = ShardRecord(shard=n, fingerprint=plan.fingerprint, info=info_by_name.get(f"{shard_name(prefix, n)}.tar"),
+                             rejects=rejects.get(n, []), images_read=0, bytes_read=0)
+        dest.write_bytes(f"{SIDECAR_DIR}/{shard_name(prefix, n)}.json", record.to_json())
+    return len(lost)
+
+
+def _read_rejects(dest: Store) -> list[dict[str, Any]]:
+    """The records of a finished dataset's rejects.jsonl ([] when it is gone: the rewritten one then
+    lists only the inputs rejected again)."""
+    try:
+        text = dest.read_bytes(REJECTS_NAME).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def _write_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
