@@ -117,7 +117,7 @@ def check_data_config(cfg: Any, extra_loaders: tuple[str, ...] = ()) -> None:
         fail("crop_ratio", "a range [lo, hi] of aspect ratios with 0 < lo <= hi")
     if not 0 <= cfg.hflip <= 1:
         fail("hflip", "a probability between 0 and 1")
-    if len(cfg.std) != 3 or min(cfg.std) <= 0:
+    if len(cfg.std) != 3 or not all(0 < s < math.inf for s in cfg.std):  # NaN is refused too
         fail("std", "three positive numbers")
     if not 0 < cfg.block_min_scale <= cfg.block_max_scale <= 1:
         fail("block_min_scale", f"in (0, data.block_max_scale={cfg.block_max_scale}] and at most 1")

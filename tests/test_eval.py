@@ -153,3 +153,17 @@ def test_plot_collapse_writes_a_png(tmp_path):
     out = plot_collapse(x, tmp_path / "sub" / "c.png", title="random")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["c.png"]   # no temporary left behind
+
+
+def test_knn_weighted_stays_right_at_small_temperatures():
+    """exp(cos / T) in float32 is inf for every neighbour once T < ~0.011, so every class tied and
+    the vote went to class 0 (50 % on a real split, with exit 0). The votes are now taken relative to
+    the nearest neighbour: the same ranking, finite for any T. (The brute force sums exp(cos / T) in
+    Python's double, which holds these T.)"""
+    tr_f, tr_y = clusters(30, 2, 8, spread=1.5, seed=7)
+    te_f, te_y = clusters(15, 2, 8, spread=1.5, seed=8)
+    for T in (0.01, 0.005, 0.003):
+        expected = brute_weighted(tr_f, tr_y, te_f, 20, T, 2)
+        assert knn_weighted(tr_f, tr_y, te_f, te_y, k=20, T=T) == pytest.approx(
+            100.0 * float((expected == te_y).float().mean()))
+    assert knn_weighted(tr_f, tr_y, te_f, te_y, k=20, T=0.003) > 60.0    # not the all-tied vote for class 0

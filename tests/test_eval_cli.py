@@ -162,6 +162,46 @@ def test_cli_bad_paths_say_one_sentence(digits, checkpoint, tmp_path, capsys):
     code = cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", digits["test"], "--protocol", "knn20"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--train-url" in err
+    # a file given as the dataset (it was "I/O error ... check that the path can be written", exit 6)
+    code = cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", f"{digits['test']}/manifest.json"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is a file, not a dataset: pass the folder that holds manifest.json" in err
+    # --plot is checked before any feature is extracted, and names the user's path, not a temporary one
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for plot, want_code, want in ((tmp_path / "folder.png", 2, "is a folder"),
+                                  (tmp_path / "afile" / "c.png", 6, f"cannot write --plot {tmp_path / 'afile' / 'c.png'}")):
+        code = cli.main(["collapse", "--encoder", str(checkpoint), "--url", digits["test"], "--plot", str(plot)])
+        captured = capsys.readouterr()
+        assert code == want_code and want in captured.err and ".tmp-" not in captured.err
+        assert "features of" not in captured.out + captured.err
+    with pytest.raises(SystemExit):   # argparse: a usage error (exit 2)
+        cli.main(["linear", "--encoder", str(checkpoint), "--train-url", digits["train"], "--eval-url",
+                  digits["test"], "--lr", "inf"])
+    assert "--lr: must be a positive number, got inf" in capsys.readouterr().err
+
+
+def test_knn_says_the_k_it_used_and_one_class_splits_are_refused(digits, checkpoint, tmp_path, capsys):
+    """A --k larger than the memory bank votes with the whole bank: the line and the JSON say so. A
+    split of one class scores 100 % with any encoder: refused before any feature is extracted."""
+    code = cli.main(["knn", "--encoder", str(checkpoint), "--train-url", digits["train"], "--eval-url",
+                     digits["test"], "--protocol", "knn20", "--k", "500", "--temperature", "0.005", "--json"])
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and (res["k"], res["temperature"], res["pool"]) == (60, 0.005, "mean_patch")
+    assert "weighted 60-NN" in out and "--k 500 is more than the memory bank holds" in out
+    from PIL import Image
+
+    one = tmp_path / "one" / "cat"
+    one.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(one / f"{i}.png")
+    url = shard_tree(tmp_path / "one", tmp_path / "one-shards")
+    for argv in (["knn", "--encoder", str(checkpoint), "--eval-url", url],
+                 ["linear", "--encoder", str(checkpoint), "--train-url", url, "--eval-url", url]):
+        assert cli.main(argv) == 2
+        captured = capsys.readouterr()
+        assert "has one class only ('cat')" in captured.err and "features of" not in captured.out + captured.err
 
 
 @pytest.mark.slow
@@ -218,7 +258,9 @@ def test_splits_with_different_classes_are_refused(digits, checkpoint, tmp_path,
             Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(other / c / f"{i}.png")
     url = shard_tree(other, tmp_path / "other-shards")
     assert cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", url, "--train-url", digits["train"]]) == 2
-    assert "have different classes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the sentence names what differs (it showed the first 3 names of each side, which could be equal)
+    assert "have different classes (only " in err and "only " + url + " has 'cat', 'dog'" in err
 
 
 def test_a_checkpoint_its_exported_file_and_its_export_folder_score_the_same(digits, tmp_path, capsys):
@@ -248,6 +290,19 @@ def test_a_checkpoint_its_exported_file_and_its_export_folder_score_the_same(dig
     assert figures[0]["knn_loo1"] == figures[1]["knn_loo1"] == figures[2]["knn_loo1"]
     _, data_cfg = cli.load_encoder_and_data_cfg(str(tmp_path / "enc.safetensors"))
     assert (data_cfg.mean, data_cfg.std) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    # A recorded std that is not a positive finite number would normalise every image to garbage
+    # (NaN scored 25 %): the file is refused in one sentence.
+    from safetensors import safe_open
+
+    from lmim.tools.export import META_NORMALISATION
+
+    with safe_open(str(tmp_path / "enc.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    for std in ([float("nan"), 1, 1], [float("inf"), 1, 1], [0, 1, 1]):
+        meta[META_NORMALISATION] = json.dumps({"mean": [0.5] * 3, "std": std})
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(cli.EvalError, match="not three finite numbers each"):
+            cli.load_encoder_and_data_cfg(str(tmp_path / "bad.safetensors"))
 
 
 def test_storage_options_on_the_command_line_reach_an_s3_split(digits, checkpoint, s3_server, s3_bucket, monkeypatch,

@@ -3,6 +3,7 @@ sentence naming the option) before a command builds data or starts a run."""
 from __future__ import annotations
 
 import argparse
+import math
 
 __all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name"]
 
@@ -31,14 +32,14 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = _number(text, float)
-    if not value > 0:  # also refuses nan
+    if not 0 < value < math.inf:  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def non_negative_float(text: str) -> float:
     value = _number(text, float)
-    if not value >= 0:
+    if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from lmim.tools.argtypes import non_negative_float, positive_float, positive_int
 from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
-from lmim.train.evaluate.collapse import PROTOCOL_COLLAPSE, collapse_stats, plot_collapse
+from lmim.train.evaluate.collapse import collapse_stats, plot_collapse
 from lmim.train.evaluate.features import eval_loader, extract
 from lmim.train.evaluate.knn import PROTOCOL_LOO1, knn_loo1, knn_weighted, knn_weighted_protocol
 from lmim.train.evaluate.linear import linear_probe, linear_protocol
@@ -105,16 +105,19 @@ def _features(encoder, url: str, data_cfg, args, device, *, token_sim: bool = Fa
     return out
 
 
-def _check_splits(eval_url: str, train_url: str | None, data_cfg) -> None:
-    """Refuse, before any feature is extracted, a split without class labels or a memory bank
-    (`train_url`) whose classes are not the eval split's (their manifests say so)."""
+def _check_splits(eval_url: str, train_url: str | None, data_cfg, *, eval_least: int = 1, train_least: int = 1,
+                  needs: str = "k-NN") -> None:
+    """Refuse, before any feature is extracted, a split without class labels, with one class only or
+    fewer images than the protocol needs, or a memory bank / probe training split (`train_url`) whose
+    classes are not the eval split's (their manifests say so)."""
     from lmim.train.evaluate.splits import SplitError, check_same_classes, knn_split_classes
 
     options = dict(getattr(data_cfg, "storage_options", None) or {})
     try:
-        ev = knn_split_classes(eval_url, eval_url, storage_options=options)
+        ev = knn_split_classes(eval_url, eval_url, storage_options=options, least=eval_least, needs=needs)
         if train_url:
-            check_same_classes(train_url, knn_split_classes(train_url, train_url, storage_options=options),
+            check_same_classes(train_url, knn_split_classes(train_url, train_url, storage_options=options,
+                                                            least=train_least, needs=needs),
                                eval_url, ev)
     except SplitError as err:
         raise EvalError(f"{err}.") from None
@@ -133,10 +136,12 @@ def cmd_knn(args, encoder, data_cfg, device) -> dict:
     protocols = ("loo1", "knn20") if protocol == "both" else (protocol,)
     if "knn20" in protocols and not args.train_url:
         raise EvalError("--protocol knn20/both needs --train-url (the labelled memory bank).")
-    _check_splits(args.eval_url, args.train_url if "knn20" in protocols else None, data_cfg)
+    _check_splits(args.eval_url, args.train_url if "knn20" in protocols else None, data_cfg,
+                  eval_least=2 if "loo1" in protocols else 1,
+                  needs="leave-one-out 1-NN" if "loo1" in protocols else "k-NN")
     ev = _features(encoder, args.eval_url, data_cfg, args, device)
     _need_labels(ev, args.eval_url)
-    result: dict = {"n_eval": int(ev["labels"].numel())}
+    result: dict = {"n_eval": int(ev["labels"].numel()), "pool": args.pool}
     if "loo1" in protocols:
         result["knn_loo1"] = knn_loo1(ev[args.pool], ev["labels"], device=device)
         _say(f"{PROTOCOL_LOO1}: {result['knn_loo1']:.2f} % top-1 ({result['n_eval']} images)")
@@ -144,20 +149,25 @@ def cmd_knn(args, encoder, data_cfg, device) -> dict:
         tr = _features(encoder, args.train_url, data_cfg, args, device)
         _need_labels(tr, args.train_url)
         result["n_train"] = int(tr["labels"].numel())
+        k = min(args.k, result["n_train"])   # what knn_weighted uses: a bank smaller than k votes whole
+        # The key stays "knn20" (the protocol's name, as --protocol says it); k and T say what was run.
+        result.update(k=k, temperature=args.temperature)
         result["knn20"] = knn_weighted(tr[args.pool], tr["labels"], ev[args.pool], ev["labels"],
-                                       k=args.k, T=args.temperature, device=device)
-        _say(f"{knn_weighted_protocol(args.k, args.temperature)}: {result['knn20']:.2f} % top-1 "
-             f"({result['n_train']} train, {result['n_eval']} eval)")
+                                       k=k, T=args.temperature, device=device)
+        clamped = f"; --k {args.k} is more than the memory bank holds" if k < args.k else ""
+        _say(f"{knn_weighted_protocol(k, args.temperature)}: {result['knn20']:.2f} % top-1 "
+             f"({result['n_train']} train, {result['n_eval']} eval{clamped})")
     return result
 
 
 def cmd_linear(args, encoder, data_cfg, device) -> dict:
-    _check_splits(args.eval_url, args.train_url, data_cfg)
+    _check_splits(args.eval_url, args.train_url, data_cfg, train_least=2, needs="the linear probe")
     tr = _features(encoder, args.train_url, data_cfg, args, device)
     ev = _features(encoder, args.eval_url, data_cfg, args, device)
     _need_labels(tr, args.train_url)
     _need_labels(ev, args.eval_url)
-    result: dict = {"n_train": int(tr["labels"].numel()), "n_eval": int(ev["labels"].numel())}
+    result: dict = {"n_train": int(tr["labels"].numel()), "n_eval": int(ev["labels"].numel()), "pool": args.pool,
+                    "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed}
     # Every rank has the gathered features; the probe is cheap, so rank 0 fits it and the rest wait.
     acc = torch.tensor([0.0])
     if _is_main():
@@ -176,8 +186,9 @@ def cmd_collapse(args, encoder, data_cfg, device) -> dict:
     out = _features(encoder, args.url, data_cfg, args, device, token_sim=True)
     if out[args.pool].shape[0] < 2:
         raise EvalError(f"{args.url} has fewer than 2 images; the cross-image cosine needs at least 2.")
-    stats = collapse_stats(out[args.pool], out["token_sim"])
-    _say(f"{PROTOCOL_COLLAPSE}: {stats['collapse_cos']:.4f}  (about 1.0 = collapsed)")
+    stats = {**collapse_stats(out[args.pool], out["token_sim"]), "pool": args.pool}
+    pooled = "mean-pooled patch latents" if args.pool == "mean_patch" else "CLS tokens"
+    _say(f"collapse (mean cross-image cosine of {pooled}): {stats['collapse_cos']:.4f}  (about 1.0 = collapsed)")
     _say(f"within-image patch-token cosine: {stats['token_sim']:.4f}")
     _say(f"effective rank of pooled features: {stats['effective_rank']:.1f} of {stats['dim']}")
     if args.plot and _is_main():
@@ -234,6 +245,26 @@ def _parser() -> argparse.ArgumentParser:
 COMMANDS = {"knn": cmd_knn, "linear": cmd_linear, "collapse": cmd_collapse}
 
 
+def _plot_path_problem(plot: str) -> tuple[str, int] | None:
+    """(sentence, exit code) when --plot cannot be written: 2 for a name that is not a PNG file's,
+    6 for a place that cannot be written (README's codes); None when it can (a probe file is
+    written in its folder, which is created as `save_figure` would, and removed)."""
+    import tempfile
+
+    path = Path(plot)
+    if path.suffix.lower() != ".png":
+        return f"--plot {plot} must end in .png.", 2
+    if path.is_dir():
+        return f"--plot {plot} is a folder; give a file name ending in .png.", 2
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.probe-", suffix=".png"):
+            pass
+    except OSError as exc:
+        return f"cannot write --plot {plot} ({exc.strerror or type(exc).__name__}); choose a writable path.", 6
+    return None
+
+
 def main(argv: list[str]) -> int:
     parser = _parser()
     parsed = parse_storage_cli(parser, argv)
@@ -241,9 +272,11 @@ def main(argv: list[str]) -> int:
         return 2
     args, storage_options = parsed
     if args.command == "collapse" and args.plot:
-        if not str(args.plot).lower().endswith(".png"):
-            print(f"lmim eval: --plot {args.plot} must end in .png.", file=sys.stderr)
-            return 2
+        problem = _plot_path_problem(args.plot)   # now, not after a pass over the whole dataset
+        if problem is not None:
+            message, code = problem
+            print(f"lmim eval collapse: {message}", file=sys.stderr)
+            return code
     from lmim.pipeline.errors import DataError, StoreUnreachable
 
     try:

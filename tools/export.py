@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -399,10 +400,12 @@ def read_export_normalisation(path: str | os.PathLike) -> dict[str, list[float]]
     if found is None:
         return None
     ok = isinstance(found, dict) and all(
-        isinstance(found.get(k), list) and len(found[k]) == 3 and all(isinstance(v, (int, float)) for v in found[k])
-        for k in ("mean", "std"))
+        isinstance(found.get(k), list) and len(found[k]) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in found[k])
+        for k in ("mean", "std")) and all(v > 0 for v in found["std"])
     if not ok:
-        raise ExportError(f"{p}: its recorded input mean/std is not three numbers each; export the checkpoint again "
+        raise ExportError(f"{p}: its recorded input mean/std is not three finite numbers each (std positive); "
+                          "export the checkpoint again "
                           "with `lmim export`.")
     return {"mean": [float(v) for v in found["mean"]], "std": [float(v) for v in found["std"]]}
 

@@ -5,6 +5,7 @@ classes and the record of its build. It is written last, so a dataset with a man
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -124,11 +125,15 @@ def read_manifest(root: str, storage_options: dict[str, Any] | None = None, *,
         retry: how a remote read retries (the loader passes its `data.retry_budget_s` policy);
             None: one attempt.
     """
+    store = Store(root, storage_options, retry=retry)
     try:
-        text = Store(root, storage_options, retry=retry).read_bytes(MANIFEST_NAME).decode("utf-8")
+        text = store.read_bytes(MANIFEST_NAME).decode("utf-8")
     except FileNotFoundError:
         raise DatasetNotFound(
             f"no {MANIFEST_NAME} at {root}: it is not an lmim dataset, or its build has not finished "
             f"(run `lmim shard SRC {root}` to build or finish it)"
         ) from None
+    except NotADirectoryError:  # a local path to a file (often the manifest itself, or a shard), or through one
+        what = "is a file, not a dataset" if store.local and os.path.isfile(store.path) else "does not exist (a part of the path is a file)"
+        raise DatasetNotFound(f"{root} {what}: pass the folder that holds {MANIFEST_NAME}") from None
     return Manifest.from_json(text)

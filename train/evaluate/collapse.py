@@ -22,9 +22,6 @@ import torch.nn.functional as F
 from lmim.model.losses import effective_rank
 from lmim.train.evaluate.figures import save_figure
 
-PROTOCOL_COLLAPSE = "collapse (mean cross-image cosine of mean-pooled patch latents)"
-
-
 def cross_image_cosine(pooled: torch.Tensor) -> float:
     """Mean cosine similarity over all ordered pairs (i != j) of rows of `pooled` [N, D]."""
     n = pooled.shape[0]

@@ -16,6 +16,8 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     try:
         fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
+    except OSError as exc:  # name the user's path, not the temporary one
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

@@ -107,7 +107,9 @@ def knn_weighted_predictions(
         q = q_all[start:start + chunk]
         sim, idx = (q @ bank.T).topk(k, dim=1)                            # [c, k]
         votes = torch.zeros(q.shape[0], c, device=dev)
-        votes.scatter_add_(1, bank_y[idx], (sim / T).exp())
+        # exp((cos - top cos) / T): the same votes up to a factor per row (so the same argmax), but
+        # finite for any T; exp(cos / T) in float32 is inf for every neighbour once T < ~0.011.
+        votes.scatter_add_(1, bank_y[idx], ((sim - sim[:, :1]) / T).exp())
         preds[start:start + q.shape[0]] = votes.argmax(1)
     return preds.cpu()
 
