@@ -65,10 +65,10 @@ def mean_token_similarity(x: torch.Tensor) -> torch.Tensor:
     each token with itself included, averaged over the batch.
 
     The reference implementation computes s this way (`avg_pairwise_sim`: the mean of the full
-    cosine matrix), and the s* schedule (0.75 -> 0.25) was set against it; over different tokens only
-    it would be (T s - 1) / (T - 1), which for the 20 visible tokens moves the effective target
-    (0.737 at s* = 0.75 in the reference's terms, and 0.21 at 0.25). The logged `*_token_sim`
-    diagnostics are this s too, so they read as the reference's `avg_sim_*` logs.
+    cosine matrix), and the s* schedule (0.75 -> 0.25) was set against it. Over different tokens only,
+    s would read (T s - 1) / (T - 1): for the 20 visible tokens the reference's s* = 0.75 is 0.737 in
+    those terms (0.25 is 0.21), a different target. The logged `*_token_sim` diagnostics are this s
+    too, so they read as the reference's `avg_sim_*` logs.
 
     Args:
         x: [B, T, C].

@@ -381,8 +381,8 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.model.sim_reg_coef > 0 and cfg.model.objective != "mae" and cfg.data.num_visible < 2:
         raise ConfigError(
             f"Config key 'data.num_visible' must be at least 2 when model.sim_reg_coef > 0 (the similarity "
-            f"regulariser compares the visible tokens with each other; one token only matches itself), got {cfg.data.num_visible}; raise "
-            "it or set model.sim_reg_coef=0."
+            f"regulariser compares the visible tokens with each other; one token only matches itself), "
+            f"got {cfg.data.num_visible}; raise it or set model.sim_reg_coef=0."
         )
     from lmim.model.encoder import arch_problem  # imports timm: only once the cheaper checks passed
 

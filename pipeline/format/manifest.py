@@ -134,6 +134,7 @@ def read_manifest(root: str, storage_options: dict[str, Any] | None = None, *,
             f"(run `lmim shard SRC {root}` to build or finish it)"
         ) from None
     except NotADirectoryError:  # a local path to a file (often the manifest itself, or a shard), or through one
-        what = "is a file, not a dataset" if store.local and os.path.isfile(store.path) else "does not exist (a part of the path is a file)"
+        is_file = store.local and os.path.isfile(store.path)
+        what = "is a file, not a dataset" if is_file else "does not exist (a part of the path is a file)"
         raise DatasetNotFound(f"{root} {what}: pass the folder that holds {MANIFEST_NAME}") from None
     return Manifest.from_json(text)
