@@ -2,6 +2,7 @@
 traceback, and nothing written into the run folder by a start that failed."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -357,3 +358,22 @@ def test_pretrain_whose_output_reader_goes_away_is_not_a_storage_failure():
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr[-2000:]
     assert "data store" not in proc.stderr and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+@pytest.mark.parametrize("code, kind", [(errno.EDQUOT, "disk"), (errno.ENOSPC, "disk"), (errno.EACCES, "config")])
+def test_a_run_dir_out_of_quota_at_start_up_is_a_full_disk_not_a_bad_setting(tmp_path, monkeypatch, code, kind):
+    """Over quota when the run folder is first written: free space (exit 6), not "choose a writable
+    folder" (exit 2), which is what a permission problem there is. The quota cannot be exceeded for
+    real here (root, no quota on the test disk), so the config write raises it."""
+    import lmim.train.pretrain as pretrain
+    from lmim.train.config import ConfigError, load_config
+    from lmim.train.failures import classify
+
+    def refused(cfg, path):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(pretrain, "save_config", refused)
+    cfg = load_config("quickstart", [f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(OSError if kind == "disk" else ConfigError) as caught:
+        pretrain._prepare_run_dir(cfg, tmp_path / "r")
+    assert classify(caught.value).kind == kind

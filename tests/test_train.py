@@ -274,3 +274,13 @@ def test_read_metrics_keeps_the_later_of_a_redone_point_and_reads_records_of_an_
     recs = read_metrics(path)
     assert [(r.get("step"), r.get("loss")) for r in recs] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (2, 5.0),
                                                              (None, None)]
+
+
+def test_a_record_written_at_a_checkpoint_step_carries_the_diagnostics(tmp_path):
+    """The window is also closed at checkpoint steps (a non-finite loss must stop the run before its
+    weights are saved); that record used to lack the collapse diagnostics, which were computed only on
+    log_every steps, so the guard read NaN there and the curves had holes."""
+    _run(tmp_path / "r", "log_every=5", "checkpoint.every_steps=2", "max_steps=4")
+    recs = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [2, 4]
+    assert all(r.get("collapse_cos") is not None and "effective_rank" in r for r in recs)

@@ -143,6 +143,7 @@ def test_cadence():
     assert [s for s in range(1, 16) if c.logs(s)] == [4, 8, 12, 15]
     assert [s for s in range(1, 16) if c.evaluates(s)] == [10, 15]
     assert [s for s in range(1, 16) if c.checkpoints(s)] == [6, 12, 15]
+    assert [s for s in range(1, 16) if c.records(s)] == [4, 6, 8, 10, 12, 15]   # every one with the diagnostics
     quiet = Cadence.from_config(load_config("quickstart", ["checkpoint.every_steps=0", "eval.knn_every_epochs=1"]),
                                 steps_per_epoch=5, total_steps=10)
     assert not any(quiet.evaluates(s) for s in range(1, 11))        # no labelled split: never

@@ -52,6 +52,12 @@ class Cadence:
     def checkpoints(self, step: int) -> bool:
         return _every(step, self.checkpoint_every) or self.done(step)
 
+    def records(self, step: int) -> bool:
+        """A metrics record, diagnostics included, closes the window at this step: each logged step,
+        and each evaluation or checkpoint step too (a non-finite loss must stop the run before its
+        weights are evaluated or saved)."""
+        return self.logs(step) or self.evaluates(step) or self.checkpoints(step)
+
 
 def _every(step: int, interval: int) -> bool:
     return bool(interval) and step % interval == 0

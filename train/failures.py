@@ -108,7 +108,8 @@ class Rerun:
     data_code: int         # a dataset that cannot be used: the trainer's own code; the other commands' bad input
 
 
-TRAINING_RUN = Rerun("rerun with resume=auto (the last complete checkpoint is kept)", "the run folder",
+TRAINING_RUN = Rerun("rerun with resume=auto (it goes on from the last complete checkpoint, if one was written)",
+                     "the run folder",
                      "data.storage_options", EXIT_DATA)
 ONE_COMMAND = Rerun("run the same command again", "the output", "--storage-option", EXIT_CONFIG)
 

@@ -195,7 +195,8 @@ class ThreadBudget:
 def plan_threads(cores: int, loader_threads: int, *, model_on_cpu: bool) -> ThreadBudget:
     """Split `cores` between the model and the loader.
 
-    On a GPU the model needs one CPU thread to launch kernels and the loader gets the rest.
+    On a GPU the model needs one CPU thread to launch kernels and the loader gets `loader_threads`,
+    at most the other cores.
 
     On the CPU the model keeps every core and the loader gets `loader_threads`, never more than
     there are cores. Splitting the cores strictly (model cores - loader) loses: on 2 cores the

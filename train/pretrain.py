@@ -106,7 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in run_dir) or a checkpoint folder")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true",
-                   help="also print the traceback of a failure (LMIM_DEBUG=1 does the same; it is always in run_dir/logs/error.log)")
+                   help="also print the traceback of a failure (LMIM_DEBUG=1 does the same; it is always in "
+                        "run_dir/logs/error.log, except for a bad setting)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=3e-4 data.url=s3://b/p")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -222,7 +223,7 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         remove_incomplete(run_dir)  # leftovers of a write that was interrupted; never resumed from
         save_config(cfg, run_dir / "config.yaml")
     except OSError as err:
-        if err.errno == errno.ENOSPC:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk or quota, not a bad setting: exit 6, free space
             raise
         raise ConfigError(f"run_dir {str(run_dir)!r} cannot be written ({err.strerror or err}): "
                           "choose a writable folder with run_dir=PATH.") from None
@@ -544,16 +545,14 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     try:
         batches = reporter.watch(_epochs(loader, meter), state)
         while not cadence.done(state.step):
-            outs = train_step(stepper, batches, state.step, metrics=cadence.logs(state.step + 1))
+            outs = train_step(stepper, batches, state.step, metrics=cadence.records(state.step + 1))
             state.step += 1
             state.updates += 1
             state.micro_step += len(outs)
             state.images_seen += eff_batch
             meter.add_step(outs, state.step)
             reporter.step_done(state.step, stepper.net)
-            if cadence.logs(state.step) or cadence.evaluates(state.step) or cadence.checkpoints(state.step):
-                # Also before an evaluation or a checkpoint: a non-finite loss stops the run here, so
-                # diverged weights are never evaluated or checkpointed.
+            if cadence.records(state.step):   # before an evaluation or a checkpoint too (Cadence.records)
                 reporter.window(meter, state, last_ckpt)
             # The checkpoint comes before the evaluation: an evaluation that stops the run (its split
             # unreadable, the store down) loses no training. The evaluation leaves the RNGs as it found
