@@ -377,3 +377,36 @@ def test_a_run_dir_out_of_quota_at_start_up_is_a_full_disk_not_a_bad_setting(tmp
     with pytest.raises(OSError if kind == "disk" else ConfigError) as caught:
         pretrain._prepare_run_dir(cfg, tmp_path / "r")
     assert classify(caught.value).kind == kind
+
+
+def test_a_command_stopped_by_sigterm_or_ctrl_c_cleans_up_and_says_one_sentence(tmp_path):
+    """`kill` used to end a bench (or any command but pretrain) at once: no sentence, and its temporary
+    corpus left in /tmp. The dispatcher now unwinds SIGTERM as Ctrl-C, so `finally` blocks run; and
+    Ctrl-C while torch was still importing printed two tracebacks (the safety net imported torch again)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lmim = [sys.executable, "-c", "import sys; from lmim.tools.cli import main; sys.exit(main())"]
+    proc = subprocess.Popen([*lmim, "bench", "shard", "--n", "3000", "--reps", "1", "--tmp", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while not any(tmp_path.iterdir()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)   # inside the build of the corpus
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("lmim bench: stopped by SIGTERM (kill, scancel or preemption); "
+                                            "run the same command again.")
+    assert list(tmp_path.iterdir()) == [] and "Traceback" not in err
+    # (a test run from a background job inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: the child gets the default back, as in a terminal)
+    proc = subprocess.Popen([*lmim, "bench", "model", "--config", "tiny"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    time.sleep(0.3)   # the first imports
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "lmim bench: interrupted; run the same command again."

@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from lmim.train.signals import RUN_AGAIN, interruption, sigterm_interrupts
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("lmim.tools.shard.cli", "build WebDataset shards from a raw image corpus (local or s3://)"),
@@ -39,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lmim: unknown command {name!r}; run `lmim --help` for the list.", file=sys.stderr)
         return 2
-    target = COMMANDS[name][0]
-    module_name, _, func_name = target.partition(":")
-    module = importlib.import_module(module_name)
-    func = getattr(module, func_name or "main")
-    try:
-        result = func(rest)
-        sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
-    except (Exception, KeyboardInterrupt) as err:
-        return _safety_net(name, err)
+    module_name, _, func_name = COMMANDS[name][0].partition(":")
+    # SIGTERM unwinds a command as Ctrl-C does (train/signals.py): its temporary folders are removed
+    # and the processes it started are stopped, also while its imports are still loading.
+    with sigterm_interrupts():
+        try:
+            func = getattr(importlib.import_module(module_name), func_name or "main")
+            result = func(rest)
+            sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
+        except (Exception, KeyboardInterrupt) as err:
+            return _safety_net(name, err)
     return int(result or 0)
 
 
@@ -55,6 +58,10 @@ def _safety_net(name: str, err: BaseException) -> int:
     """The safety net under every sub-command: an expected failure it did not phrase itself (a full
     disk under the shard builder, refused credentials, Ctrl-C) still ends as one sentence with the
     documented exit code; anything else is a bug and keeps its traceback."""
+    stopped = interruption(err, RUN_AGAIN)
+    if stopped is not None:  # before importing failures: Ctrl-C may have cut torch's import in half
+        print(f"lmim {name}: {stopped[1]}", file=sys.stderr)
+        return stopped[0]
     from lmim.train.failures import EXIT_CLOSED_PIPE, ONE_COMMAND, classify, silence_stdout
 
     failure = classify(err, ONE_COMMAND)

@@ -6,21 +6,21 @@ a scheduler, a person and a script all see the same thing.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import select
-import signal
 import sys
-import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 from lmim.pipeline.config import DataConfigError
 from lmim.pipeline.errors import DataError, StoreUnreachable, store_client_network_error
 from lmim.pipeline.storage import is_remote
 from lmim.train.checkpoint import CheckpointError
 from lmim.train.config import ConfigError
+# Ctrl-C (130) and SIGTERM (143) live in the light train/signals.py (the dispatcher needs them before
+# torch loads); re-exported here with the other codes.
+from lmim.train.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, RUN_AGAIN, Terminated,  # noqa: F401
+                                interruption, sigterm_interrupts)
 
 # Exit codes, documented in docs/TRAINING.md ("When things go wrong").
 EXIT_DIVERGED = 1      # the loss guard or the collapse guard stopped the run
@@ -29,35 +29,10 @@ EXIT_CHECKPOINT = 3    # no checkpoint could be loaded
 EXIT_DATA = 4          # the dataset cannot be used as promised
 EXIT_STORAGE = 5       # the object store is unreachable or refuses access
 EXIT_DISK = 6          # the local disk is full, read-only or not writable
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process killed by it
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose output's reader went away
 EXIT_UNEXPECTED = 70   # a bug: the traceback is the message
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `scancel`, a preempting scheduler, torchrun stopping its workers), raised in
-    the main thread so the run unwinds as from Ctrl-C: status.json says interrupted, loaders close."""
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Inside the block SIGTERM raises `Terminated` in the main thread (a preempted job then records
-    why it stopped instead of leaving status.json at "running"); the old handler comes back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def stdout_closed() -> bool:
@@ -111,16 +86,14 @@ class Rerun:
 TRAINING_RUN = Rerun("rerun with resume=auto (it goes on from the last complete checkpoint, if one was written)",
                      "the run folder",
                      "data.storage_options", EXIT_DATA)
-ONE_COMMAND = Rerun("run the same command again", "the output", "--storage-option", EXIT_CONFIG)
+ONE_COMMAND = Rerun(RUN_AGAIN, "the output", "--storage-option", EXIT_CONFIG)
 
 
 def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
     """What the user reads for `err`: one sentence naming the thing and what to do (`rerun` says how to go on)."""
-    if isinstance(err, Terminated):
-        return Failure(EXIT_TERMINATED, "interrupted",
-                       f"stopped by SIGTERM (kill, scancel or preemption); {rerun.how}.")
-    if isinstance(err, KeyboardInterrupt):
-        return Failure(EXIT_INTERRUPTED, "interrupted", f"interrupted; {rerun.how}.")
+    interrupted = interruption(err, rerun.how)
+    if interrupted is not None:
+        return Failure(interrupted[0], "interrupted", interrupted[1])
     if isinstance(err, BrokenPipeError) and stdout_closed():
         return Failure(EXIT_CLOSED_PIPE, "interrupted",
                        f"stopped: the reader of the output went away (e.g. `| head`); {rerun.how}.")
