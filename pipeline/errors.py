@@ -80,11 +80,23 @@ _NETWORK_WORDS = ("Connect", "Timeout", "Endpoint")
 
 def store_client_network_error(err: BaseException) -> BaseException | None:
     """`err`, or an exception it was raised from, that is the store client failing to reach the store."""
+    return _in_chain(err, _NETWORK_MODULES, _NETWORK_WORDS)
+
+
+def store_client_credentials_error(err: BaseException) -> BaseException | None:
+    """`err`, or an exception it was raised from, that is the store client finding no usable
+    credentials (botocore's NoCredentialsError, PartialCredentialsError, ...): waiting never mends it."""
+    return _in_chain(err, ("botocore", "aiobotocore"), ("Credential",))
+
+
+def _in_chain(err: BaseException | None, modules: tuple[str, ...], words: tuple[str, ...]) -> BaseException | None:
+    """The first exception of `err`'s cause/context chain whose class (or a base) comes from one of
+    `modules` and has one of `words` in its name."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         for cls in type(err).__mro__:
-            if cls.__module__.split(".")[0] in _NETWORK_MODULES and any(w in cls.__name__ for w in _NETWORK_WORDS):
+            if cls.__module__.split(".")[0] in modules and any(w in cls.__name__ for w in words):
                 return err
         err = err.__cause__ or err.__context__
     return None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
-from lmim.pipeline.errors import DataError, StoreUnreachable
+from lmim.pipeline.errors import DataError, StoreUnreachable, store_client_credentials_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from fsspec import AbstractFileSystem
@@ -124,6 +124,8 @@ class RetryPolicy:
             except (FileNotFoundError, DataError, PermissionError):
                 raise
             except Exception as e:  # network errors come in many types (aiohttp, botocore, OSError)
+                if store_client_credentials_error(e) is not None:  # no credentials: no wait will bring them
+                    raise
                 elapsed = time.monotonic() - start
                 delay = backoff_delay(attempt, self.backoff_s, self.backoff_max_s, rng)
                 if (self.max_retries is not None and attempt > self.max_retries) or elapsed + delay > self.budget_s:

@@ -410,3 +410,32 @@ def test_a_command_stopped_by_sigterm_or_ctrl_c_cleans_up_and_says_one_sentence(
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "lmim bench: interrupted; run the same command again."
+
+
+def test_no_store_credentials_is_one_sentence_at_once_not_ten_minutes_of_retries(tmp_path, monkeypatch, capsys):
+    """Without credentials botocore raises NoCredentialsError before any request: the reads retried it
+    for the whole retry budget (10 min) as a network error, and `lmim verify` / `lmim bench pipeline`
+    printed its traceback. It is a storage failure (exit 5) that names what to set, at once."""
+    import time
+
+    from lmim.pipeline.format.manifest import read_manifest
+    from lmim.pipeline.storage import RetryPolicy
+    from lmim.tools.cli import main
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")   # no instance-metadata lookup either
+    url = "s3://no-such-bucket-lmim/ds"
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as caught:
+        read_manifest(url, {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}, retry=RetryPolicy(budget_s=600))
+    assert time.monotonic() - t0 < 30
+    from lmim.train.failures import classify
+
+    failure = classify(caught.value)
+    assert failure.code == 5 and "found no usable credentials" in failure.sentence and "AWS_PROFILE" in failure.sentence
+    assert main(["verify", url, "--storage-option", "client_kwargs.endpoint_url=http://127.0.0.1:9"]) == 5
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmim verify: the data store client found no usable credentials") and "\n" not in err

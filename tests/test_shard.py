@@ -543,3 +543,20 @@ def test_a_part_run_on_a_finished_dataset_names_the_other_parts_damage_instead_o
     rc, err = _cli([*shard, "--part", "1/2"], capsys)
     assert rc == 0 and "repaired: rebuilt 1" in err
     assert verify_dataset(str(dst)) == []
+
+
+def test_bench_shard_with_nothing_readable_in_src_is_one_sentence(tmp_path, capsys):
+    """It printed the shard builder's BuildError traceback (exit 1), pointing at a rejects.jsonl in a
+    temporary folder deleted a moment later."""
+    from lmim.tools.cli import main
+
+    empty, junk = tmp_path / "empty", tmp_path / "junk"
+    empty.mkdir()
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    assert main(["bench", "shard", "--src", str(empty), "--reps", "1"]) == 2
+    assert "holds no files; give a folder of images" in capsys.readouterr().err
+    assert main(["bench", "shard", "--src", str(junk), "--reps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot use --src" in err and "none of the 1 files of SRC could be read as an image" in err
+    assert "Traceback" not in err and "rejects.jsonl" not in err

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from lmim.pipeline.config import DataConfigError
-from lmim.pipeline.errors import DataError, StoreUnreachable, store_client_network_error
+from lmim.pipeline.errors import DataError, StoreUnreachable, store_client_credentials_error, store_client_network_error
 from lmim.pipeline.storage import is_remote
 from lmim.train.checkpoint import CheckpointError
 from lmim.train.config import ConfigError
@@ -108,6 +108,11 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
         return Failure(EXIT_STORAGE, "storage", f"the data store cannot be reached: {_one_line(err)}")
     if isinstance(err, DataError):
         return Failure(rerun.data_code, "data", f"the data cannot be read: {_one_line(err)}")
+    if (cred := store_client_credentials_error(err)) is not None:
+        return Failure(EXIT_STORAGE, "storage",
+                       f"the data store client found no usable credentials ({_one_line(cred)}): set "
+                       f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or {rerun.storage_options}), "
+                       f"then {rerun.how}.")
     if not isinstance(err, OSError) and (net := store_client_network_error(err)) is not None:
         return Failure(EXIT_STORAGE, "storage",
                        f"the data store cannot be reached ({_one_line(net)}): check the endpoint (AWS_ENDPOINT_URL "

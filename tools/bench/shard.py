@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from lmim.tools.argtypes import positive_float, positive_int
+from lmim.tools.shard.errors import BuildError
 from lmim.train.hardware import describe_machine
 
 
@@ -83,7 +84,8 @@ def main(argv: list[str]) -> int:
         if args.src:
             src = Path(args.src)
             if not src.is_dir():
-                print(f"lmim bench shard: --src {src} is not a folder", file=sys.stderr)
+                print(f"lmim bench shard: --src {src} is not a folder; give a folder of images, or leave --src "
+                      "out to time a generated corpus", file=sys.stderr)
                 return 2
         else:
             from lmim.tools.sample_images import write_photo_jpegs
@@ -94,6 +96,9 @@ def main(argv: list[str]) -> int:
             print(f"generated {args.n} JPEGs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         files = _files(src)
         n = len(files)
+        if n == 0:
+            print(f"lmim bench shard: --src {src} holds no files; give a folder of images", file=sys.stderr)
+            return 2
         total_bytes = sum(f.stat().st_size for f, _ in files)
         shard_bytes = int(args.shard_mb * (1 << 20))
         # warm the page cache (and the imports) so that no contender pays for the first read
@@ -114,7 +119,12 @@ def main(argv: list[str]) -> int:
             for name, fn in contenders.items():
                 out = scratch / f"out-{name}-{rep}"
                 t = time.perf_counter()
-                fn(out)
+                try:
+                    fn(out)
+                except BuildError as e:   # e.g. not one readable image in --src
+                    print(f"lmim bench shard: the shard builder cannot use --src {src}: {str(e).split(' (each ')[0]}",
+                          file=sys.stderr)
+                    return e.exit_code
                 times[name].append(time.perf_counter() - t)
                 shutil.rmtree(out)
         med = {k: statistics.median(v) for k, v in times.items()}

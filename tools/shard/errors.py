@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from lmim.pipeline.errors import store_client_network_error
+from lmim.pipeline.errors import store_client_credentials_error, store_client_network_error
 from lmim.pipeline.storage import is_remote
 
 __all__ = ["BuildError", "StoreNotAnswering", "reach_error", "rejected_option"]
@@ -47,7 +47,7 @@ def reach_error(what: str, url: str, err: Exception) -> BuildError:
     if rejected is not None:
         return rejected
     reason = f"{type(err).__name__}: {err}"
-    if isinstance(err, PermissionError) and is_remote(url):
+    if (isinstance(err, PermissionError) and is_remote(url)) or store_client_credentials_error(err) is not None:
         return StoreNotAnswering(f"{what} {url} is not readable with these credentials ({reason}); check "
                                  f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE or --storage-option")
     if isinstance(err, (ConnectionError, TimeoutError)) or store_client_network_error(err) is not None:
