@@ -61,6 +61,19 @@ def test_reference_that_is_not_a_checkout_is_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"lmim bench model: {tmp_path} has no models_lmim.py: pass a checkout of "
                    "github.com/yibingwei-1/LatentMIM to --reference.")
+    # a checkout whose code does not import: a sentence before anything is built (was a traceback)
+    (tmp_path / "models_lmim.py").write_text("import a_module_nobody_installed_lmim\n")
+    rc = bench_model.main(["--config", "tiny", "--batch-size", "2", "--steps", "1", "--rounds", "1",
+                           "--reference", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"lmim bench model: models_lmim.py in {tmp_path} does not import "
+                                      "(ModuleNotFoundError") and "\n" not in err
+    # options that would make the ratio mean something else are usage errors
+    for extra, want in ((["--no-baseline"], "--reference makes the reference code the baseline"),
+                        (["--objective", "mae"], "would compare two methods")):
+        with pytest.raises(SystemExit) as stop:
+            bench_model.main(["--config", "tiny", "--reference", str(tmp_path), *extra])
+        assert stop.value.code == 2 and want in capsys.readouterr().err
 
 
 def test_auto_precision_times_bf16_only_where_the_machine_does_it_natively():

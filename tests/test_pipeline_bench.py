@@ -39,7 +39,23 @@ def test_bench_pipeline_bad_url(capsys, tmp_path):
 
 def test_bench_pipeline_batch_larger_than_the_dataset_names_the_bench_option(capsys, tmp_path):
     """The loader's own sentence says data.batch_size (a training key); the bench's option is --batch-size."""
-    rc = main(["bench", "pipeline", "--images", "6", "--image-size", "32", "32", "--batch-size", "8",
-               "--grid", "4", "--patch", "8", "--gap", "0", "--num-visible", "4", "--workdir", str(tmp_path)])
+    from lmim.tools.shard import build_dataset
+    from lmim.tools.sample_images import write_photo_jpegs
+
+    write_photo_jpegs(tmp_path / "src", 12, size=(32, 32), num_classes=2, seed=0)
+    build_dataset(str(tmp_path / "src"), str(tmp_path / "ds"), progress=False)
+    rc = main(["bench", "pipeline", str(tmp_path / "ds"), "--batch-size", "8", "--grid", "4", "--patch", "8",
+               "--gap", "0", "--num-visible", "4"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--batch-size 8 is larger than the dataset (6 samples" in err and "data.batch_size" not in err
+    assert rc == 2 and "--batch-size 8 makes fewer than 2 batches of the dataset (12 samples" in err
+    assert "data.batch_size" not in err
+    # Without a URL the same is known before minutes of building a corpus, and so are a bad --mask
+    # and a pass of one (untimed) batch: usage errors, and nothing is built (its JSON said "ratio": NaN).
+    for argv, want in ((["--images", "10", "--batch-size", "8"], "fewer than 2 batches of --batch-size 8"),
+                       (["--mask", "nonsense"], "argument --mask: invalid choice"),
+                       (["--max-batches", "1"], "must be 0 (a whole epoch) or at least 2"),
+                       (["s3://b/ds", "--s3-loopback"], "give a local path or no URL")):
+        with pytest.raises(SystemExit) as stop:
+            main(["bench", "pipeline", "--workdir", str(tmp_path / "w"), *argv])
+        assert stop.value.code == 2 and want in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name", "HelpFormatter"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the command's whole docstring as written (what it compares, what `ratio` means)
+    and every option's default."""
 
 
 def _number(text: str, kind: type) -> int | float:

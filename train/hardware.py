@@ -227,7 +227,8 @@ def describe_machine(device: str = "cpu") -> str:
         import torch
 
         if torch.cuda.is_available():
-            return f"GPU {torch.cuda.get_device_name()} (bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
+            index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+            return f"GPU {torch.cuda.get_device_name(index)} (bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
     flags = cpu_flags()
     shown = [f for f in _SHOWN_FLAGS if f in flags]
     bf16 = "native bf16" if cpu_has_native_bf16(flags) else "no native bf16"

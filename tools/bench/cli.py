@@ -47,5 +47,19 @@ def machine_for(argv: list[str]) -> str:
     """The machine line for a benchmark run with these arguments (the GPU when it runs on one)."""
     from lmim.train.hardware import describe_machine
 
-    on_gpu = "--large" in argv or any(a == "cuda" or a == "--device=cuda" for a in argv)
-    return describe_machine("cuda" if on_gpu else "cpu")
+    return describe_machine(bench_device(argv))
+
+
+def bench_device(argv: list[str]) -> str:
+    """The device a benchmark run with these arguments measures: `--device cuda[:N]` or
+    `--device=cuda[:N]` as given (GPU N's name, not GPU 0's), "cuda" for `quality --large`, else "cpu"."""
+    device = "cuda" if "--large" in argv else "cpu"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--device="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--device" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        device = value if value.startswith("cuda") else "cpu"
+    return device

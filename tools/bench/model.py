@@ -31,7 +31,7 @@ import torch
 
 from lmim.model.config import ModelConfig
 from lmim.pipeline.batch import Batch
-from lmim.tools.argtypes import device_name as device_argument, positive_int
+from lmim.tools.argtypes import HelpFormatter, device_name as device_argument, positive_int
 from lmim.train.allocator import keep_freed_memory
 from lmim.train.config import load_config
 from lmim.train.hardware import describe_machine, resolve_precision
@@ -207,7 +207,8 @@ def precision_candidates(requested: str, auto_pick: str, *, on_gpu: bool, side_b
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="lmim bench model", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="lmim bench model", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default=None,
                     help="model size (default: small on cpu, vit_b16 on cuda)")
     ap.add_argument("--device", type=device_argument, default="cpu", help="cpu | cuda | cuda:N")
@@ -236,10 +237,18 @@ def main(argv: list[str]) -> int:
         print("lmim bench model: --device cuda but no CUDA device is visible; run on a GPU machine or use --device cpu.",
               file=sys.stderr)
         return 2
-    if args.reference and not (Path(args.reference).expanduser() / "models_lmim.py").is_file():
-        print(f"lmim bench model: {args.reference} has no models_lmim.py: pass a checkout of "
-              "github.com/yibingwei-1/LatentMIM to --reference.", file=sys.stderr)
-        return 2
+    if args.reference:
+        if args.no_baseline:
+            ap.error("argument --no-baseline: --reference makes the reference code the baseline; leave one out")
+        if args.objective != "infonce":
+            ap.error(f"argument --objective: --reference times the authors' Latent MIM step (patch InfoNCE), so a "
+                     f"ratio against lmim's {args.objective} step would compare two methods; leave --objective out")
+        from lmim.tools.bench.reference import reference_problem
+
+        problem = reference_problem(args.reference)
+        if problem is not None:
+            print(f"lmim bench model: {problem}", file=sys.stderr)
+            return 2
     on_gpu = device.type == "cuda"
     name = args.config or ("vit_b16" if on_gpu else "small")
     cfg = ModelConfig(**CONFIGS[name], objective=args.objective)

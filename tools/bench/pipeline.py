@@ -31,15 +31,16 @@ from typing import Any
 import torch
 
 from lmim.pipeline import build_loader
-from lmim.pipeline.config import DataConfig
+from lmim.pipeline.config import DATA_CHOICES, DataConfig
 from lmim.pipeline.format.manifest import read_manifest
 from lmim.pipeline.storage import Store, is_remote
-from lmim.tools.argtypes import device_name, non_negative_int, positive_int
+from lmim.tools.argtypes import HelpFormatter, device_name, non_negative_int, positive_int
 from lmim.train.hardware import describe_machine
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lmim bench pipeline", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lmim bench pipeline", description=__doc__,
+                                 formatter_class=HelpFormatter)
     p.add_argument("url", nargs="?", help="dataset root (local path or fsspec URL); default: build a synthetic one")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.add_argument("--images", type=positive_int, default=1500, help="synthetic dataset size (no URL)")
@@ -52,7 +53,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grid", type=positive_int, default=14)
     p.add_argument("--patch", type=positive_int, default=16)
     p.add_argument("--gap", type=non_negative_int, default=4)
-    p.add_argument("--mask", default="random")
+    p.add_argument("--mask", choices=DATA_CHOICES["mask"], default="random")
     p.add_argument("--num-visible", type=positive_int, default=20)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, or cuda[:N] to measure the GPU decode path")
     p.add_argument("--s3-loopback", action="store_true", help="also stream from a loopback S3 server (moto)")
@@ -61,6 +62,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if args.num_visible >= args.grid * args.grid:
         p.error(f"argument --num-visible: must be below the {args.grid * args.grid} patches of --grid {args.grid}, "
                 f"got {args.num_visible}")
+    # The first batch of each pass is start-up, not timed: a pass must have at least one more.
+    if args.max_batches == 1:
+        p.error("argument --max-batches: must be 0 (a whole epoch) or at least 2 (the first batch is not timed)")
+    if args.url is None and args.images < 2 * args.batch_size:
+        p.error(f"argument --images: {args.images} images make fewer than 2 batches of --batch-size {args.batch_size} "
+                "(the first batch of a pass is not timed); raise --images or lower --batch-size")
+    if args.s3_loopback and args.url is not None and is_remote(args.url):
+        p.error("argument --s3-loopback: it uploads a local dataset to a loopback S3 server; give a local path "
+                "or no URL")
     return args
 
 
@@ -193,9 +203,10 @@ def main(argv: list[str]) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="lmim-bench-pipe-", dir=args.workdir)
             url = _synthetic(tmp.name, args.images, tuple(args.image_size), args.shard_samples)
         manifest = read_manifest(url)
-        if args.batch_size > manifest.total_samples:  # the loader's own sentence names data.batch_size
-            print(f"lmim bench pipeline: --batch-size {args.batch_size} is larger than the dataset "
-                  f"({manifest.total_samples} samples at {url}); lower --batch-size.", file=sys.stderr)
+        if 2 * args.batch_size > manifest.total_samples:  # the loader's own sentence names data.batch_size
+            print(f"lmim bench pipeline: --batch-size {args.batch_size} makes fewer than 2 batches of the dataset "
+                  f"({manifest.total_samples} samples at {url}; the first batch of a pass is not timed); lower "
+                  "--batch-size.", file=sys.stderr)
             return 2
         common = dict(url=url, batch_size=args.batch_size, num_threads=args.threads, mask=args.mask,
                       num_visible=args.num_visible)
@@ -206,10 +217,6 @@ def main(argv: list[str]) -> int:
         if args.s3_loopback:
             from lmim.pipeline.testing_s3 import start_loopback_s3
 
-            if is_remote(url):
-                print("lmim bench pipeline: --s3-loopback uploads a local dataset; give a local path or no URL.",
-                      file=sys.stderr)
-                return 2
             s3 = start_loopback_s3()
             copy = Store("s3://bench/ds", s3.storage_options)
             copy.create()

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from lmim.tools.argtypes import HelpFormatter, positive_float, positive_int
 from lmim.train.hardware import describe_machine
 
 DATASETS = ("fashion_mnist", "shapes")
@@ -358,21 +359,21 @@ def _table(results: dict[str, dict], meta: dict) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmim bench quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--dataset", choices=DATASETS, default="fashion_mnist", help="which data set (default fashion_mnist)")
     p.add_argument("--equal", choices=("images", "time"), default="images",
                    help="what every trained method gets the same amount of (default images)")
-    p.add_argument("--images", type=int, default=None,
+    p.add_argument("--images", type=positive_int, default=None,
                    help="training images per method with --equal images (default 128000; 3000000 with --large)")
-    p.add_argument("--budget-minutes", type=float, default=None,
+    p.add_argument("--budget-minutes", type=positive_float, default=None,
                    help="training minutes per method with --equal time (default 5; 10 with --large)")
     p.add_argument("--large", action="store_true", help="the GPU setting: more images, larger batches, bf16")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     p.add_argument("--work-dir", default="runs/bench-quality", help="data (reused), runs and logs go here")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--train-per-class", type=int, default=None,
+    p.add_argument("--train-per-class", type=positive_int, default=None,
                    help="training-split images per class (default: all of Fashion-MNIST's 6000; 2000 shapes)")
-    p.add_argument("--test-per-class", type=int, default=None,
+    p.add_argument("--test-per-class", type=positive_int, default=None,
                    help="test-split images per class (default: all of Fashion-MNIST's 1000; 500 shapes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -385,15 +386,10 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        print(f"lmim bench quality: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.",
-              file=sys.stderr)
+    if unknown or not methods:
+        what = f"unknown method(s) {', '.join(unknown)}" if unknown else "--methods names no method"
+        print(f"lmim bench quality: {what}; choose from {', '.join(METHODS)}.", file=sys.stderr)
         return 2
-    for name in ("budget_minutes", "images", "train_per_class", "test_per_class"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            print(f"lmim bench quality: --{name.replace('_', '-')} must be positive.", file=sys.stderr)
-            return 2
     make = large_setting if args.large else small_setting
     setting = make(args.equal, args.images, args.budget_minutes)
     setting.train_per_class, setting.test_per_class = args.train_per_class, args.test_per_class

@@ -30,6 +30,22 @@ def _import_reference(repo: Path):
         sys.path.remove(str(repo))
 
 
+def reference_problem(repo: str | Path) -> str | None:
+    """Why `repo` cannot serve as the reference (one sentence), or None: its models_lmim must import
+    and define LMIM. Asked before anything is built, so a broken checkout costs no minutes."""
+    repo = Path(repo).expanduser()
+    if not (repo / "models_lmim.py").is_file():
+        return f"{repo} has no models_lmim.py: pass a checkout of github.com/yibingwei-1/LatentMIM to --reference."
+    try:
+        module = _import_reference(repo)
+    except Exception as e:  # its own import errors (a missing dependency, an edited file) are the user's to see
+        return (f"models_lmim.py in {repo} does not import ({type(e).__name__}: {e}); pass a working checkout "
+                "of github.com/yibingwei-1/LatentMIM to --reference.")
+    if not hasattr(module, "LMIM"):
+        return f"models_lmim.py in {repo} defines no LMIM class: pass a checkout of github.com/yibingwei-1/LatentMIM."
+    return None
+
+
 def build_reference(repo: str | Path, cfg: ModelConfig, num_visible: int, *, embed_dim: int, depth: int,
                     num_heads: int) -> torch.nn.Module:
     """The reference LMIM with lmim's sizes (encoder sizes resolved from lmim's built encoder)."""

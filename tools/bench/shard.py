@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmim.tools.argtypes import positive_float, positive_int
+from lmim.tools.argtypes import HelpFormatter, positive_float, positive_int
 from lmim.tools.shard.errors import BuildError
 from lmim.train.hardware import describe_machine
 
@@ -64,7 +64,8 @@ def run_tar(src: Path, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmim bench shard", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lmim bench shard", description=__doc__,
+                                 formatter_class=HelpFormatter)
     p.add_argument("--n", type=positive_int, default=3000, help="images to generate (ignored with --src)")
     p.add_argument("--src", default=None, help="use this folder of images instead of generating them")
     p.add_argument("--workers", type=positive_int, default=2)

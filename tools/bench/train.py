@@ -8,7 +8,8 @@ CPU (the machines everything must run on): the full trainer (`lmim.train.pretrai
 DALI loader against the same trainer fed ideal device-resident batches (`data.loader=synthetic`:
 no decoding, never waits). For each config the runs alternate DALI / ideal for `--repeats`
 rounds and medians are quoted: the share of wall time spent blocked on the loader, and
-`ratio` = DALI images/s / ideal images/s (1.0 = data loading costs nothing).
+`ratio` = DALI images/s / ideal images/s (1.0 = data loading costs nothing); the JSON's top-level
+`ratio` is the lowest of the configs' (each config's is in `configs`).
 - "quickstart": the quickstart preset on Fashion-MNIST (28 px PNGs; digits without the package).
 - "small photos": a small ViT (8 x 8 grid of 8 px patches, 2 px gap: 80 px crops) on 500 x 375
   real-photo JPEGs, closer to ImageNet's decode cost per pixel.
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lmim.tools.argtypes import positive_int
+from lmim.tools.argtypes import HelpFormatter, positive_int
 from lmim.train.hardware import describe_machine
 
 __all__ = ["main"]
@@ -200,7 +201,8 @@ def _print_table(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmim bench train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lmim bench train", description=__doc__,
+                                 formatter_class=HelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", type=positive_int, default=None, help="timed optimizer steps per run (CPU 25, GPU 50)")
     p.add_argument("--repeats", type=positive_int, default=3, help="alternating rounds; medians are quoted")
