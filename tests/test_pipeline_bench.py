@@ -51,6 +51,7 @@ def test_bench_pipeline_batch_larger_than_the_dataset_names_the_bench_option(cap
     assert "data.batch_size" not in err
     # Without a URL the same is known before minutes of building a corpus, and so are a bad --mask
     # and a pass of one (untimed) batch: usage errors, and nothing is built (its JSON said "ratio": NaN).
+    (tmp_path / "w").mkdir()
     for argv, want in ((["--images", "10", "--batch-size", "8"], "fewer than 2 batches of --batch-size 8"),
                        (["--mask", "nonsense"], "argument --mask: invalid choice"),
                        (["--max-batches", "1"], "must be 0 (a whole epoch) or at least 2"),
@@ -58,4 +59,7 @@ def test_bench_pipeline_batch_larger_than_the_dataset_names_the_bench_option(cap
         with pytest.raises(SystemExit) as stop:
             main(["bench", "pipeline", "--workdir", str(tmp_path / "w"), *argv])
         assert stop.value.code == 2 and want in capsys.readouterr().err
-    assert not (tmp_path / "w").exists()
+    assert list((tmp_path / "w").iterdir()) == []
+    with pytest.raises(SystemExit) as stop:   # as `lmim bench shard --tmp` (this was an I/O error, exit 6)
+        main(["bench", "pipeline", "--workdir", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2 and "is not an existing folder" in capsys.readouterr().err

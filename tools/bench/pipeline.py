@@ -68,6 +68,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if args.url is None and args.images < 2 * args.batch_size:
         p.error(f"argument --images: {args.images} images make fewer than 2 batches of --batch-size {args.batch_size} "
                 "(the first batch of a pass is not timed); raise --images or lower --batch-size")
+    if args.workdir is not None and not os.path.isdir(args.workdir):
+        p.error(f"argument --workdir: {args.workdir!r} is not an existing folder; create it or leave --workdir out "
+                "(the system temp folder)")
     if args.s3_loopback and args.url is not None and is_remote(args.url):
         p.error("argument --s3-loopback: it uploads a local dataset to a loopback S3 server; give a local path "
                 "or no URL")
