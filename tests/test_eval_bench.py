@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lmim.tools import datasets
 from lmim.tools.bench import quality
@@ -18,6 +19,9 @@ def test_bad_arguments_say_one_sentence(capsys):
     assert "unknown method(s) bogus" in capsys.readouterr().err
     assert quality.main(["--methods", ","]) == 2                       # was an empty table, exit 0
     assert "--methods names no method" in capsys.readouterr().err
+    if not torch.cuda.is_available():   # --large on a CPU started a 3M-image run without a word
+        assert quality.main(["--large"]) == 2
+        assert "--large is the GPU setting" in capsys.readouterr().err
     # counts are argparse usage errors (exit 2, naming the option), inf and nan included: an infinite
     # budget ended in an OverflowError traceback after calibration, nan printed "nan min"
     for argv in (["--budget-minutes", "0"], ["--budget-minutes", "inf"], ["--budget-minutes", "nan"],

@@ -390,6 +390,14 @@ def main(argv: list[str]) -> int:
         what = f"unknown method(s) {', '.join(unknown)}" if unknown else "--methods names no method"
         print(f"lmim bench quality: {what}; choose from {', '.join(METHODS)}.", file=sys.stderr)
         return 2
+    if args.large and args.equal == "images" and args.images is None:
+        import torch
+
+        if not torch.cuda.is_available():   # 3 million images per method on a CPU is days, not a benchmark
+            print("lmim bench quality: --large is the GPU setting (3,000,000 images per method, bf16) and this "
+                  "machine has no CUDA device; leave --large out, or add --images N to run it with N images.",
+                  file=sys.stderr)
+            return 2
     make = large_setting if args.large else small_setting
     setting = make(args.equal, args.images, args.budget_minutes)
     setting.train_per_class, setting.test_per_class = args.train_per_class, args.test_per_class
