@@ -121,6 +121,11 @@ def test_linear_probe_is_at_chance_on_random_labels_and_deterministic():
     b = linear_probe(x[:600], y[:600], x[600:], y[600:], epochs=5, device="cpu", seed=1)
     assert a == b
     assert 10 < a < 40, a                                         # chance is 25 %
+    # the train split's figure tells memorising from generalising: 16-d features, 600 random labels
+    from lmim.train.evaluate.linear import fit_linear_probe
+
+    train_top1, test_top1 = fit_linear_probe(x[:600], y[:600], x[600:], y[600:], epochs=5, device="cpu", seed=1)
+    assert test_top1 == a and train_top1 > test_top1
 
 
 def test_collapse_stats_identical_vs_random_features():

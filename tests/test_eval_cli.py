@@ -134,7 +134,10 @@ def test_cli_knn_linear_collapse(digits, checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "linear probe" in out
     expected = linear_probe(tr, tr_y, ev, ev_y, epochs=20, device="cpu")
-    assert json.loads(out.strip().splitlines()[-1])["linear"] == pytest.approx(expected)
+    probe = json.loads(out.strip().splitlines()[-1])
+    assert probe["linear"] == pytest.approx(expected)
+    # the train split's top-1 too: under-fitting (both low) reads apart from over-fitting (train high)
+    assert 0 <= probe["linear_train"] <= 100 and "% on the train split" in out
 
     # Without --train-url the default protocol is the paper's leave-one-out 1-NN on the eval split alone.
     code = cli.main(["knn", "--encoder", str(checkpoint), "--eval-url", digits["test"], "--json", "--batch-size", "16"])

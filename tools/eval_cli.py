@@ -29,7 +29,7 @@ from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
 from lmim.train.evaluate.collapse import collapse_stats, plot_collapse
 from lmim.train.evaluate.features import eval_loader, extract
 from lmim.train.evaluate.knn import PROTOCOL_LOO1, knn_loo1, knn_weighted, knn_weighted_protocol
-from lmim.train.evaluate.linear import linear_probe, linear_protocol
+from lmim.train.evaluate.linear import fit_linear_probe, linear_protocol
 
 
 class EvalError(ValueError):
@@ -169,16 +169,16 @@ def cmd_linear(args, encoder, data_cfg, device) -> dict:
     result: dict = {"n_train": int(tr["labels"].numel()), "n_eval": int(ev["labels"].numel()), "pool": args.pool,
                     "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed}
     # Every rank has the gathered features; the probe is cheap, so rank 0 fits it and the rest wait.
-    acc = torch.tensor([0.0])
+    acc = torch.zeros(2, device=device)
     if _is_main():
-        acc[0] = linear_probe(tr[args.pool], tr["labels"], ev[args.pool], ev["labels"], epochs=args.epochs,
-                              lr=args.lr, weight_decay=args.weight_decay, batch_size=args.probe_batch_size,
-                              device=device, seed=args.seed)
+        acc[:] = torch.tensor(fit_linear_probe(tr[args.pool], tr["labels"], ev[args.pool], ev["labels"],
+                                               epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                               batch_size=args.probe_batch_size, device=device, seed=args.seed))
     if dist.is_initialized():
-        dist.broadcast(acc.to(device), 0)
-    result["linear"] = float(acc[0])
+        dist.broadcast(acc, 0)
+    result["linear_train"], result["linear"] = float(acc[0]), float(acc[1])
     _say(f"{linear_protocol(args.epochs)}: {result['linear']:.2f} % top-1 "
-         f"({result['n_train']} train, {result['n_eval']} eval)")
+         f"({result['n_train']} train, {result['n_eval']} eval; {result['linear_train']:.2f} % on the train split)")
     return result
 
 
