@@ -243,8 +243,9 @@ def test_a_checkpoint_with_an_unreadable_marker_keeps_its_place_in_writing_order
 
 
 def test_a_trainer_state_from_before_the_update_count_counts_its_steps_as_updates():
-    """Checkpoints of an older lmim record no `updates`: the step is the count they had (no rebase
-    existed then), so the metrics of a run resumed from one go on from there, not from 0."""
+    """Checkpoints of an older lmim record no `updates`: their step is the best count there is (exact
+    unless that run was itself resumed on fewer steps per epoch), so the metrics of a run resumed
+    from one go on from there, not from 0."""
     from lmim.train.checkpoint import TrainState
 
     state = TrainState()

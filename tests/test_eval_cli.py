@@ -178,6 +178,11 @@ def test_cli_bad_paths_say_one_sentence(digits, checkpoint, tmp_path, capsys):
         captured = capsys.readouterr()
         assert code == want_code and want in captured.err and ".tmp-" not in captured.err
         assert "features of" not in captured.out + captured.err
+    # the check creates no folder: a command that then fails (here: no dataset) leaves none behind
+    code = cli.main(["collapse", "--encoder", str(checkpoint), "--url", str(tmp_path / "nodata"),
+                     "--plot", str(tmp_path / "new" / "deeper" / "c.png")])
+    assert code == 2 and not (tmp_path / "new").exists()
+    capsys.readouterr()
     with pytest.raises(SystemExit):   # argparse: a usage error (exit 2)
         cli.main(["linear", "--encoder", str(checkpoint), "--train-url", digits["train"], "--eval-url",
                   digits["test"], "--lr", "inf"])

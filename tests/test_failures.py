@@ -405,8 +405,17 @@ def test_a_command_stopped_by_sigterm_or_ctrl_c_cleans_up_and_says_one_sentence(
     proc = subprocess.Popen([*lmim, "bench", "model", "--config", "tiny"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
-    time.sleep(0.3)   # the first imports
-    proc.send_signal(signal.SIGINT)
+    # Ctrl-C during the first imports. Some libraries swallow a KeyboardInterrupt raised inside their
+    # own imports (one inside numpy's, under torch's, was lost and the bench ran on), so press again
+    # until it stops, as a user would.
+    time.sleep(0.3)
+    for _ in range(40):
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "lmim bench: interrupted; run the same command again."
@@ -439,3 +448,24 @@ def test_no_store_credentials_is_one_sentence_at_once_not_ten_minutes_of_retries
     assert main(["verify", url, "--storage-option", "client_kwargs.endpoint_url=http://127.0.0.1:9"]) == 5
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmim verify: the data store client found no usable credentials") and "\n" not in err
+
+
+def test_lmim_shard_stopped_by_sigterm_says_so_with_143(tmp_path, monkeypatch, capsys):
+    """`lmim shard` catches KeyboardInterrupt itself (to say the build resumes), and SIGTERM arrives as
+    Terminated, a KeyboardInterrupt: it said "interrupted" with 130, so a scheduler could not tell a
+    preemption from Ctrl-C. (The build is replaced by one that is stopped at once: a real SIGTERM to a
+    build is timing-dependent; the dispatcher's own SIGTERM path is tested on a real process above.)"""
+    import lmim.tools.shard.cli as shard_cli
+    from lmim.train.signals import Terminated
+
+    def stopped(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(shard_cli, "run_build", stopped)
+    (tmp_path / "src").mkdir()
+    assert shard_cli.main([str(tmp_path / "src"), str(tmp_path / "dst")]) == 143
+    assert capsys.readouterr().err.strip() == ("lmim shard: stopped by SIGTERM (kill, scancel or preemption); run the "
+                                               "same command again to finish the build.")
+    monkeypatch.setattr(shard_cli, "run_build", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert shard_cli.main([str(tmp_path / "src"), str(tmp_path / "dst")]) == 130
+    assert "interrupted; run the same command again to finish the build." in capsys.readouterr().err

@@ -132,6 +132,7 @@ def test_the_trainer_applies_and_reports_its_precision_and_thread_choice(tmp_pat
 @pytest.mark.parametrize("argv, device", [
     (["--device", "cuda:1"], "cuda:1"), (["--device=cuda:0", "--json"], "cuda:0"), (["--device", "cuda"], "cuda"),
     (["--device", "cpu"], "cpu"), ([], "cpu"), (["--large"], "cuda"), (["--rounds", "2", "--device"], "cpu"),
+    (["--dev", "cuda:1"], "cuda:1"), (["--devi=cuda"], "cuda"), (["--depth", "cuda"], "cpu"),
 ])
 def test_the_bench_machine_line_names_the_device_the_run_measures(argv, device):
     """`--device cuda:1` and `--device=cuda:0` named the CPU in the machine line (only `cuda` and

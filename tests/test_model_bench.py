@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -84,3 +85,18 @@ def test_auto_precision_times_bf16_only_where_the_machine_does_it_natively():
     assert pick("auto", "fp32", on_gpu=False, side_by_side=True) == ["fp32"]
     assert pick("auto", "bf16", on_gpu=True, side_by_side=False) == ["bf16"]
     assert pick("bf16", "fp32", on_gpu=False, side_by_side=True) == ["bf16"]           # explicit wins
+
+
+@pytest.mark.parametrize("bench", ["shard", "pipeline", "model", "train", "quality"])
+def test_bench_help_says_what_is_compared_and_only_real_defaults(bench, capsys):
+    """--help shows the whole docstring (the baseline, what `ratio` means) and each option's default,
+    but not "(default: None)" for a value chosen at run time, nor a second default beside the help's own."""
+    from lmim.tools.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", bench, "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "ratio" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    flat = " ".join(out.split())
+    assert re.search(r"\(default [^)]*\) \(default: ", flat) is None      # "(default images) (default: images)"

@@ -560,3 +560,21 @@ def test_bench_shard_with_nothing_readable_in_src_is_one_sentence(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "cannot use --src" in err and "none of the 1 files of SRC could be read as an image" in err
     assert "Traceback" not in err and "rejects.jsonl" not in err
+
+
+def test_a_repair_keeps_listing_rejects_once(tmp_path):
+    """A path listed twice is rejected when SRC is listed (the plan keeps it), under the same source
+    as the copy kept: restoring shard records from rejects.jsonl must not also file it under that
+    shard, or each repair after `_build/` was removed added it again (1, 2, 3 ... lines)."""
+    paths = write_photo_jpegs(tmp_path / "imgs", 6, size=SMALL, seed=5)
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p}\n" for p in paths) + f"{paths[1]}\n", encoding="utf-8")
+    dst = tmp_path / "ds"
+    build_dataset(str(lst), str(dst), shard_max_samples=2, progress=False)
+    first = {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()}
+    assert b"listed twice" in first[REJECTS_NAME] and len(first[REJECTS_NAME].splitlines()) == 1
+    for _ in range(2):
+        shutil.rmtree(dst / "_build")
+        (dst / "shard-000000.tar").unlink()
+        assert build_dataset(str(lst), str(dst), shard_max_samples=2, progress=False).built_shards == 1
+        assert {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file()} == first

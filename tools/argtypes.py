@@ -10,7 +10,14 @@ __all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_f
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help with the command's whole docstring as written (what it compares, what `ratio` means)
-    and every option's default."""
+    and each option's default, where it has one that the help does not already give (not for a
+    None chosen at run time, a flag's False, or help that says "default" itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def _number(text: str, kind: type) -> int | float:

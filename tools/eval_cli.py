@@ -247,8 +247,9 @@ COMMANDS = {"knn": cmd_knn, "linear": cmd_linear, "collapse": cmd_collapse}
 
 def _plot_path_problem(plot: str) -> tuple[str, int] | None:
     """(sentence, exit code) when --plot cannot be written: 2 for a name that is not a PNG file's,
-    6 for a place that cannot be written (README's codes); None when it can (a probe file is
-    written in its folder, which is created as `save_figure` would, and removed)."""
+    6 for a place that cannot be written (README's codes); None when it can. The probe is a
+    temporary folder made and removed in the nearest existing folder on the way (`save_figure`
+    creates the missing ones later), so a command that then fails leaves no folders behind."""
     import tempfile
 
     path = Path(plot)
@@ -256,9 +257,11 @@ def _plot_path_problem(plot: str) -> tuple[str, int] | None:
         return f"--plot {plot} must end in .png.", 2
     if path.is_dir():
         return f"--plot {plot} is a folder; give a file name ending in .png.", 2
+    existing = path.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.probe-", suffix=".png"):
+        with tempfile.TemporaryDirectory(dir=existing, prefix=f".{path.stem}.probe-"):
             pass
     except OSError as exc:
         return f"cannot write --plot {plot} ({exc.strerror or type(exc).__name__}); choose a writable path.", 6

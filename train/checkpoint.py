@@ -105,7 +105,7 @@ class TrainState:
         for key, value in state.items():
             setattr(self, key, value)
         if "updates" not in state:  # a checkpoint of an older lmim: its step is the best count there is
-            self.updates = self.step
+            self.updates = self.step   # (short of the truth if that run was resumed on fewer steps per epoch)
 
 
 class RankedState:

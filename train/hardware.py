@@ -227,7 +227,10 @@ def describe_machine(device: str = "cpu") -> str:
         import torch
 
         if torch.cuda.is_available():
-            index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+            index = device.split(":", 1)[1] if ":" in device else ""
+            # GPU N as asked; one that is not there (or not a number) is the command's own error to say
+            asked = index.isdigit() and int(index) < torch.cuda.device_count()
+            index = int(index) if asked else torch.cuda.current_device()
             return f"GPU {torch.cuda.get_device_name(index)} (bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
     flags = cpu_flags()
     shown = [f for f in _SHOWN_FLAGS if f in flags]

@@ -517,17 +517,18 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     run_dir, resume_from = Path(cfg.run_dir), _resolve_resume(cfg)
     model = _seeded_model(cfg)
     loader, steps_per_epoch = _open_loader(cfg, accelerator)
-    # Only now, with the data readable, does the run folder get written: a start that fails on its
-    # data or config leaves nothing behind (no config.yaml that looks like a run).
-    if accelerator.is_main_process:
-        _prepare_run_dir(cfg, run_dir)
-    accelerator.wait_for_everyone()
     eff_batch = effective_batch_size(cfg, accelerator.num_processes)
     sched = Schedules.from_config(cfg, steps_per_epoch, eff_batch)
     cadence = Cadence.from_config(cfg, steps_per_epoch, sched.total_steps)
     _say_what_will_not_happen(cfg, accelerator, steps_per_epoch, sched.total_steps)
     stepper = _make_stepper(cfg, accelerator, model, sched)
     state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
+    # Only now, with the data readable and the checkpoint loaded, does the run folder get written: a
+    # start that fails on its data, config or checkpoints leaves nothing behind (no config.yaml that
+    # looks like a run, nor one that no longer matches the run's checkpoints).
+    if accelerator.is_main_process:
+        _prepare_run_dir(cfg, run_dir)
+    accelerator.wait_for_everyone()
     if resumed is not None:
         _rebase_steps(state, loader, steps_per_epoch, eff_batch, cfg, accelerator, sched)
     state.world_size, state.steps_per_epoch, state.effective_batch = accelerator.num_processes, steps_per_epoch, eff_batch

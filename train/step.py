@@ -100,7 +100,8 @@ def train_step(s: Stepper, batches: Iterator[Batch], step: int, *, metrics: bool
     """Optimizer step `step` (0-based) on micro-batches drawn from `batches`.
 
     Args:
-        metrics: the model's diagnostics too (an SVD that syncs a GPU): only for a step that is logged.
+        metrics: the model's diagnostics too (an SVD that syncs a GPU): only for a step that writes a
+            metrics record (`Cadence.records`: logged, checkpoint and k-NN steps).
 
     Returns:
         The model's outputs, one dict per micro-batch (`loss` still holds its graph's result;

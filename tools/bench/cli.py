@@ -55,11 +55,12 @@ def bench_device(argv: list[str]) -> str:
     `--device=cuda[:N]` as given (GPU N's name, not GPU 0's), "cuda" for `quality --large`, else "cpu"."""
     device = "cuda" if "--large" in argv else "cpu"
     for i, arg in enumerate(argv):
-        if arg.startswith("--device="):
-            value = arg.split("=", 1)[1]
-        elif arg == "--device" and i + 1 < len(argv):
-            value = argv[i + 1]
-        else:
+        option, has_value, value = arg.partition("=")
+        if not (option.startswith("--de") and "--device".startswith(option)):  # argparse takes --dev too
             continue
+        if not has_value:
+            if i + 1 == len(argv):
+                continue
+            value = argv[i + 1]
         device = value if value.startswith("cuda") else "cpu"
     return device

@@ -30,6 +30,8 @@ and linear-probe training set (Fashion-MNIST: 60k/10k, comparable with published
 baselines): weighted 20-NN (T = 0.07), the paper's leave-one-out 1-NN on the test split, a
 linear probe, and the collapse diagnostics. Self-supervised methods train on the training
 split's images (no labels) through `lmim pretrain`; the supervised ceiling trains in-process.
+With both lmim and mae among the methods, the JSON's `ratio` = Latent MIM's linear-probe top-1 /
+pixel MAE's (higher is better; `ratio_is` says so too).
 
     lmim bench quality --dataset shapes                  # equal images, ~25 min on 2 CPU cores
     lmim bench quality --dataset fashion_mnist --equal time --budget-minutes 4

@@ -157,7 +157,8 @@ def run_build(src: str, dst: str, options: BuildOptions) -> BuildResult:
         restore_plan(dest, plan_doc)  # the merge that rewrites the manifest reads it
         numbers = _plan_numbers(plan, options)
         restore_records(dest, done, plan, [item.id for item in corpus.items], options.prefix,
-                        skip=set(damaged.values()) | {numbers[name] for name in others})
+                        skip=set(damaged.values()) | {numbers[name] for name in others},
+                        listing_rejects=corpus.rejects)
         # the shards were just checked (read in full under --recheck): _run need not read them again
         summary = _run(dest, corpus, plan, dataclasses.replace(options, recheck=False), t0,
                        rebuild=frozenset(damaged.values()))

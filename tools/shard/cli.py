@@ -16,6 +16,7 @@ from lmim.tools.shard.images import DEFAULT_MAX_PIXELS
 from lmim.tools.shard.merge import merge_parts
 from lmim.tools.shard.options import add_storage_arguments, parse_bytes, parse_part, parse_storage_cli
 from lmim.tools.shard.scheduler import part_from_environment
+from lmim.train.signals import interruption
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,9 +73,10 @@ def main(argv: list[str]) -> int:
     except BuildError as e:
         print(f"lmim shard: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("lmim shard: interrupted; run the same command again to finish the build", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:   # Ctrl-C (130) or SIGTERM (143: a scheduler must tell preemption apart)
+        code, sentence = interruption(e, "run the same command again to finish the build")
+        print(f"lmim shard: {sentence}", file=sys.stderr)
+        return code
     if not args.quiet:
         print(_report(result), file=sys.stderr)
     summary = result.summary

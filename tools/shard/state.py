@@ -108,7 +108,7 @@ def restore_plan(dest: Store, plan_doc: dict[str, Any]) -> None:
 
 
 def restore_records(dest: Store, manifest: Manifest, plan: Plan, item_ids: list[str], prefix: str,
-                    skip: set[int]) -> int:
+                    skip: set[int], listing_rejects: list[dict[str, str]]) -> int:
     """Write the sidecar again of every shard of a finished dataset that has lost it (a user may
     remove `_build/` once the dataset is complete), except those in `skip` (found damaged: they are
     rebuilt). Without them a repair would rebuild every shard, and a `--part` repair could never
@@ -116,8 +116,10 @@ def restore_records(dest: Store, manifest: Manifest, plan: Plan, item_ids: list[
 
     A record is rebuilt from the manifest (the shard's info) and `rejects.jsonl` (its rejected
     inputs, found by the plan: each input belongs to one shard); `item_ids` are the corpus items' ids
-    in plan index order. Shards whose every input was rejected have no manifest entry and get a
-    record with no info, as the build wrote.
+    in plan index order. `listing_rejects` (the plan's: rejected when SRC was listed, e.g. a path
+    listed twice, whose source is that of the copy kept) belong to no shard: the merge adds them
+    from the plan, so they are left out here. Shards whose every input was rejected have no
+    manifest entry and get a record with no info, as the build wrote.
     """
     have = fingerprint_records(dest, plan.fingerprint)
     lost = [n for n in range(len(plan.shards)) if n not in have and n not in skip]
@@ -125,8 +127,11 @@ def restore_records(dest: Store, manifest: Manifest, plan: Plan, item_ids: list[
         return 0
     info_by_name = {s.name: s for s in manifest.shards}
     shard_of = {item_ids[i]: n for n, members in enumerate(plan.shards) for i in members}
+    at_listing = {(r.get("source"), r.get("reason")) for r in listing_rejects}
     rejects: dict[int, list[dict[str, str]]] = {}
     for reject in _read_rejects(dest):
+        if (reject.get("source"), reject.get("reason")) in at_listing:
+            continue
         n = shard_of.get(reject.get("source"))
         if n is not None:
             rejects.setdefault(n, []).append(reject)

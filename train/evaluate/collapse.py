@@ -4,8 +4,10 @@
   latents of DIFFERENT images (about 1.0 = collapsed: every image maps to the same direction;
   about 0.5 was seen with a momentum target). Computed exactly in O(N D) from
   |sum_i u_i|^2 = sum_ij u_i . u_j on unit vectors, so it uses every pair even for 50k images.
-- `token_sim`: mean cosine between the patch tokens of the SAME image, averaged over images
-  (high = tokens carry no patch-specific information; the paper's regulariser targets this).
+- `token_sim`: mean cosine between the different patch tokens of the SAME image, averaged over
+  images (high = tokens carry no patch-specific information). The similarity regulariser's s, and
+  the trainer's logged `*_token_sim`, count each token with itself too, as the reference does:
+  s = 1/T + (1 - 1/T) x this, for T tokens (`lmim.model.losses.mean_token_similarity`).
 - `effective_rank`: RankMe-style, exp(entropy) of the normalised singular values of the
   (uncentred) pooled features, `lmim.model.losses.effective_rank`, the same number the trainer logs
   (1 = a single direction; up to min(N, D)). A collapse that keeps the features apart but
