@@ -99,10 +99,13 @@ def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
         (ckpt / "optimizer.bin").write_bytes(b"")
     from tests.test_train import SYNTHETIC, TINY
 
+    config = (run_dir / "config.yaml").read_text()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, *SYNTHETIC,
-                           f"run_dir={run_dir}", "resume=auto"], capture_output=True, text=True, env=env, cwd=ROOT)
+                           f"run_dir={run_dir}", "resume=auto", "max_steps=6"], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
     assert proc.returncode == 3, proc.stderr[-2000:]
+    assert (run_dir / "config.yaml").read_text() == config   # the failed start did not rewrite the run's config
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("lmim pretrain: none of the 2 checkpoints") and "optimizer.bin has 0 bytes" in last
     assert "Traceback" not in proc.stderr
