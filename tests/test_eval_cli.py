@@ -172,8 +172,9 @@ def test_cli_bad_paths_say_one_sentence(digits, checkpoint, tmp_path, capsys):
     # --plot is checked before any feature is extracted, and names the user's path, not a temporary one
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "afile").write_text("x")
+    in_a_file = tmp_path / "afile" / "c.png"
     for plot, want_code, want in ((tmp_path / "folder.png", 2, "is a folder"),
-                                  (tmp_path / "afile" / "c.png", 6, f"cannot write --plot {tmp_path / 'afile' / 'c.png'}")):
+                                  (in_a_file, 6, f"cannot write --plot {in_a_file}")):
         code = cli.main(["collapse", "--encoder", str(checkpoint), "--url", digits["test"], "--plot", str(plot)])
         captured = capsys.readouterr()
         assert code == want_code and want in captured.err and ".tmp-" not in captured.err

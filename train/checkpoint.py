@@ -81,7 +81,7 @@ class TrainState:
     """The trainer's own counters, checkpointed through `register_for_checkpointing`."""
 
     step: int = 0                      # the schedules' position: lr, EMA, cadence, checkpoint names (moved on a rebase)
-    updates: int = 0                   # optimizer steps done over the run's whole life, resumes included (never moved back)
+    updates: int = 0                   # optimizer steps over the run's whole life, resumes included (never moved back)
     micro_step: int = 0                # micro-batches (forward/backward passes) done
     images_seen: int = 0               # over all processes
     world_size: int = 1

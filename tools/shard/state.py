@@ -136,8 +136,9 @@ def restore_records(dest: Store, manifest: Manifest, plan: Plan, item_ids: list[
         if n is not None:
             rejects.setdefault(n, []).append(reject)
     for n in lost:
-        record = ShardRecord(shard=n, fingerprint=plan.fingerprint, info=info_by_name.get(f"{shard_name(prefix, n)}.tar"),
-                             rejects=rejects.get(n, []), images_read=0, bytes_read=0)
+        info = info_by_name.get(f"{shard_name(prefix, n)}.tar")
+        record = ShardRecord(shard=n, fingerprint=plan.fingerprint, info=info, rejects=rejects.get(n, []),
+                             images_read=0, bytes_read=0)
         dest.write_bytes(f"{SIDECAR_DIR}/{shard_name(prefix, n)}.json", record.to_json())
     return len(lost)
 
