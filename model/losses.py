@@ -46,18 +46,17 @@ def norm_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), t)
 
 
-def mean_pairwise_cosine(x: torch.Tensor, include_self: bool) -> torch.Tensor:
-    """Mean cosine over the pairs of tokens of each row of x [B, T, C], averaged over B: all T x T
-    ordered pairs (include_self) or the T (T - 1) pairs of different tokens (T >= 2).
+def pairwise_cosine(x: torch.Tensor, include_self: bool) -> torch.Tensor:
+    """[B] mean cosine over the pairs of the T vectors of each x[b] (x [B, T, C], in x's dtype): all
+    T x T ordered pairs (include_self) or the T (T - 1) pairs of different vectors (T >= 2). The
+    regulariser's s, the trainer's diagnostics and `lmim eval collapse` all use it.
 
     Uses |sum_i u_i|^2 = sum_ij u_i . u_j on unit vectors, so it costs O(T C), not O(T^2 C).
     """
-    u = F.normalize(x.float(), dim=-1)
+    u = F.normalize(x, dim=-1)
     t = u.shape[1]
     total = u.sum(1).pow(2).sum(-1)                                      # sum over all ordered pairs incl. i == j
-    if include_self:
-        return (total / (t * t)).mean()
-    return ((total - t) / (t * (t - 1))).mean()
+    return total / (t * t) if include_self else (total - t) / (t * (t - 1))
 
 
 def mean_token_similarity(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +72,7 @@ def mean_token_similarity(x: torch.Tensor) -> torch.Tensor:
     Args:
         x: [B, T, C].
     """
-    return mean_pairwise_cosine(x, include_self=True)
+    return pairwise_cosine(x.float(), include_self=True).mean()
 
 
 def similarity_regulariser(pred: torch.Tensor, visible: torch.Tensor, s_target: float | torch.Tensor) -> torch.Tensor:
@@ -86,7 +85,7 @@ def collapse_cosine(tokens: torch.Tensor) -> torch.Tensor:
     images of the batch (about 1.0: collapsed). tokens: [B, T, C]; NaN when B < 2."""
     if tokens.shape[0] < 2:
         return tokens.new_tensor(float("nan"))
-    return mean_pairwise_cosine(tokens.float().mean(1).unsqueeze(0), include_self=False)
+    return pairwise_cosine(tokens.float().mean(1).unsqueeze(0), include_self=False)[0]
 
 
 def effective_rank(features: torch.Tensor) -> torch.Tensor:

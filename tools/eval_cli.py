@@ -247,24 +247,21 @@ COMMANDS = {"knn": cmd_knn, "linear": cmd_linear, "collapse": cmd_collapse}
 
 def _plot_path_problem(plot: str) -> tuple[str, int] | None:
     """(sentence, exit code) when --plot cannot be written: 2 for a name that is not a PNG file's,
-    6 for a place that cannot be written (README's codes); None when it can. The probe is a
-    temporary folder made and removed in the nearest existing folder on the way (`save_figure`
-    creates the missing ones later), so a command that then fails leaves no folders behind."""
-    import tempfile
+    6 for a place that cannot be written (README's codes); None when it can. Judged by the nearest
+    existing folder on the way (`folder_obstacle`, as a shard DST is), so nothing is created before
+    the command has run: `save_figure` makes the missing folders."""
+    from lmim.pipeline.storage import folder_obstacle
 
     path = Path(plot)
     if path.suffix.lower() != ".png":
         return f"--plot {plot} must end in .png.", 2
     if path.is_dir():
         return f"--plot {plot} is a folder; give a file name ending in .png.", 2
-    existing = path.absolute().parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        with tempfile.TemporaryDirectory(dir=existing, prefix=f".{path.stem}.probe-"):
-            pass
-    except OSError as exc:
-        return f"cannot write --plot {plot} ({exc.strerror or type(exc).__name__}); choose a writable path.", 6
+    obstacle = folder_obstacle(str(path.parent))
+    if obstacle is not None:
+        kind, where = obstacle
+        why = f"{where} is a file, not a folder" if kind == "file" else f"no write permission on {where}"
+        return f"cannot write --plot {plot} ({why}); choose a writable path.", 6
     return None
 
 

@@ -84,8 +84,7 @@ class Rerun:
 
 
 TRAINING_RUN = Rerun("rerun with resume=auto (it goes on from the last complete checkpoint, if one was written)",
-                     "the run folder",
-                     "data.storage_options", EXIT_DATA)
+                     "the run folder", "data.storage_options", EXIT_DATA)
 ONE_COMMAND = Rerun(RUN_AGAIN, "the output", "--storage-option", EXIT_CONFIG)
 
 

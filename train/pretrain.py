@@ -546,14 +546,15 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     try:
         batches = reporter.watch(_epochs(loader, meter), state)
         while not cadence.done(state.step):
-            outs = train_step(stepper, batches, state.step, metrics=cadence.records(state.step + 1))
+            recorded = cadence.records(state.step + 1)   # this step closes a metrics window (diagnostics too)
+            outs = train_step(stepper, batches, state.step, metrics=recorded)
             state.step += 1
             state.updates += 1
             state.micro_step += len(outs)
             state.images_seen += eff_batch
             meter.add_step(outs, state.step)
             reporter.step_done(state.step, stepper.net)
-            if cadence.records(state.step):   # before an evaluation or a checkpoint too (Cadence.records)
+            if recorded:   # before an evaluation or a checkpoint too (Cadence.records)
                 reporter.window(meter, state, last_ckpt)
             # The checkpoint comes before the evaluation: an evaluation that stops the run (its split
             # unreadable, the store down) loses no training. The evaluation leaves the RNGs as it found

@@ -21,24 +21,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmim.model.losses import effective_rank
+from lmim.model.losses import effective_rank, pairwise_cosine
 from lmim.train.evaluate.figures import save_figure
 
 def cross_image_cosine(pooled: torch.Tensor) -> float:
     """Mean cosine similarity over all ordered pairs (i != j) of rows of `pooled` [N, D]."""
-    n = pooled.shape[0]
-    if n < 2:
+    if pooled.shape[0] < 2:
         return float("nan")
-    u = F.normalize(pooled.double(), dim=1)
-    total = u.sum(0).pow(2).sum()                     # sum over all ordered pairs incl. i == j (each 1)
-    return float((total - n) / (n * (n - 1)))
+    return float(pairwise_cosine(pooled.double().unsqueeze(0), include_self=False)[0])   # double: 50k x 50k pairs
 
 
 def within_image_token_similarity(tokens: torch.Tensor) -> torch.Tensor:
     """[B] mean pairwise cosine between the different tokens of each image; tokens [B, T, D], T >= 2."""
-    u = F.normalize(tokens.float(), dim=-1)
-    t = u.shape[1]
-    return (u.sum(1).pow(2).sum(-1) - t) / (t * (t - 1))
+    return pairwise_cosine(tokens.float(), include_self=False)
 
 
 def collapse_stats(feats: torch.Tensor, token_sim: torch.Tensor | None = None) -> dict[str, float]:
