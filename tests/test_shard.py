@@ -284,6 +284,10 @@ def test_bad_arguments_fail_cleanly(class_tree, tmp_path, capsys):
     blocker.write_text("x")
     rc, err = _cli(["shard", str(class_tree), str(blocker / "ds")], capsys)
     assert rc == 2 and "is a file, not a folder" in err
+    rc, err = _cli(["merge", str(blocker)], capsys)         # a file given as the dataset to merge
+    assert rc == 2 and f"DST {blocker} is a file, not a folder" in err and "Errno" not in err
+    rc, err = _cli(["merge", str(blocker / "ds")], capsys)
+    assert rc == 2 and f"runs through {blocker}, which is a file" in err
     rc, err = _cli(["shard", str(class_tree), str(class_tree)], capsys)
     assert rc == 2 and "same folder" in err
     rc, err = _cli(["shard", str(class_tree), str(class_tree / "ds")], capsys)

@@ -6,10 +6,11 @@ written (that one reaches the user as an `OSError`, through the `lmim` command's
 """
 from __future__ import annotations
 
+import os
 import re
 
 from lmim.pipeline.errors import store_client_credentials_error, store_client_network_error
-from lmim.pipeline.storage import is_remote
+from lmim.pipeline.storage import folder_obstacle, is_remote
 
 __all__ = ["BuildError", "StoreNotAnswering", "reach_error", "rejected_option"]
 
@@ -53,4 +54,10 @@ def reach_error(what: str, url: str, err: Exception) -> BuildError:
     if isinstance(err, (ConnectionError, TimeoutError)) or store_client_network_error(err) is not None:
         return StoreNotAnswering(f"cannot reach {what} {url} ({reason}); check the endpoint (AWS_ENDPOINT_URL or "
                                  f"--storage-option client_kwargs.endpoint_url=URL) and the network, then run the same command again")
+    if isinstance(err, NotADirectoryError) and not is_remote(url):
+        # a local path that is a file, or runs through one: say so rather than the errno of a path inside it
+        obstacle = folder_obstacle(url)
+        if obstacle is not None and obstacle[0] == "file":
+            where = "is a file" if obstacle[1] == os.path.abspath(url) else f"runs through {obstacle[1]}, which is a file"
+            return BuildError(f"{what} {url} {where}, not a folder: pass the dataset's folder")
     return BuildError(f"cannot read {what} {url} ({reason})")
