@@ -448,6 +448,12 @@ def test_no_store_credentials_is_one_sentence_at_once_not_ten_minutes_of_retries
     assert main(["verify", url, "--storage-option", "client_kwargs.endpoint_url=http://127.0.0.1:9"]) == 5
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmim verify: the data store client found no usable credentials") and "\n" not in err
+    assert "or --storage-option" in err
+    # `lmim bench pipeline` takes no storage options: its sentence names only the environment
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert main(["bench", "pipeline", url]) == 5
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "found no usable credentials" in err and "AWS_PROFILE, then" in err and "storage-option" not in err
 
 
 def test_lmim_shard_stopped_by_sigterm_says_so_with_143(tmp_path, monkeypatch, capsys):

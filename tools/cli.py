@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("lmim.tools.bench.cli", "benchmarks: shard | pipeline | model | train | quality"),
 }
 
+# the commands that take --storage-option (the others reach an object store through the AWS_* environment only)
+_TAKE_STORAGE_OPTIONS = frozenset({"shard", "merge", "verify", "eval"})
+
 
 def _usage() -> str:
     lines = ["usage: lmim <command> [args...]", "", "commands:"]
@@ -62,9 +65,9 @@ def _safety_net(name: str, err: BaseException) -> int:
     if stopped is not None:  # before importing failures: Ctrl-C may have cut torch's import in half
         print(f"lmim {name}: {stopped[1]}", file=sys.stderr)
         return stopped[0]
-    from lmim.train.failures import EXIT_CLOSED_PIPE, ONE_COMMAND, classify, silence_stdout
+    from lmim.train.failures import ENVIRONMENT_ONLY, EXIT_CLOSED_PIPE, ONE_COMMAND, classify, silence_stdout
 
-    failure = classify(err, ONE_COMMAND)
+    failure = classify(err, ONE_COMMAND if name in _TAKE_STORAGE_OPTIONS else ENVIRONMENT_ONLY)
     if not failure.expected or os.environ.get("LMIM_DEBUG"):
         raise err
     if failure.code == EXIT_CLOSED_PIPE:  # `lmim ... | head`: the reader left; nothing to report, as a SIGPIPE'd tool

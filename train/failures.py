@@ -79,13 +79,20 @@ class Rerun:
     a training run resumes from its checkpoints, the other commands are simply run again."""
     how: str
     output: str
-    storage_options: str   # where the user sets the store's endpoint and credentials besides AWS_*
+    storage_options: str | None  # where the user sets the store's endpoint and credentials besides AWS_*; None: nowhere
     data_code: int         # a dataset that cannot be used: the trainer's own code; the other commands' bad input
 
 
 TRAINING_RUN = Rerun("rerun with resume=auto (it goes on from the last complete checkpoint, if one was written)",
                      "the run folder", "data.storage_options", EXIT_DATA)
 ONE_COMMAND = Rerun(RUN_AGAIN, "the output", "--storage-option", EXIT_CONFIG)
+# `lmim export` and `lmim bench ...` take no storage options: only the AWS_* environment reaches their store
+ENVIRONMENT_ONLY = Rerun(RUN_AGAIN, "the output", None, EXIT_CONFIG)
+
+
+def _besides_env(rerun: Rerun, joiner: str) -> str:
+    """The alternative to the AWS_* environment this command offers, as a sentence fragment, or nothing."""
+    return f"{joiner}{rerun.storage_options}" if rerun.storage_options else ""
 
 
 def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
@@ -110,12 +117,12 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
     if (cred := store_client_credentials_error(err)) is not None:
         return Failure(EXIT_STORAGE, "storage",
                        f"the data store client found no usable credentials ({_one_line(cred)}): set "
-                       f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or {rerun.storage_options}), "
+                       f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE{_besides_env(rerun, ' or ')}, "
                        f"then {rerun.how}.")
     if not isinstance(err, OSError) and (net := store_client_network_error(err)) is not None:
         return Failure(EXIT_STORAGE, "storage",
-                       f"the data store cannot be reached ({_one_line(net)}): check the endpoint (AWS_ENDPOINT_URL "
-                       f"or {rerun.storage_options}) and the network, then {rerun.how}.")
+                       f"the data store cannot be reached ({_one_line(net)}): check the endpoint (AWS_ENDPOINT_URL"
+                       f"{_besides_env(rerun, ' or ')}) and the network, then {rerun.how}.")
     if isinstance(err, OSError):
         where = str(err.filename) if err.filename else rerun.output
         if err.errno in _DISK_ERRNOS:
@@ -124,7 +131,7 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
         if isinstance(err, PermissionError) and (not err.filename or is_remote(where)):
             return Failure(EXIT_STORAGE, "storage",
                            f"the data store refused access ({_one_line(err)}): check the credentials "
-                           f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or {rerun.storage_options}) "
+                           f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE{_besides_env(rerun, ', or ')}) "
                            "and the bucket policy.")
         if isinstance(err, PermissionError):
             return Failure(EXIT_DISK, "disk", f"permission denied on {where}: fix its permissions or choose another path.")
