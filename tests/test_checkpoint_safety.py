@@ -83,9 +83,9 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsy
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk or a cut copy
     out = _run(run_dir, "resume=auto")
     assert out["step"] == 10
-    printed = capsys.readouterr().out
-    assert "step_00000006 is damaged: model.safetensors has 1000 bytes" in printed
-    assert "resumed from" in printed and "step_00000004" in printed
+    printed = capsys.readouterr()
+    assert "step_00000006 is damaged: model.safetensors has 1000 bytes" in printed.err   # the warning
+    assert "resumed from" in printed.out and "step_00000004" in printed.out
     # Resumed exactly from step 4: every later loss equals an uninterrupted run's.
     _run(tmp_path / "ref")
     ref, got = _losses(tmp_path / "ref"), _losses(run_dir)
@@ -110,7 +110,7 @@ def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
     assert last.startswith("lmim pretrain: none of the 2 checkpoints") and "optimizer.bin has 0 bytes" in last
     assert "Traceback" not in proc.stderr
     # Every checkpoint it skipped is named with its reason, the oldest too.
-    skipped = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning: skipping")]
+    skipped = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: skipping")]   # warnings: stderr
     assert [ln.split()[2] for ln in skipped] == ["step_00000004:", "step_00000002:"]
     assert all("optimizer.bin has 0 bytes" in ln for ln in skipped)
 
@@ -190,8 +190,9 @@ def test_a_checkpoint_state_of_the_wrong_shape_is_skipped_by_resume_auto(tmp_pat
     capsys.readouterr()
     out = _run(run_dir, "resume=auto", "max_steps=5")
     assert out["step"] == 5
-    printed = capsys.readouterr().out
-    assert f"skipping {newest.name}" in printed and "resumed from" in printed and "step_00000002" in printed
+    printed = capsys.readouterr()
+    assert f"warning: skipping {newest.name}" in printed.err
+    assert "resumed from" in printed.out and "step_00000002" in printed.out
 
 
 @pytest.mark.parametrize("compiled_first", [True, False])

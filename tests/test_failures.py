@@ -136,6 +136,11 @@ def test_status_json_says_why_a_run_failed_and_where_its_last_checkpoint_is(tmp_
     assert status["status"] == "failed" and status["kind"] == "diverged" and status["exit_code"] == 1
     assert "non-finite" in status["message"] and status["last_checkpoint"].endswith("step_00000004")
     assert not list((tmp_path / "r").glob(".status.json.tmp-*"))
+    # config.yaml says precision: auto; status.json says what this machine got, and why
+    setup = status["setup"]
+    assert setup["precision"] in ("bf16", "no") and setup["precision_reason"].startswith("precision=")
+    assert setup["threads"]["torch"] >= 1 and "for the loader" in setup["threads"]["reason"]
+    assert setup["machine"].startswith("CPU ")
 
 
 def test_status_json_follows_the_checkpoints_while_the_run_goes_on(tmp_path, monkeypatch):

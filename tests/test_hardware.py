@@ -13,7 +13,9 @@ from lmim.train.config import ConfigError, load_config
 from lmim.train.hardware import (
     _cgroup_cpu_limit,
     available_cores,
+    bf16_runs_natively,
     choose_precision,
+    core_share,
     cpu_has_native_bf16,
     describe_machine,
     plan_threads,
@@ -30,6 +32,32 @@ GRAVITON3 = frozenset("fp asimd sve bf16".split())
                                            (GRAVITON3, True), (frozenset(), False)])
 def test_native_bf16_needs_bf16_instructions_not_just_avx512(flags, native):
     assert cpu_has_native_bf16(flags) is native
+
+
+@pytest.mark.parametrize("hardware, onednn, max_isa, native", [
+    (True, True, None, True),
+    (True, True, "avx512_core_bf16", True),
+    (True, True, "ALL", True),
+    (True, True, "AVX512_CORE", False),   # oneDNN capped below bf16: its own check still says yes
+    (True, False, "AVX2", False),         # torch's oneDNN check says no
+    (False, True, None, False),           # AVX-512 without bf16 instructions (Skylake)
+])
+def test_native_bf16_needs_the_instructions_and_a_onednn_allowed_to_use_them(hardware, onednn, max_isa, native):
+    assert bf16_runs_natively(hardware, onednn, max_isa) is native
+
+
+def test_auto_follows_what_torch_reports_of_the_cpu_not_only_its_flags():
+    """ONEDNN_MAX_CPU_ISA=AVX2 keeps torch's bf16 GEMMs off the bf16 instructions (emulated, slow) on a
+    CPU whose /proc/cpuinfo lists avx512_bf16: auto must then pick fp32. A real torch, in a child process."""
+    import subprocess
+    import sys
+
+    code = ("from lmim.train.hardware import resolve_precision as r; "
+            "print(r('auto', on_cuda=False).precision)")
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    capped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    assert capped.stdout.strip() == "no"
 
 
 def test_auto_is_fp32_on_a_cpu_without_native_bf16_and_bf16_with_it():
@@ -104,9 +132,58 @@ def test_a_quota_below_the_cgroup_root_counts_too(tmp_path: Path):
     assert _cgroup_cpu_limit(root, proc) == 0.5
 
 
+_LAUNCH_ENV = ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
+
+
+@pytest.fixture
+def sixteen_cores(monkeypatch):
+    """A 16-core node without a cgroup quota, and no launcher's variables: the launch is set per test."""
+    import lmim.train.hardware as hardware
+
+    monkeypatch.setattr(hardware, "_affinity_cores", lambda: 16)
+    monkeypatch.setattr(hardware, "_cgroup_cpu_limit", lambda: None)
+    for key in _LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_the_node_s_cores_are_divided_among_its_training_processes(sixteen_cores):
+    assert core_share()[0] == 16
+    sixteen_cores.setenv("LOCAL_WORLD_SIZE", "2")
+    cores, why = core_share()
+    assert cores == 8 and "shared by 2 processes" in why
+
+
+@pytest.mark.parametrize("launcher", [
+    {"TORCHELASTIC_RUN_ID": "none", "LOCAL_WORLD_SIZE": "2"},   # torchrun --nproc_per_node 2
+    {"ACCELERATE_MIXED_PRECISION": "no"},                        # accelerate launch, one GPU process
+])
+def test_the_launchers_default_omp_num_threads_1_does_not_starve_the_process(sixteen_cores, launcher):
+    """torchrun and `accelerate launch` export OMP_NUM_THREADS=1 when the user set none; as a cap it
+    left every rank one core, and a GPU's DALI loader one thread, on a node of 16."""
+    for key, value in launcher.items():
+        sixteen_cores.setenv(key, value)
+    sixteen_cores.setenv("OMP_NUM_THREADS", "1")
+    cores, why = core_share()
+    assert cores == 16 // int(launcher.get("LOCAL_WORLD_SIZE", "1"))
+    assert "OMP_NUM_THREADS=1 ignored" in why
+    assert plan_threads(cores, 8, model_on_cpu=False).loader_threads == min(8, cores - 1)   # was 1
+
+
+def test_an_omp_num_threads_someone_chose_caps_the_share(sixteen_cores):
+    sixteen_cores.setenv("OMP_NUM_THREADS", "1")                 # no launcher: the user's own 1
+    assert core_share() == (1, "16 in this process's CPU affinity, OMP_NUM_THREADS=1")
+    sixteen_cores.setenv("TORCHELASTIC_RUN_ID", "none")
+    sixteen_cores.setenv("LOCAL_WORLD_SIZE", "2")
+    sixteen_cores.setenv("OMP_NUM_THREADS", "4")                 # under torchrun, a value it never sets
+    assert core_share()[0] == 4
+    sixteen_cores.setenv("OMP_NUM_THREADS", "12")                # above the share: the share holds
+    assert core_share()[0] == 8
+
+
 def test_describe_machine_names_the_cpu_and_its_bf16():
     line = describe_machine("cpu")
-    assert line.startswith("CPU ") and "bf16" in line and "cores" in line
+    assert line.startswith("CPU ") and "bf16" in line and " core" in line
 
 
 def test_the_trainer_applies_and_reports_its_precision_and_thread_choice(tmp_path: Path, capsys):

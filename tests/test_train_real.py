@@ -110,6 +110,9 @@ def test_two_processes_torchrun_gloo(shards, tmp_path):
            "debug_rank_log=true", f"run_dir={run_dir}"]
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the budget divides the node's cores by its 2 ranks; torchrun's OMP_NUM_THREADS=1 is not a cap
+    threads = next(ln for ln in done.stdout.splitlines() if ln.startswith("threads: "))
+    assert "shared by 2 processes on the node" in threads and "OMP_NUM_THREADS=1 ignored" in threads, threads
     logs = [[json.loads(line) for line in (run_dir / "debug" / f"rank{r}.jsonl").read_text().splitlines()]
             for r in range(2)]
     digests = [{rec["step"]: rec["digest"] for rec in log if "digest" in rec} for log in logs]

@@ -125,7 +125,7 @@ class TrainConfig:
     device: str = "auto"               # "auto" | "cpu" | "cuda"
     precision: str = "auto"            # "auto" (bf16 where the hardware has it, else fp32) | "bf16" | "fp16" | "no" (fp32)
     grad_accum: int = 1
-    threads: Optional[int] = None      # torch intra-op threads; null = the thread budget (cores minus the loader's share)
+    threads: Optional[int] = None      # torch intra-op threads; null = the thread budget (CPU: every core of this process's share; GPU: 1)
     compile: bool = False              # torch.compile the model
     log_every: int = 20                # optimizer steps between logged metrics
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # "tensorboard", "wandb"

@@ -48,8 +48,47 @@ def cpu_model() -> str:
 
 
 def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether CPU feature flags (as /proc/cpuinfo spells them) include bf16 arithmetic."""
     flags = cpu_flags() if flags is None else flags
     return any(f in flags for f in (*_BF16_FLAGS_X86, *_BF16_FLAGS_ARM))
+
+
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN (torch's bf16 GEMMs on the CPU) off the bf16 instructions
+# even where the CPU has them: it then emulates bf16 (oneDNN's documented ISA names, lowest first).
+_ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                       "AVX512_CORE_VNNI"})
+
+
+def bf16_runs_natively(hardware_bf16: bool, onednn_bf16: bool, onednn_max_isa: str | None) -> bool:
+    """bf16 on the CPU is fast only when the processor has bf16 instructions *and* torch's oneDNN may
+    use them: torch reports the first (`torch.cpu`), oneDNN's own check the second (False, e.g., under
+    ONEDNN_MAX_CPU_ISA=AVX2), and a cap at an AVX-512 level without bf16 leaves that check True while
+    oneDNN emulates bf16, so the cap is read too."""
+    capped = (onednn_max_isa or "").strip().upper() in _ONEDNN_ISAS_WITHOUT_BF16
+    return hardware_bf16 and onednn_bf16 and not capped
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_is_native() -> bool:
+    """What torch reports of this CPU and its oneDNN build: bf16 in hardware, usable by torch's kernels.
+
+    x86: `torch.cpu`'s avx512_bf16 / AMX queries (cpuinfo, any OS); elsewhere (Arm) the /proc/cpuinfo
+    `bf16` flag. Without torch (a tool that never trains) the flags alone decide.
+    """
+    try:
+        import torch
+    except ImportError:
+        return cpu_has_native_bf16()
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is not None and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        hardware = bool(probe()) or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    else:
+        hardware = cpu_has_native_bf16()
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: torch's own kernels, judged by the flags
+        onednn = True
+    return bf16_runs_natively(hardware, onednn, os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 @dataclass(frozen=True)
@@ -59,8 +98,8 @@ class PrecisionChoice:
     warning: str | None = None  # set when an explicit choice is known to be slow here
 
 
-# Measured on a 2-core AMD EPYC without native bf16 (docs/BENCHMARKS.md, issue 13): one step of the
-# quickstart-size model under bf16 autocast took 14x as long as in fp32.
+# Measured on a 2-core AMD EPYC with AVX2 and no AVX-512 (issue 13): one step of the reference's small
+# recipe (ViT 192 x 6, 32 px, batch 128) under bf16 autocast took 14x as long as in fp32 (19.4 s against 1.38 s).
 _EMULATED_BF16_COST = "about 14x slower than fp32 in our measurement"
 
 
@@ -74,8 +113,8 @@ def choose_precision(requested: str, *, on_cuda: bool, cuda_bf16: bool = False,
     if requested == "auto":
         if on_cuda:
             if cuda_bf16:
-                return PrecisionChoice("bf16", "precision=auto: bf16 autocast, the GPU supports bf16")
-            return PrecisionChoice("no", "precision=auto: fp32, the GPU has no bf16 support")
+                return PrecisionChoice("bf16", "precision=auto: bf16 autocast, the GPU has bf16 in hardware")
+            return PrecisionChoice("no", "precision=auto: fp32, the GPU has no bf16 in hardware (torch would emulate it)")
         if cpu_bf16:
             return PrecisionChoice("bf16", "precision=auto: bf16 autocast, the CPU has native bf16 (avx512_bf16/amx/bf16)")
         return PrecisionChoice("no", "precision=auto: fp32, the CPU has no native bf16 (bf16 would be emulated and slow)")
@@ -94,8 +133,19 @@ def resolve_precision(requested: str, on_cuda: bool) -> PrecisionChoice:
     if on_cuda:
         import torch
 
-        cuda_bf16 = bool(torch.cuda.is_bf16_supported())
-    return choose_precision(requested, on_cuda=on_cuda, cuda_bf16=cuda_bf16, cpu_bf16=cpu_has_native_bf16())
+        cuda_bf16 = cuda_bf16_is_native()
+    return choose_precision(requested, on_cuda=on_cuda, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16_is_native())
+
+
+def cuda_bf16_is_native() -> bool:
+    """bf16 in the current GPU's hardware (compute capability 8.0+): torch's plain is_bf16_supported()
+    also says yes where bf16 is only emulated (V100, T4), which auto must not pick."""
+    import torch
+
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3: no emulation counted
+        return bool(torch.cuda.is_bf16_supported())
 
 
 # ---------------------------------------------------------------------------------------------- cores
@@ -154,12 +204,21 @@ def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = P
     return min(limits) if limits else None
 
 
+def count(n: int, noun: str) -> str:
+    """'1 core', '2 cores'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _affinity_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def available_cores() -> int:
     """Cores this process may run on: its CPU affinity, capped by a cgroup quota (containers)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = _affinity_cores()
     limit = _cgroup_cpu_limit()
     if limit is not None:
         cores = min(cores, max(1, math.floor(limit)))
@@ -174,14 +233,35 @@ def local_processes() -> int:
         return 1
 
 
-def process_cores() -> int:
-    """This process's share of the cores: available_cores() over the node's training processes,
-    capped by OMP_NUM_THREADS when the user (or torchrun) set it."""
-    cores = max(1, available_cores() // local_processes())
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        cores = min(cores, int(omp))
-    return cores
+def launcher_set_omp_default(env: dict[str, str] | None = None) -> bool:
+    """Whether OMP_NUM_THREADS=1 is the launcher's default rather than anyone's choice: torchrun
+    (`--nproc_per_node` > 1) and `accelerate launch` (on a GPU, or without `--num_cpu_threads_per_process`)
+    export OMP_NUM_THREADS=1 into every process when it is not set. Taken as a cap it would leave one
+    core per process (and one DALI thread to feed a GPU) on a node of dozens; the budget already
+    divides the cores by the processes on the node, so that default is not a limit. (A user who
+    wants one thread says `threads=1`.)"""
+    env = os.environ if env is None else env
+    launched = "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env or "ACCELERATE_MIXED_PRECISION" in env
+    return launched and env.get("OMP_NUM_THREADS", "").strip() == "1"
+
+
+def core_share() -> tuple[int, str]:
+    """This process's share of the cores, and what set it (for the start-up log): available_cores()
+    over the node's training processes, capped by OMP_NUM_THREADS when someone chose it."""
+    affinity, limit, procs = _affinity_cores(), _cgroup_cpu_limit(), local_processes()
+    why = [f"{affinity} in this process's CPU affinity"]
+    if limit is not None and math.floor(limit) < affinity:
+        why.append(f"cgroup CPU quota {limit:g}")
+    cores = max(1, available_cores() // procs)
+    if procs > 1:
+        why.append(f"shared by {procs} processes on the node")
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if launcher_set_omp_default():
+        why.append("OMP_NUM_THREADS=1 ignored (the launcher's default; threads=N sets the model's threads)")
+    elif omp.isdigit() and int(omp) > 0 and int(omp) < cores:
+        cores = int(omp)
+        why.append(f"OMP_NUM_THREADS={omp}")
+    return cores, ", ".join(why)
 
 
 @dataclass(frozen=True)
@@ -215,10 +295,10 @@ def plan_threads(cores: int, loader_threads: int, *, model_on_cpu: bool) -> Thre
     want = max(1, loader_threads)
     if not model_on_cpu:
         loader = max(1, min(want, cores - 1))
-        return ThreadBudget(cores, 1, loader, f"{cores} cores: 1 for the GPU's host thread, {loader} for the loader")
+        return ThreadBudget(cores, 1, loader, f"{count(cores, 'core')}: 1 for the GPU's host thread, {loader} for the loader")
     loader = min(want, cores)
     return ThreadBudget(cores, cores, loader,
-                        f"{cores} cores: {cores} for the model, {loader} for the loader (at most one per core)")
+                        f"{count(cores, 'core')}: {cores} for the model, {loader} for the loader (at most one per core)")
 
 
 def describe_machine(device: str = "cpu") -> str:
@@ -231,8 +311,8 @@ def describe_machine(device: str = "cpu") -> str:
             # GPU N as asked; one that is not there (or not a number) is the command's own error to say
             asked = index.isdigit() and int(index) < torch.cuda.device_count()
             index = int(index) if asked else torch.cuda.current_device()
-            return f"GPU {torch.cuda.get_device_name(index)} (bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
+            return f"GPU {torch.cuda.get_device_name(index)} (bf16 {'yes' if cuda_bf16_is_native() else 'no'})"
     flags = cpu_flags()
     shown = [f for f in _SHOWN_FLAGS if f in flags]
-    bf16 = "native bf16" if cpu_has_native_bf16(flags) else "no native bf16"
-    return f"CPU {cpu_model()}, {available_cores()} cores, {bf16} (flags: {' '.join(shown) or 'none of note'})"
+    bf16 = "native bf16" if cpu_bf16_is_native() else "no native bf16"
+    return f"CPU {cpu_model()}, {count(available_cores(), 'core')}, {bf16} (flags: {' '.join(shown) or 'none of note'})"

@@ -82,7 +82,7 @@ from lmim.train.failures import (
     sigterm_interrupts,
     silence_stdout,
 )
-from lmim.train.hardware import ThreadBudget, plan_threads, process_cores, resolve_precision
+from lmim.train.hardware import ThreadBudget, core_share, describe_machine, plan_threads, resolve_precision
 from lmim.train.meter import Meter
 from lmim.train.report import Reporter
 from lmim.train.schedules import Schedules
@@ -209,12 +209,14 @@ def make_loader(cfg: DictConfig, accelerator, *, train: bool = True, url: str | 
 
 def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
     """Torch and loader threads for this process's share of the machine (cgroup quota and local ranks included)."""
-    plan = plan_threads(process_cores(), int(cfg.data.num_threads), model_on_cpu=accelerator.device.type == "cpu")
+    cores, why = core_share()
+    plan = plan_threads(cores, int(cfg.data.num_threads), model_on_cpu=accelerator.device.type == "cpu")
     if cfg.threads is not None:  # the user's torch thread count wins; the loader keeps its share
         plan = dataclasses.replace(plan, torch_threads=int(cfg.threads),
                                    reason=plan.reason.split(":")[0] + f": threads={cfg.threads} for the model as configured, "
                                    f"{plan.loader_threads} for the loader")
-    return plan
+    cores_said, split = plan.reason.split(":", 1)
+    return dataclasses.replace(plan, reason=f"{cores_said} ({why}):{split}")
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -229,13 +231,17 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                           "choose a writable folder with run_dir=PATH.") from None
 
 
-def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None, checkpoint: Path | None) -> None:
+def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None, checkpoint: Path | None,
+                  setup: dict[str, Any] | None = None) -> None:
     """status.json, replaced atomically: a reader sees the old status or the new one, never a torn file.
 
-    {"status": running|completed|failed|interrupted, "step", "last_checkpoint", and on failure
+    {"status": running|completed|failed|interrupted, "step", "last_checkpoint", "setup" (what this
+    start chose for the machine: precision and why, threads, the machine's line), and on failure
     "kind" (config|data|storage|disk|checkpoint|diverged|interrupted|bug), "message", "exit_code"}.
     """
     record: dict[str, Any] = {"status": status, "step": step, "last_checkpoint": str(checkpoint) if checkpoint else None}
+    if setup is not None:
+        record["setup"] = setup
     if failure is not None:
         record.update(kind=failure.kind, message=failure.sentence, exit_code=failure.code)
     tmp = run_dir / f".status.json.tmp-{os.getpid()}"
@@ -244,6 +250,12 @@ def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None
         os.replace(tmp, run_dir / "status.json")
     except OSError:  # e.g. the disk is full: keep the previous status rather than a truncated one
         tmp.unlink(missing_ok=True)
+
+
+def _warn(accelerator, message: str) -> None:
+    """A warning, once (process 0), on stderr beside the failures, not in the stdout log of progress."""
+    if accelerator.is_main_process:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, Any]) -> Path:
@@ -264,7 +276,7 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
             errors.append(err)
             if len(candidates) > 1:  # every skipped checkpoint is named with its reason
                 then = "Trying the previous checkpoint." if path is not candidates[-1] else "No older checkpoint is left."
-                accelerator.print(f"warning: skipping {path.name}: {err} {then}")
+                _warn(accelerator, f"skipping {path.name}: {err} {then}")
     if len(errors) == 1:
         raise errors[0]
     names = ", ".join(p.name for p in candidates)
@@ -300,7 +312,7 @@ def _make_accelerator(cfg: DictConfig):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     if precision.warning:
-        accelerator.print(f"warning: {precision.warning}")
+        _warn(accelerator, precision.warning)
     accelerator.print(precision.reason)
     return accelerator, precision
 
@@ -541,8 +553,13 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     last_ckpt = latest_checkpoint(run_dir) if resume_from is not None else None
 
     status, failure = "completed", None
+    # config.yaml keeps what was asked (precision: auto, threads: null); this is what the machine got
+    setup = {"precision": precision.precision, "precision_reason": precision.reason,
+             "threads": {"torch": threads.torch_threads, "loader": threads.loader_threads, "cores": threads.cores,
+                         "reason": threads.reason},
+             "machine": describe_machine(accelerator.device.type)}
     if accelerator.is_main_process:
-        _write_status(run_dir, "running", state.step, None, resumed)
+        _write_status(run_dir, "running", state.step, None, resumed, setup)
     try:
         batches = reporter.watch(_epochs(loader, meter), state)
         while not cadence.done(state.step):
@@ -563,7 +580,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
                 last_ckpt = save_checkpoint(accelerator, run_dir, state.step, to_yaml(cfg), cfg.checkpoint.keep,
                                             states=saved_states)
                 if accelerator.is_main_process:  # a scheduler or a person watching sees the run's progress
-                    _write_status(run_dir, "running", state.step, None, last_ckpt)
+                    _write_status(run_dir, "running", state.step, None, last_ckpt, setup)
             if cadence.evaluates(state.step):
                 with rng_untouched():
                     result = knn_evaluate(cfg, accelerator, stepper.net.encoder)
@@ -581,7 +598,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
         if cfg.plots:
             reporter.plot()
         if accelerator.is_main_process:
-            _write_status(run_dir, status, state.step, failure, latest_checkpoint(run_dir))
+            _write_status(run_dir, status, state.step, failure, latest_checkpoint(run_dir), setup)
     return {
         "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "step": state.step,
         "steps_per_epoch": steps_per_epoch, "effective_batch": eff_batch, "peak_lr": sched.peak_lr,
@@ -677,7 +694,8 @@ def _record_failed_start(cfg: DictConfig | None, failure: Failure) -> None:
         return  # no status yet: a failed start leaves nothing behind
     if old.get("status") in ("failed", "interrupted") and old.get("kind") == failure.kind:
         return  # run() already recorded this failure
-    _write_status(run_dir, failure.status, int(old.get("step", 0)), failure, latest_checkpoint(run_dir))
+    _write_status(run_dir, failure.status, int(old.get("step", 0)), failure, latest_checkpoint(run_dir),
+                  old.get("setup"))
 
 
 def _log_traceback(cfg: DictConfig | None, err: BaseException) -> Path | None:
