@@ -1,17 +1,20 @@
 """`lmim bench train`: what the trainer costs on top of the model, and how long it waits for data.
 
-    lmim bench train                       # CPU: data-wait share, quickstart + a small photo config
+    lmim bench train                       # CPU: trainer vs bare step, quickstart + a small photo config
     lmim bench train --json                # the same; the last line is one JSON object
     lmim bench train --device cuda         # GPU: ViT-B/16 steps/s, full trainer vs the bare model step
 
 CPU (the machines everything must run on): the full trainer (`lmim.train.pretrain.run`) with the real
-DALI loader against the same trainer fed ideal device-resident batches (`data.loader=synthetic`:
-no decoding, never waits). For each config the runs alternate DALI / ideal for `--repeats`
-rounds and medians are quoted: the share of wall time spent blocked on the loader, and
-`ratio` = the median over rounds of DALI images/s / ideal images/s, each round's two runs taken
-together (1.0 = data loading costs nothing; pairing the neighbouring runs keeps a slow minute of the
-machine from landing on one side only); the table shows the rounds' lowest and highest ratio
-beside it. The JSON's top-level `ratio` is the lowest of the configs' (each config's is in `configs`,
+DALI loader, against the bare model step (`train_step` alone: the config's optimizer, schedules,
+clipping and precision, one device-resident batch, no loader, logging or diagnostics) and, between
+the two, the same trainer fed ideal device-resident batches (`data.loader=synthetic`: no decoding,
+never waits). For each config the three alternate for `--repeats` rounds and medians are quoted:
+`ratio` = the median over rounds of trainer-with-DALI images/s / bare-step images/s, each round's
+runs taken together (1.0 = the trainer and its data cost nothing on top of the step; pairing
+neighbouring runs keeps a slow minute of the machine from landing on one side only); the table
+shows the rounds' lowest and highest ratio beside it. `loader_ratio` = DALI / ideal trainer (the
+data's share of the gap), and the data-wait columns are the share of wall time blocked on the
+loader. The JSON's top-level `ratio` is the lowest of the configs' (each config's is in `configs`,
 with its `round_ratios`).
 - "quickstart": the quickstart preset on Fashion-MNIST (28 px PNGs; digits without the package).
 - "small photos": a small ViT (8 x 8 grid of 8 px patches, 2 px gap: 80 px crops) on 500 x 375
@@ -88,6 +91,9 @@ _SMALL = [
 
 
 def _cpu(args) -> dict[str, Any]:
+    from lmim.train.config import load_config
+    from lmim.train.meter import WARMUP_STEPS
+
     results: dict[str, Any] = {"device": "cpu", "threads": torch.get_num_threads(), "configs": {}}
     with tempfile.TemporaryDirectory(prefix="lmim-bench-train-") as tmp:
         root = Path(tmp)
@@ -97,22 +103,29 @@ def _cpu(args) -> dict[str, Any]:
             f"quickstart ({dataset})": ("quickstart", qs_data),
             "small photos (80 px crops)": ("quickstart", [*_SMALL, f"data.url={photos}"]),
         }
+        ideal = ["data.loader=synthetic", "synthetic_batches=1000"]
         for name, (preset, data_overrides) in configs.items():
-            runs: dict[str, list[dict]] = {"dali": [], "ideal": []}
+            runs: dict[str, list[float]] = {"dali": [], "ideal": [], "bare": []}
+            waits: dict[str, list[float]] = {"dali": [], "ideal": []}
+            cfg = load_config(preset, [*data_overrides, *ideal])
             for r in range(args.repeats):
-                for kind in ("dali", "ideal"):  # A B A B: the machine's noise hits both alike
-                    extra = ["data.loader=synthetic", "synthetic_batches=1000"] if kind == "ideal" else ["data.loader=dali"]
+                for kind in ("dali", "ideal"):  # A B C A B C: the machine's noise hits all alike
+                    extra = ideal if kind == "ideal" else ["data.loader=dali"]
                     t = _train(preset, [*data_overrides, *extra, f"max_steps={args.steps}",
                                         f"run_dir={root / 'runs' / f'{name}-{kind}-{r}'}".replace(" ", "_")])
-                    runs[kind].append(t)
-            med = {k: {m: statistics.median(t[m] for t in v) for m in ("images_per_s", "data_wait_share", "steps_per_s")}
-                   for k, v in runs.items()}
-            round_ratios = [d["images_per_s"] / i["images_per_s"] for d, i in zip(runs["dali"], runs["ideal"])]
+                    runs[kind].append(t["images_per_s"])
+                    waits[kind].append(t["data_wait_share"])
+                # after the trainer's runs, so with the threads and allocator settings the trainer chose
+                timed = max(1, args.steps - WARMUP_STEPS)
+                runs["bare"].append(_bare_steps_per_s(cfg, timed, WARMUP_STEPS, "cpu") * cfg.data.batch_size)
+            round_ratios = [d / b for d, b in zip(runs["dali"], runs["bare"])]
             results["configs"][name] = {
-                "dali_images_per_s": med["dali"]["images_per_s"],
-                "dali_data_wait_share": med["dali"]["data_wait_share"],
-                "ideal_images_per_s": med["ideal"]["images_per_s"],
-                "ideal_data_wait_share": med["ideal"]["data_wait_share"],
+                "dali_images_per_s": statistics.median(runs["dali"]),
+                "dali_data_wait_share": statistics.median(waits["dali"]),
+                "ideal_images_per_s": statistics.median(runs["ideal"]),
+                "ideal_data_wait_share": statistics.median(waits["ideal"]),
+                "bare_images_per_s": statistics.median(runs["bare"]),
+                "loader_ratio": statistics.median(d / i for d, i in zip(runs["dali"], runs["ideal"])),
                 "ratio": statistics.median(round_ratios),
                 "round_ratios": round_ratios,
             }
@@ -121,35 +134,41 @@ def _cpu(args) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-def _bare_steps_per_s(cfg, steps: int, warmup: int) -> float:
-    """The model step alone (`train_step` without Accelerate, with `cfg`'s optimizer, schedules and
-    clipping): no loader, no logging, no diagnostics; the same device-resident batch every step."""
+def _bare_steps_per_s(cfg, steps: int, warmup: int, device: str = "cuda") -> float:
+    """The model step alone (`train_step` without Accelerate, with `cfg`'s optimizer, schedules,
+    clipping and precision): no loader, no logging, no diagnostics; the same device-resident batch
+    every step. On the CPU it runs in the trainer's process after the trainer's runs, so with the
+    threads and allocator settings the trainer chose."""
     from omegaconf import OmegaConf
 
     from lmim.model import LatentMIM
     from lmim.model.masks import make_masks
     from lmim.pipeline.batch import Batch
+    from lmim.train.hardware import resolve_precision
     from lmim.train.step import local_stepper, train_step
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    precision = resolve_precision(str(cfg.precision), on_cuda=on_cuda).precision
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     m, d = cfg.model, cfg.data
     torch.manual_seed(0)
     net = LatentMIM(OmegaConf.to_object(m)).to(dev).train()
     # The trainer's run over the synthetic loader has these steps per epoch: the same schedules.
-    stepper = local_stepper(cfg, net, steps_per_epoch=cfg.synthetic_batches // cfg.grad_accum,
-                            autocast=torch.bfloat16)
+    stepper = local_stepper(cfg, net, steps_per_epoch=cfg.synthetic_batches // cfg.grad_accum, autocast=autocast)
     size = m.grid_size * (m.patch_size + m.patch_gap)
     images = torch.randn(d.batch_size, 3, size, size, device=dev)
     visible, target = make_masks(d.mask, d.batch_size, m.grid_size, d.num_visible, device=dev)
     batches = itertools.repeat(Batch(images, visible, target))
 
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     for step in range(warmup):
         train_step(stepper, batches, step)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for step in range(warmup, warmup + steps):
         train_step(stepper, batches, step)
-    torch.cuda.synchronize()
+    sync()
     return steps / (time.perf_counter() - t0)
 
 
@@ -190,21 +209,26 @@ def _print_table(res: dict[str, Any]) -> None:
     from rich.table import Table
 
     if "configs" in res:
-        t = Table(title=f"lmim bench train (CPU, {res['threads']} threads): trainer with DALI vs ideal device-resident batches")
-        for col in ("config", "DALI img/s", "DALI data-wait", "ideal img/s", "ideal data-wait", "ratio (rounds)"):
+        t = Table(title=f"lmim bench train (CPU, {res['threads']} threads): the trainer with DALI vs the bare model step")
+        for col in ("config", "DALI img/s", "DALI data-wait", "ideal img/s", "ideal data-wait", "bare step img/s",
+                    "DALI / ideal", "ratio = DALI / bare (rounds)"):
             t.add_column(col, justify="right" if col != "config" else "left")
         for name, c in res["configs"].items():
             spread = c["round_ratios"]
             ratio = f"{c['ratio']:.2f}" + (f" ({min(spread):.2f}-{max(spread):.2f})" if len(spread) > 1 else "")
             t.add_row(name, f"{c['dali_images_per_s']:.0f}", f"{c['dali_data_wait_share']:.1%}",
-                      f"{c['ideal_images_per_s']:.0f}", f"{c['ideal_data_wait_share']:.1%}", ratio)
+                      f"{c['ideal_images_per_s']:.0f}", f"{c['ideal_data_wait_share']:.1%}",
+                      f"{c['bare_images_per_s']:.0f}", f"{c['loader_ratio']:.2f}", ratio)
     else:
         t = Table(title=f"lmim bench train ({res['device']}): {res['config']}")
         for col in ("trainer steps/s", "bare model steps/s", "trainer img/s", "trainer overhead", "ratio"):
             t.add_column(col, justify="right")
         t.add_row(f"{res['trainer_steps_per_s']:.2f}", f"{res['bare_steps_per_s']:.2f}",
                   f"{res['trainer_images_per_s']:.0f}", f"{res['overhead']:.1%}", f"{res['ratio']:.3f}")
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: no terminal to fit, so no column cut to "data-w…"
+        console = Console(width=150)
+    console.print(t)
 
 
 def main(argv: list[str]) -> int:
