@@ -148,6 +148,35 @@ def test_folder_export_is_reproducible_replaces_an_old_export_and_refuses_other_
     with pytest.raises(export.ExportError, match="is not an lmim export folder"):
         export.export_folder(ckpt, other)
     assert [p.name for p in other.iterdir()] == ["holiday.jpg"]
+    # A folder with only the export's file names is not an export either: a user's notes, or another
+    # tool's timm folder (its config.json without lmim's tag), are kept.
+    notes = tmp_path / "myproj"
+    notes.mkdir()
+    (notes / "README.md").write_text("# my notes\n")
+    timm_folder = tmp_path / "their-vit"
+    timm_folder.mkdir()
+    for name in export.FOLDER_FILES:
+        (timm_folder / name).write_bytes(first[name])
+    (timm_folder / "config.json").write_text(first["config.json"].decode().replace('"lmim"', '"augreg_in21k"'))
+    for kept in (notes, timm_folder):
+        before = {p.name: p.read_bytes() for p in kept.iterdir()}
+        with pytest.raises(export.ExportError, match="is not an lmim export folder"):
+            export.export_folder(ckpt, kept)
+        assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+
+
+def test_the_current_folder_is_refused_as_an_export_folder(trained, tmp_path, monkeypatch, capsys):
+    """`lmim export CK .` in an empty folder: Path('.') has no name to build the temporary folder from
+    (a traceback and exit 1); the current folder cannot be swapped out whole anyway."""
+    _, ckpt = trained
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", str(here)):
+        assert export.main([str(ckpt), out]) == 2
+        err = capsys.readouterr().err
+        assert "is the current folder" in err and err.count("\n") == 1
+    assert not list(here.iterdir())
 
 
 def test_the_run_s_last_knn_figure_reaches_the_model_card(tmp_path):
@@ -280,3 +309,21 @@ def test_exports_and_checkpoints_are_as_readable_as_any_file_the_user_writes(tra
             {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     finally:
         os.umask(old)
+
+
+def test_the_model_card_names_a_mixture_s_sources_and_the_updates_taken(tmp_path):
+    """A `data.sources` run's card said the unused `data.url` default; after a resume that renumbered
+    the steps it quoted the step counter, not the optimizer updates taken."""
+    from omegaconf import OmegaConf
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000120"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"step": 120, "updates": 113, "epoch": 2.0}')
+    cfg = OmegaConf.create({"name": "mix", "epochs": 2, "model": {"arch": "vit_tiny_patch16_224"},
+                            "data": {"url": "data/quickstart", "sources": [
+                                {"url": "s3://b/photos", "weight": 3.0, "name": "photos"},
+                                {"url": "/data/digits", "weight": 1.0, "name": "digits"}]}})
+    card = export.model_card(ckpt, cfg, {}, "online", tmp_path / "enc")
+    assert "| data | `s3://b/photos` (weight 3.0), `/data/digits` (weight 1.0) |" in card
+    assert "data/quickstart`" not in card.split("## Training config")[0]
+    assert "| optimizer steps | 113 |" in card

@@ -234,6 +234,9 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     _refuse_url(out_dir)
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
+    if out.resolve() == Path.cwd().resolve() or out.name in ("", ".", ".."):
+        raise ExportError(f"output {out_dir} is the current folder (or its parent), which an export replaces whole; "
+                          "name a folder for it, e.g. my-encoder/.")
     _refuse_inside_checkpoint(ckpt, out)
     if out.exists() and not _is_folder_export(out):
         raise ExportError(f"{out} exists and is not an lmim export folder; choose a new folder name.")
@@ -272,7 +275,21 @@ def _drop_inherited_weight_facts(config_json: Path) -> None:
 
 
 def _is_folder_export(path: Path) -> bool:
-    return path.is_dir() and (not any(path.iterdir()) or set(p.name for p in path.iterdir()) <= set(FOLDER_FILES))
+    """An empty folder, or one an earlier `lmim export` wrote: exactly FOLDER_FILES, with the `lmim` tag
+    in config.json. Any file names alone would let a user's own README.md (or another tool's timm
+    folder) be replaced."""
+    if not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return True
+    if names != set(FOLDER_FILES):
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("pretrained_cfg") or {}).get("tag") == "lmim"
 
 
 def _swap_in(new: Path, out: Path) -> None:
@@ -290,7 +307,7 @@ def _run_facts(ckpt: Path) -> dict[str, Any]:
     state = ckpt / "trainer_state.json"
     if state.is_file():
         saved = json.loads(state.read_text())
-        facts.update({k: saved[k] for k in ("step", "epoch") if k in saved})
+        facts.update({k: saved[k] for k in ("step", "updates", "epoch") if k in saved})
     metrics = ckpt.parent.parent / "metrics.jsonl"  # run_dir/checkpoints/step_N -> run_dir/metrics.jsonl
     if metrics.is_file():
         step = facts.get("step")
@@ -302,6 +319,14 @@ def _run_facts(ckpt: Path) -> dict[str, Any]:
             if "knn_top1" in rec and (step is None or rec.get("step", 0) <= step):
                 facts["knn_top1"] = rec["knn_top1"]
     return facts
+
+
+def _data_said(data: dict) -> str:
+    """The data a run trained on, for the model card: its sources and weights when it mixed several."""
+    sources = data.get("sources") or []
+    if not sources:
+        return f"`{data.get('url', 'unknown')}`"
+    return ", ".join(f"`{src.get('url', '?')}` (weight {src.get('weight', 1)})" for src in sources)
 
 
 def model_card(ckpt: Path, train_cfg, kwargs: dict, which: str, out: Path,
@@ -347,10 +372,12 @@ def model_card(ckpt: Path, train_cfg, kwargs: dict, which: str, out: Path,
         "|---|---|",
         f"| architecture | `{model.get('arch')}` with {json.dumps(kwargs, sort_keys=True)} |",
         f"| objective | {model.get('objective')} |",
-        f"| data | `{data.get('url', 'unknown')}` |",
+        f"| data | {_data_said(data)} |",
         f"| masking | {data.get('mask', 'random')}, {data.get('num_visible', '?')} visible patches of "
         f"{model.get('grid_size', 0) ** 2} |",
-        f"| optimizer steps | {facts.get('step', 'unknown')} |",
+        # `updates` counts the optimizer updates taken; `step` is renumbered when a resume changes the
+        # steps per epoch (another batch size or number of processes), so it can say more or fewer
+        f"| optimizer steps | {facts.get('updates', facts.get('step', 'unknown'))} |",
         f"| epochs | {facts['epoch']:.2f} of {train_cfg.get('epochs')} |" if "epoch" in facts else
         f"| epochs | {train_cfg.get('epochs')} planned |",
         "",
@@ -469,8 +496,9 @@ def main(argv: list[str]) -> int:
                     help="which encoder to export (default: online, as in the paper)")
     args = ap.parse_args(argv)
     as_file = args.out.endswith(".safetensors")
-    try:
-        export = export_encoder if as_file or Path(args.out).suffix in _OTHER_WEIGHT_SUFFIXES else export_folder
+    try:  # ENC.SAFETENSORS too was meant as a file (refused there: timm reads only .safetensors as safetensors)
+        named_as_file = Path(args.out).suffix.lower() in (".safetensors", *_OTHER_WEIGHT_SUFFIXES)
+        export = export_encoder if as_file or named_as_file else export_folder
         kwargs = export(args.checkpoint, args.out, args.encoder)
     except ExportError as exc:
         print(f"lmim export: {exc}", file=sys.stderr)
