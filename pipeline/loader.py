@@ -22,6 +22,7 @@ start of the next epoch (or of the same epoch when the checkpoint was taken on a
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -80,6 +81,10 @@ class Loader:
         sources = [self._open_source(s.url) for s in self.sources]
         self.manifest: Manifest = sources[0].manifest
         self.counts = [info.samples for src in sources for info in src.manifest.shards]
+        # What the data *is*, beyond its counts: a rebuilt or other data set of the same size must not
+        # take a mid-epoch position saved on this one (it would train some samples twice, others never).
+        self._content_id = hashlib.sha256("\n".join(
+            f"{info.samples} {info.checksum}" for src in sources for info in src.manifest.shards).encode()).hexdigest()
         self.has_labels = len(sources) == 1 and self.manifest.classes is not None
         self.batch_size = cfg.batch_size
         # A mixture (several sources, or an epoch of a set size): pipeline/mix.py plans the epochs.
@@ -110,6 +115,9 @@ class Loader:
                        if train else None)
         self.epoch = 0
         self._next_batch = 0
+        # set when a resume could not take the saved mid-epoch position and went on from the next epoch
+        # (the trainer then moves its step counter there too, so the run still trains `epochs` epochs)
+        self.resumed_at_next_epoch = False
         self._bad: set[tuple[int, int]] = set()
         self._skipped_keys: list[str] = []
         self._bad_shards: list[int] = []  # shards found unreadable and skipped (data.on_error=skip)
@@ -168,6 +176,7 @@ class Loader:
                 "train": self.train, "num_samples": sum(self.counts), "num_shards": len(self.counts),
                 "bad": sorted([int(s), int(i)] for s, i in self._bad), "skipped_keys": list(self._skipped_keys),
                 "bad_shards": list(self._bad_shards), "carry": self._carry, "mix": self._data_fingerprint(),
+                "data_id": self._content_id,
                 "source_samples": list(self._source_samples)}
 
     def batches_left(self) -> int:
@@ -216,6 +225,7 @@ class Loader:
             log.warning("the data loader resumes at the start of epoch %d, not mid-epoch, because %s changed since "
                         "the checkpoint", self.epoch + 1, ", ".join(changed))
             self.epoch, self._next_batch = self.epoch + 1, 0
+            self.resumed_at_next_epoch = True
         if self.epoch < 0 or not 0 <= self._next_batch <= self._batches_in(self.epoch):
             raise ValueError(f"loader state says epoch {self.epoch}, batch {self._next_batch}, but that epoch has "
                              f"{self._batches_in(self.epoch)} batches here")
@@ -229,8 +239,10 @@ class Loader:
         if (state["num_samples"], state["num_shards"]) != (sum(self.counts), len(self.counts)):
             changed.append(f"the data ({state['num_samples']} samples in {state['num_shards']} shards -> "
                            f"{sum(self.counts)} in {len(self.counts)})")
-        elif not same_data:
+        elif state.get("mix") != self._data_fingerprint():
             changed.append("the data.sources mixture (its URLs or weights)")
+        elif not same_data:
+            changed.append("the data's content (its shards' checksums differ: another or a rebuilt data set)")
         return changed
 
     def _same_sources(self, state: dict[str, Any]) -> bool:
@@ -241,9 +253,11 @@ class Loader:
         return [src[0] for src in old[:-1]] == [src[0] for src in new[:-1]]
 
     def _same_data(self, state: dict[str, Any]) -> bool:
-        """`state` was saved reading the data this loader reads (shard counts, and the mixture if any)."""
+        """`state` was saved reading the data this loader reads (shard counts and checksums, and the
+        mixture if any). A state saved before lmim recorded the checksums is judged by the rest."""
         return ((state["num_samples"], state["num_shards"]) == (sum(self.counts), len(self.counts))
-                and state.get("mix") == self._data_fingerprint())
+                and state.get("mix") == self._data_fingerprint()
+                and state.get("data_id", self._content_id) == self._content_id)
 
     def _restore_skips(self, states: list[dict[str, Any]]) -> None:
         """The samples and shards that any of `states`' processes found unreadable (data.on_error=skip)."""

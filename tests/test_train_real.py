@@ -226,6 +226,20 @@ def test_resuming_with_another_batch_size_goes_on_from_the_next_epoch_and_its_lo
     assert epochs == pytest.approx([0.2, 0.4, 0.6] + [1 + i / 10 for i in range(1, 11)])
 
 
+def test_resuming_with_another_seed_goes_on_from_the_next_epoch_and_still_trains_its_epochs(shards, tmp_path):
+    """Another seed (or data set, or mixture) cannot take the saved mid-epoch position: the loader starts
+    the next epoch. The step counter used to stay put, so the run trained the rest of the old epoch's
+    steps on top and ended 60% into a third epoch of its 2."""
+    common = [*REAL[len(TINY):], f"data.url={shards}"]   # 40 images, batch 8: 5 steps per epoch, 2 epochs
+    first = _run(tmp_path / "r", *common, "max_steps=3", "checkpoint.every_steps=3")
+    assert first["step"] == 3
+    resumed = _run(tmp_path / "r", *common, "resume=auto", "seed=1")
+    assert resumed["step"] == 10                                        # epoch 1's 5 steps, not 7 more
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in logged if "loss" in r]
+    assert epochs == pytest.approx([0.2, 0.4, 0.6] + [1 + i / 5 for i in range(1, 6)])
+
+
 def test_an_evaluation_that_cannot_read_its_split_loses_no_training(shards, tmp_path):
     """The k-NN split loses a shard after the start-up check: the evaluation at the end of epoch 1
     stops the run, but that step's checkpoint is already written (it comes first), so nothing

@@ -467,14 +467,19 @@ def _rebase_steps(state: TrainState, loader, steps_per_epoch: int, eff_batch: in
     the lr and EMA schedules jumped. Move the step counter to where this run's schedules expect the
     loader's position (the rest of the interrupted epoch, or the next epoch when the data could not
     resume mid-epoch), so lr, EMA momentum and the cadence go on from the same point of training. The
-    peak lr follows the new effective batch (the linear scaling rule). Nothing to do when neither changed
-    (a checkpoint of an older lmim records no steps per epoch: only its process count is compared)."""
+    same when only the data moved to the next epoch (another seed, data set or mixture): the steps of
+    the rest of the old epoch are skipped with it, or the run would train past `epochs`. The peak lr
+    follows the new effective batch (the linear scaling rule). Nothing to do when nothing changed (a
+    checkpoint of an older lmim records no steps per epoch: only its process count is compared)."""
     old_step = state.step
     changed = []
     if state.world_size != accelerator.num_processes:
         changed.append(f"{state.world_size} -> {accelerator.num_processes} processes")
     if state.steps_per_epoch and state.steps_per_epoch != steps_per_epoch:
         changed.append(f"{state.steps_per_epoch} -> {steps_per_epoch} steps per epoch")
+    jumped = bool(getattr(loader, "resumed_at_next_epoch", False))  # another seed, data or mixture
+    if jumped and not changed:
+        changed.append("the data going on from the next epoch")
     if not changed:
         return
     state.step = max(0, (loader.epoch + 1) * steps_per_epoch - loader.batches_left() // cfg.grad_accum)
@@ -482,8 +487,9 @@ def _rebase_steps(state: TrainState, loader, steps_per_epoch: int, eff_batch: in
     if state.effective_batch and state.effective_batch != eff_batch:
         lr_note = (f"; peak lr {sched.peak_lr:.3g} for the effective batch {eff_batch} (was {state.effective_batch}; "
                    "set grad_accum or data.batch_size to keep it)")
+    where = f"the start of epoch {loader.epoch}" if jumped else f"the same point of epoch {loader.epoch}"
     accelerator.print(f"resumed with {', '.join(changed)}: step {old_step} becomes {state.step} of "
-                      f"{sched.total_steps}, the same point of epoch {loader.epoch}{lr_note}")
+                      f"{sched.total_steps}, {where}{lr_note}")
 
 
 # ---------------------------------------------------------------------------------------------- eval
