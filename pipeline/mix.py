@@ -40,7 +40,8 @@ _SOURCE_STREAM, _PHASE = 5, 6
 def quotas(total: int, weights: Sequence[float]) -> list[int]:
     """`total` split in proportion to `weights` by largest remainder (ties go to the earlier source)."""
     w = np.asarray(weights, dtype=np.float64)
-    exact = total * w / w.sum()
+    w = w / w.max()   # weights have any positive scale: 1e308 twice must not sum to inf
+    exact = total * (w / w.sum())
     base = np.floor(exact).astype(np.int64)
     short = total - int(base.sum())
     order = sorted(range(len(w)), key=lambda i: (-(exact[i] - base[i]), i))

@@ -65,6 +65,9 @@ def test_largest_remainder_quotas():
     assert quotas(10, [1, 1, 1]) == [4, 3, 3]          # the tie goes to the earlier source
     assert quotas(7, [0.5, 0.25, 0.25]) == [3, 2, 2]          # 3.5, 1.75, 1.75: the largest remainders
     assert sum(quotas(1001, [0.3, 0.7, 1e-3])) == 1001
+    # any positive scale: huge weights summed to inf (negative quotas, then a traceback)
+    assert quotas(40, [3, 1e308, 1e308]) == [0, 20, 20]
+    assert quotas(40, [1e-300, 3e-300]) == [10, 30]
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
