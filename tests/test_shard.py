@@ -206,6 +206,15 @@ def test_parts_then_merge_equal_one_build(class_tree, tmp_path):
     assert main(["merge", str(parted)]) == 0
     assert manifest_core(str(parted)) == manifest_core(str(whole))
     assert verify_dataset(str(parted)) == []
+    # A shard deleted (or cut) after its part recorded it: merge refuses to write a manifest over it,
+    # and the part that built it, run again, rebuilds it and writes the manifest.
+    (parted / MANIFEST_NAME).unlink()
+    (parted / "shard-000001.tar").unlink()
+    with pytest.raises(BuildError, match=r"1 shard\(s\) recorded as built are missing .* \(shard-000001.tar\)"):
+        merge_parts(str(parted))
+    assert not (parted / MANIFEST_NAME).exists()
+    build_dataset(str(class_tree), str(parted), shard_max_samples=4, part=(1, 2), progress=False)
+    assert manifest_core(str(parted)) == manifest_core(str(whole)) and verify_dataset(str(parted)) == []
 
 
 def _sidecars(dst: Path) -> list[Path]:

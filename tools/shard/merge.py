@@ -14,6 +14,7 @@ from lmim.pipeline.format.manifest import MANIFEST_NAME, REJECTS_NAME, Manifest
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.destination import open_destination, scrub_url
 from lmim.tools.shard.errors import BuildError, reach_error
+from lmim.tools.shard.repair import damaged_shards
 from lmim.tools.shard.state import PLAN_NAME, TMP_DIR, fingerprint_records, read_json, shard_name
 
 __all__ = ["merge_parts", "merge"]
@@ -53,6 +54,14 @@ def merge(dest: Store, *, only_if_complete: bool = False) -> Manifest | None:
         raise BuildError(f"{len(missing)} of {n_planned} shards are not built yet ({names}); finish every "
                          f"`lmim shard --part i/N` run, then merge again")
     shards = [records[n].info for n in range(n_planned) if records[n].info is not None]
+    # The records say a shard was built; one listing says whether it is still there at its size (a
+    # manifest over a deleted or cut shard would only fail later, in a trainer).
+    damaged = damaged_shards(dest, shards, plan_doc.get("classes"), recheck=False)
+    if damaged:
+        names = ", ".join(damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        raise BuildError(f"{len(damaged)} shard(s) recorded as built are missing or not their recorded size in "
+                         f"{scrub_url(dest.url)} ({names}); run the same `lmim shard` command (each --part that "
+                         f"built them) again to rebuild them, then merge")
     rejects = list(plan_doc.get("listing_rejects", []))
     for n in range(n_planned):
         rejects.extend(records[n].rejects)
