@@ -114,3 +114,27 @@ def test_a_part_that_is_not_last_leaves_the_merge_to_the_last(corpus, tmp_path, 
     assert "every part is done: this part, the last to finish, wrote manifest.json" in err
     assert "samples 30" in err and (dst / "manifest.json").exists()
     assert verify_dataset(str(dst)) == []
+
+
+def test_a_rerun_of_a_part_removes_only_the_leftovers_of_writers_that_are_gone(tmp_path):
+    """The same part started twice at once: each cleared the other's live temporary shards as "leftovers
+    of a killed run", and the other then failed with a disk error (exit 6) naming a file it had written."""
+    import subprocess
+    import sys
+
+    from lmim.pipeline.storage import Store
+    from lmim.tools.shard.build import TMP_DIR, _scratch_dir
+    from lmim.tools.shard.tasks import scratch_suffix
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    tmp = tmp_path / "dst" / TMP_DIR
+    tmp.mkdir(parents=True)
+    live = f"shard-000001.tar{scratch_suffix()}"                                  # this process: running
+    dead = f"shard-000001.tar{scratch_suffix().rsplit('-', 1)[0]}-{ended.pid}"   # a killed run's
+    elsewhere = "shard-000001.tar.tmp-another-host-1"                            # another node's
+    other_part = f"shard-000002.tar{scratch_suffix().rsplit('-', 1)[0]}-{ended.pid}"
+    for name in (live, dead, elsewhere, other_part):
+        (tmp / name).write_bytes(b"x")
+    assert _scratch_dir(Store(str(tmp_path / "dst")), {"shard-000001"}) == str(tmp)
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([live, elsewhere, other_part])

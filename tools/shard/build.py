@@ -45,7 +45,7 @@ from lmim.tools.shard.sources import Corpus, SourceError, open_corpus
 from lmim.tools.shard.repair import damaged_shards, failing_recheck
 from lmim.tools.shard.state import (TMP_DIR, ShardRecord, claim, completed_records, restore_plan,
                                     restore_records, shard_name)
-from lmim.tools.shard.tasks import ShardTask, TaskContext, build_shard, run_shards
+from lmim.tools.shard.tasks import ShardTask, TaskContext, build_shard, run_shards, scratch_writer_gone
 
 __all__ = ["BuildError", "BuildOptions", "BuildSummary", "BuildResult", "build_dataset", "run_build", "merge_parts"]
 
@@ -247,13 +247,14 @@ def _run(dest: Store, corpus: Corpus, plan: Plan, options: BuildOptions, t0: flo
 def _scratch_dir(dest: Store, mine: set[str]) -> str:
     """Where shards are written before they are put in place. Local DST: its own _build/tmp (a rename
     into place is then atomic), cleared of leftovers of a killed run of this part (other parts own
-    other names); remote DST: a fresh local temporary folder, removed after the run."""
+    other names; the same part running at once elsewhere keeps its files: only a writer that is gone
+    leaves leftovers); remote DST: a fresh local temporary folder, removed after the run."""
     if not dest.local:
         return tempfile.mkdtemp(prefix="lmim-shard-")
     tmp_dir = os.path.join(dest.path, TMP_DIR)
     os.makedirs(tmp_dir, exist_ok=True)
     for fname in os.listdir(tmp_dir):
-        if fname.split(".", 1)[0] in mine:
+        if fname.split(".", 1)[0] in mine and scratch_writer_gone(fname):
             try:
                 os.remove(os.path.join(tmp_dir, fname))
             except FileNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,6 +22,29 @@ from lmim.tools.shard.progress import report
 from lmim.tools.shard.sources import SourceItem, iter_items
 from lmim.tools.shard.state import SIDECAR_DIR, ShardRecord
 from lmim.tools.shard.writer import TarShardWriter
+
+_HOST = socket.gethostname()
+
+
+def scratch_suffix() -> str:
+    """The end of a temporary shard file's name: its writer's host and process, so that a later run of
+    the same part removes only the leftovers of writers that are gone (`build._scratch_dir`)."""
+    return f".tmp-{_HOST}-{os.getpid()}"
+
+
+def scratch_writer_gone(fname: str) -> bool:
+    """Whether the writer named in a temporary file's name is a process of this host that has ended
+    (a killed run's leftover); False for a live writer (the same part run twice at once) or another host's."""
+    host, sep, pid = fname.rpartition(".tmp-")[2].rpartition("-")
+    if not sep or host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:   # alive, another user's
+        return False
+    return False
 
 __all__ = ["TaskContext", "ShardTask", "Written", "write_shard", "finalize_shard", "build_shard", "run_shards"]
 
@@ -82,7 +106,7 @@ def write_shard(task: ShardTask) -> Written:
     ctx, opts = task.context, task.context.image
     os.makedirs(ctx.tmp_dir, exist_ok=True)
     # per-process temporary names: a straggler from a killed run can never rename our file
-    tmp_tar = os.path.join(ctx.tmp_dir, f"{task.name}.tar.tmp-{os.getpid()}")
+    tmp_tar = os.path.join(ctx.tmp_dir, f"{task.name}.tar{scratch_suffix()}")
     writer = TarShardWriter(tmp_tar)
     rejects: list[dict[str, str]] = []
     read_bytes = pending_n = pending_b = 0
@@ -132,7 +156,7 @@ def finalize_shard(task: ShardTask, written: Written) -> ShardRecord:
     ctx = task.context
     dest = Store(ctx.root, ctx.storage_options)
     if written.tmp_tar is not None:
-        idx_tmp = os.path.join(ctx.tmp_dir, f"{task.name}.idx.tmp-{os.getpid()}")
+        idx_tmp = os.path.join(ctx.tmp_dir, f"{task.name}.idx{scratch_suffix()}")
         with open(idx_tmp, "w", encoding="utf-8") as f:
             f.write(written.index_text)
         dest.put_file(idx_tmp, f"{task.name}.idx", fsync=ctx.fsync)
