@@ -96,7 +96,18 @@ def test_export_target_encoder(trained, tmp_path):
 def test_bad_input_is_one_clear_error(trained, tmp_path, capsys):
     _, ckpt = trained
     assert export.main([str(tmp_path / "nope"), str(tmp_path / "x.safetensors")]) == 2
+    assert "nope does not exist: pass a checkpoint directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export.main([str(empty), str(tmp_path / "x.safetensors")]) == 2
     assert "config.yaml not found" in capsys.readouterr().err
+    run_dir = tmp_path / "run"   # a run folder, given where one of its checkpoints was meant
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text((ckpt / "config.yaml").read_text())
+    assert export.main([str(run_dir), str(tmp_path / "x.safetensors")]) == 2
+    assert "run is a run folder, not a checkpoint: pass one of its checkpoints" in capsys.readouterr().err
+    assert export.main([str(ckpt), str(tmp_path / "X.SAFETENSORS")]) == 2     # a file name, not a folder
+    assert "must end in .safetensors" in capsys.readouterr().err
     assert export.main([str(ckpt), str(tmp_path / "x.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
     assert not list(tmp_path.glob("*x*"))  # nothing half-written

@@ -74,8 +74,23 @@ def _load_yaml(path: Path):
     return raw
 
 
+def _refuse_non_checkpoint(path: Path) -> None:
+    """A path that does not exist, is a file, or is a run folder (which holds checkpoints): said as such."""
+    from lmim.train.checkpoint import checkpoints_dir, latest_checkpoint
+
+    if not path.exists():
+        raise ExportError(f"{path} does not exist: pass a checkpoint directory (run_dir/checkpoints/step_N).")
+    if not path.is_dir():
+        raise ExportError(f"{path} is a file: pass a checkpoint directory (run_dir/checkpoints/step_N).")
+    if checkpoints_dir(path).is_dir():
+        newest = latest_checkpoint(path)
+        which = f"the newest is {newest}" if newest is not None else "it has no complete checkpoint yet"
+        raise ExportError(f"{path} is a run folder, not a checkpoint: pass one of its checkpoints ({which}).")
+
+
 def load_model_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
     """The checkpoint's `model:` config section as a validated ModelConfig."""
+    _refuse_non_checkpoint(Path(checkpoint_dir))
     path = Path(checkpoint_dir) / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{path} not found: pass a checkpoint directory written by `lmim pretrain`.")
