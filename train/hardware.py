@@ -233,14 +233,14 @@ def local_processes() -> int:
         return 1
 
 
-def launcher_set_omp_default(env: dict[str, str] | None = None) -> bool:
+def launcher_set_omp_default() -> bool:
     """Whether OMP_NUM_THREADS=1 is the launcher's default rather than anyone's choice: torchrun
     (`--nproc_per_node` > 1) and `accelerate launch` (on a GPU, or without `--num_cpu_threads_per_process`)
     export OMP_NUM_THREADS=1 into every process when it is not set. Taken as a cap it would leave one
     core per process (and one DALI thread to feed a GPU) on a node of dozens; the budget already
     divides the cores by the processes on the node, so that default is not a limit. (A user who
     wants one thread says `threads=1`.)"""
-    env = os.environ if env is None else env
+    env = os.environ
     launched = "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env or "ACCELERATE_MIXED_PRECISION" in env
     return launched and env.get("OMP_NUM_THREADS", "").strip() == "1"
 
