@@ -233,8 +233,8 @@ class Loader:
     def _what_changed(self, state: dict[str, Any], same_data: bool) -> list[str]:
         """What differs between `state` and this loader, in words (["batch_size 64 -> 32", ...]); empty
         when the saved mid-epoch position carries over."""
-        now = {"world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size, "seed": self.seed,
-               "train": self.train}
+        # (the rank is not a reason of its own: it changes with the world size, or not at all)
+        now = {"world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed, "train": self.train}
         changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state[k] != v]
         if (state["num_samples"], state["num_shards"]) != (sum(self.counts), len(self.counts)):
             changed.append(f"the data ({state['num_samples']} samples in {state['num_shards']} shards -> "
