@@ -137,6 +137,10 @@ def check_mixture(names: Sequence[str], mix: Mixture, world_size: int) -> None:
         if sum(counts) < world_size:
             raise DataConfigError(f"data source {name} holds {sum(counts)} sample(s), fewer than the {world_size} "
                                   "rank(s) that share it: use a larger data set or fewer processes.")
+    if mix.rank_length(world_size) == 0:   # an epoch smaller than one batch per rank: not any one source's fault
+        raise DataConfigError(
+            f"an epoch of {mix.samples_per_epoch} sample(s) is less than one batch of {mix.batch_size} on each of "
+            f"{world_size} rank(s): raise data.samples_per_epoch (or leave it unset) or lower data.batch_size.")
     for name, quota, weight in zip(names, mix.rank_quotas(world_size), mix.weights):
         if quota == 0:
             raise DataConfigError(

@@ -218,6 +218,8 @@ def test_bad_sources_fail_in_one_sentence(sources, tmp_path):
         build_loader(mixed(sources, weights=(1, 1000)), **GEOM)
     with pytest.raises(DataConfigError, match="samples_per_epoch"):
         build_loader(mixed(sources, samples_per_epoch=0), **GEOM)
+    with pytest.raises(DataConfigError, match="an epoch of 3 sample.s. is less than one batch of 4"):
+        build_loader(mixed(sources, samples_per_epoch=3), **GEOM)
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_loader(DataConfig(sources=[{"url": sources["a"]}, {"url": missing}], num_visible=4, batch_size=4),
