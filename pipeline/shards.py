@@ -10,7 +10,6 @@ bytes in memory (see `lmim.pipeline.stream`).
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 from lmim.pipeline.errors import ShardError
 from lmim.pipeline.format.index import Components, index_text, parse_index, sample_line
 from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, split_member
+from lmim.pipeline.format.sample_meta import image_size
 
 
 @dataclass
@@ -48,14 +48,15 @@ def _meta_from(json_bytes: bytes | None, cls_bytes: bytes | None, shard: str, ke
     if json_bytes is None:
         raise ShardError(shard, f"sample {key!r} has no .json with its width and height (rebuild it with `lmim shard SRC DST --recheck`)")
     try:
-        info = json.loads(json_bytes)
-        w, h = int(info["width"]), int(info["height"])
-    except (ValueError, KeyError, TypeError):
-        raise ShardError(shard, f"sample {key!r} has a .json without integer width/height") from None
+        w, h = image_size(json_bytes)
+    except ValueError as why:
+        raise ShardError(shard, f"sample {key!r} has {why}") from None
     label = -1
     if cls_bytes is not None and cls_bytes.strip():
         try:
             label = int(cls_bytes.decode().strip())
+            if not -1 <= label < 2**31:
+                raise ValueError
         except ValueError:
             raise ShardError(shard, f"sample {key!r} has a .cls that is not an integer: {cls_bytes[:20]!r}") from None
     return w, h, label

@@ -108,3 +108,17 @@ def test_a_wrong_shape_manifest_reaches_the_user_as_one_sentence(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "holds a JSON list, not an lmim manifest" in out.stderr
+
+
+def test_a_sample_size_is_a_positive_int32_or_a_reason_in_words():
+    from lmim.pipeline.format.sample_meta import image_size
+
+    assert image_size(b'{"width": 500, "height": 375, "mode": "RGB"}') == (500, 375)
+    assert image_size(b'{"width": 28.0, "height": 28}') == (28, 28)
+    for bad, why in [(b'{"width": 3000000000, "height": 2}', "outside 1..2147483647"),
+                     (b'{"width": 1e999, "height": 2}', "width is not an integer"),
+                     (b'{"width": 0, "height": 2}', "outside"), (b'{"width": 2, "height": true}', "height is not"),
+                     (b'{"width": "28", "height": 2}', "not an integer"), (b'{"height": 2}', "without integer"),
+                     (b"[" * 5000, "without integer"), (b"\xff", "without integer")]:
+        with pytest.raises(ValueError, match=why):
+            image_size(bad)

@@ -560,3 +560,37 @@ def test_elastic_resume_re_splits_the_rest_of_the_epoch_and_survives_a_second_st
     # a state that cannot be re-split exactly (another batch size) is refused, not guessed
     other = build_loader(cfg(dataset, batch_size=2), rank=0, world_size=3, **GEOM)
     assert other.load_elastic_state(states) is False
+
+
+def _json_span(root: str, index: str, n: int) -> tuple[int, int]:
+    with open(os.path.join(root, index)) as f:
+        parts = f.read().splitlines()[1 + n].split()
+    j = parts.index("json")
+    return int(parts[j + 1]), int(parts[j + 2])
+
+
+@pytest.mark.parametrize("sidecar", [b'{"width":3000000000,"height":28}', b'{"width":1e999,"height":28}',
+                                     b'{"width":-5,"height":28}', b"[" * 5000])
+def test_a_sidecar_with_an_impossible_size_is_a_damaged_shard_not_a_crash(dataset, tmp_path, sidecar, capsys):
+    """A sample's .json edited to a width past int32 (or inf, or negative, or nested past the parser's
+    recursion limit) reached NumPy as an OverflowError: exit 70 with a traceback, past on_error=skip,
+    and `lmim verify` called the dataset OK. Now it is a damaged shard: skipped and named, and verify
+    lists it (same byte length, checksums refreshed: only the sidecar's content is wrong)."""
+    from lmim.tools.cli import main
+
+    root = copy_dataset(dataset, str(tmp_path / "bad"))
+    s = read_manifest(root).shards[0]
+    off, size = _json_span(root, s.index, 3)
+    patch = sidecar[:size] + b" " * max(0, size - len(sidecar))
+    with open(os.path.join(root, s.name), "r+b") as f:
+        f.seek(off)
+        f.write(patch)
+    _refresh_manifest(root)
+    for reader in ("dali", "stream"):
+        loader = build_loader(cfg(root, reader=reader), **GEOM)
+        epoch(loader)
+        assert loader.stats["skipped_shards"] == [s.name], reader
+    assert main(["verify", root]) == 1
+    printed = capsys.readouterr()
+    out = printed.out + printed.err
+    assert f"{s.name}: sample" in out and (".json whose width" in out or "without integer width" in out), out

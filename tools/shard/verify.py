@@ -18,6 +18,7 @@ from lmim.pipeline.format.checksum import algorithm_of, format_checksum, hasher_
 from lmim.pipeline.format.index import INDEX_VERSION, lines_of_members
 from lmim.pipeline.format.keys import IMAGE_EXTENSIONS, is_readable_key, split_member
 from lmim.pipeline.format.manifest import Manifest, ShardInfo, read_manifest
+from lmim.pipeline.format.sample_meta import image_size
 from lmim.pipeline.storage import Store
 from lmim.tools.shard.errors import BuildError, rejected_option
 from lmim.tools.shard.options import add_storage_arguments, parse_storage_cli
@@ -82,11 +83,13 @@ def _check_shard(store: Store, shard: ShardInfo, classes: list[str] | None, seen
         images = [e for e in sample.get("images", []) if e in IMAGE_EXTENSIONS]
         if len(images) != 1:
             problems.append(f"{where}: sample {key!r} has {len(images)} images ({', '.join(IMAGE_EXTENSIONS)})")
-        try:
-            meta = json.loads(sample["json"])
-            int(meta["width"]), int(meta["height"])
-        except (KeyError, ValueError, TypeError):
+        if "json" not in sample:
             problems.append(f"{where}: sample {key!r} has no .json with integer width and height")
+        else:
+            try:
+                image_size(sample["json"])
+            except ValueError as why:
+                problems.append(f"{where}: sample {key!r} has {why}")
         if classes is not None and "cls" in sample:
             try:
                 label = int(sample["cls"].decode().strip())
