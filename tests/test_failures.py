@@ -382,6 +382,47 @@ def test_a_run_dir_out_of_quota_at_start_up_is_a_full_disk_not_a_bad_setting(tmp
     with pytest.raises(OSError if kind == "disk" else ConfigError) as caught:
         pretrain._prepare_run_dir(cfg, tmp_path / "r")
     assert classify(caught.value).kind == kind
+    assert not (tmp_path / "r").exists()          # the new run folder it made is not left behind, empty
+
+
+def test_a_config_write_that_fails_leaves_no_temporary_file_and_names_the_config(tmp_path, monkeypatch):
+    """On a full disk the config's temporary file stayed, 0 bytes, in the run folder; and the error a
+    user read named the temporary file, not config.yaml."""
+    from pathlib import Path
+
+    from lmim.train.config import load_config, save_config
+
+    def full(self, text, *args, **kwargs):
+        open(self, "w").close()           # created, then the write fails, as on a full disk
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as caught:
+        save_config(load_config("quickstart"), tmp_path / "config.yaml")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "config.yaml")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_traceback_that_cannot_be_written_leaves_no_empty_error_log(tmp_path, monkeypatch):
+    import builtins
+
+    import lmim.train.pretrain as pretrain
+    from lmim.train.config import load_config
+
+    (tmp_path / "r").mkdir()
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "a" in mode:
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return f
+
+    monkeypatch.setattr(builtins, "open", full)
+    assert pretrain._log_traceback(load_config("quickstart", [f"run_dir={tmp_path / 'r'}"]), ValueError("x")) is None
+    monkeypatch.undo()
+    assert list((tmp_path / "r").iterdir()) == []      # neither logs/ nor a 0-byte error.log
 
 
 def test_a_command_stopped_by_sigterm_or_ctrl_c_cleans_up_and_says_one_sentence(tmp_path):

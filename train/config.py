@@ -432,8 +432,12 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    try:
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(path)
+    except OSError as err:  # e.g. a full disk: no half-written temp file left, and the error names `path`
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     return path
 
 

@@ -46,6 +46,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -220,11 +221,14 @@ def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(run_dir)  # leftovers of a write that was interrupted; never resumed from
         save_config(cfg, run_dir / "config.yaml")
     except OSError as err:
+        if created:  # a new run folder that could not be written holds nothing of value: leave no husk
+            shutil.rmtree(run_dir, ignore_errors=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk or quota, not a bad setting: exit 6, free space
             raise
         raise ConfigError(f"run_dir {str(run_dir)!r} cannot be written ({err.strerror or err}): "
@@ -709,13 +713,18 @@ def _log_traceback(cfg: DictConfig | None, err: BaseException) -> Path | None:
     if cfg is None or not cfg.run_dir or not Path(cfg.run_dir).is_dir():
         return None
     path = Path(cfg.run_dir) / "logs" / "error.log"
+    new_dir, new_file = not path.parent.exists(), not path.exists()
     try:
         path.parent.mkdir(exist_ok=True)
         with open(path, "a") as f:
             f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {type(err).__name__}\n")
             traceback.print_exception(err, file=f)
         return path
-    except OSError:
+    except OSError:  # e.g. the disk is full: no empty error.log (or logs/) that suggests a traceback is there
+        if new_file:
+            path.unlink(missing_ok=True)
+        if new_dir:
+            shutil.rmtree(path.parent, ignore_errors=True)
         return None
 
 
