@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -197,6 +198,7 @@ def test_the_run_s_last_knn_figure_reaches_the_model_card(tmp_path):
     ckpt = run / "checkpoints" / "step_00000010"
     ckpt.parent.mkdir(parents=True)
     _write_checkpoint(ckpt, net)
+    (ckpt / "complete.json").write_text('{"step": 10, "files": {}}')   # a run's checkpoint: written whole
     (ckpt / "trainer_state.json").write_text('{"step": 10, "epoch": 1.0}')
     (run / "metrics.jsonl").write_text('{"step": 5, "knn_top1": 40.5}\n{"step": 10, "knn_top1": 42.0}\n'
                                        '{"step": 20, "knn_top1": 50.0}\n{"step": 2')  # later + cut lines ignored
@@ -338,3 +340,19 @@ def test_the_model_card_names_a_mixture_s_sources_and_the_updates_taken(tmp_path
     assert "| data | `s3://b/photos` (weight 3.0), `/data/digits` (weight 1.0) |" in card
     assert "data/quickstart`" not in card.split("## Training config")[0]
     assert "| optimizer steps | 113 |" in card
+
+
+def test_a_checkpoint_whose_write_was_stopped_is_not_exported(trained, tmp_path, capsys):
+    """A `.tmp-step_N` folder (the trainer killed mid-write) or a run's step_N without complete.json (a
+    partial copy) was exported silently; a hand-made folder is read with a warning."""
+    _, ckpt = trained
+    in_progress = tmp_path / "run" / "checkpoints" / ".tmp-step_00000006"
+    in_progress.parent.mkdir(parents=True)
+    shutil.copytree(ckpt, in_progress)
+    partial = in_progress.with_name("step_00000006")
+    shutil.copytree(ckpt, partial)
+    for folder, said in ((in_progress, "still writing"), (partial, "has no complete.json")):
+        assert export.main([str(folder), str(tmp_path / "p.safetensors")]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "p.safetensors").exists()
+    assert export.main([str(ckpt), str(tmp_path / "p.safetensors")]) == 0   # made by hand: no record to check

@@ -134,14 +134,27 @@ def load_latent_mim(checkpoint_dir: str | os.PathLike, map_location: str | torch
 
 
 def _verify_weights(checkpoint_dir: Path) -> None:
-    """Check model.safetensors against the size and checksum its checkpoint recorded (when it did)."""
+    """Check model.safetensors against the size and checksum its checkpoint recorded.
+
+    The trainer writes `complete.json` last, into a `.tmp-step_N` folder it then renames: a trainer's
+    checkpoint without it (or still named .tmp-/.trash-) is one whose write was stopped, or a partial
+    copy, and is refused. A folder made by hand (model.safetensors + config.yaml, not under a run's
+    checkpoints/) has no record to check against and is read as it is."""
     from lmim.train.checkpoint import COMPLETE_MARKER, CheckpointError, verify_checkpoint
 
-    if (checkpoint_dir / COMPLETE_MARKER).is_file():
-        try:
-            verify_checkpoint(checkpoint_dir, only=("model.safetensors", "config.yaml"))
-        except CheckpointError as exc:
-            raise ExportError(str(exc)) from None
+    name = checkpoint_dir.resolve().name
+    if name.startswith((".tmp-", ".trash-")):
+        raise ExportError(f"{checkpoint_dir} is a checkpoint the trainer was still writing (or removing), not a "
+                          "complete one; export one of the run's step_N checkpoints.")
+    if not (checkpoint_dir / COMPLETE_MARKER).is_file():
+        if checkpoint_dir.resolve().parent.name == "checkpoints":
+            raise ExportError(f"{checkpoint_dir} has no {COMPLETE_MARKER}: its write was stopped or it is a partial "
+                              "copy; export another checkpoint of the run, or copy this one again whole.")
+        return
+    try:
+        verify_checkpoint(checkpoint_dir, only=("model.safetensors", "config.yaml"))
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _canonical_header(path: Path) -> None:
