@@ -344,7 +344,7 @@ def test_the_model_card_names_a_mixture_s_sources_and_the_updates_taken(tmp_path
 
 def test_a_checkpoint_whose_write_was_stopped_is_not_exported(trained, tmp_path, capsys):
     """A `.tmp-step_N` folder (the trainer killed mid-write) or a run's step_N without complete.json (a
-    partial copy) was exported silently; a hand-made folder is read with a warning."""
+    partial copy) was exported silently; a folder made by hand (no run around it) is read as it is."""
     _, ckpt = trained
     in_progress = tmp_path / "run" / "checkpoints" / ".tmp-step_00000006"
     in_progress.parent.mkdir(parents=True)
