@@ -261,9 +261,18 @@ class Loader:
 
     def _restore_skips(self, states: list[dict[str, Any]]) -> None:
         """The samples and shards that any of `states`' processes found unreadable (data.on_error=skip)."""
-        self._bad = {(int(s), int(i)) for st in states for s, i in st.get("bad", [])}
-        self._skipped_keys = [k for st in states for k in st.get("skipped_keys", [])]
-        self._bad_shards = list(dict.fromkeys(int(s) for st in states for s in st.get("bad_shards", [])))
+        bad = {(int(s), int(i)) for st in states for s, i in st.get("bad", [])}
+        bad_shards = list(dict.fromkeys(int(s) for st in states for s in st.get("bad_shards", [])))
+        # A checkpoint is data from outside: a shard or sample it names must be one of this data set's
+        # (or the loader would fail with an IndexError steps later, far from the cause).
+        for s, i in bad:
+            if not (0 <= s < len(self.counts) and 0 <= i < self.counts[s]):
+                raise ValueError(f"the loader state names sample {i} of shard {s}, which this data set does not hold")
+        for s in bad_shards:
+            if not 0 <= s < len(self.counts):
+                raise ValueError(f"the loader state names shard {s}; this data set has {len(self.counts)}")
+        self._bad, self._bad_shards = bad, bad_shards
+        self._skipped_keys = [str(k) for st in states for k in st.get("skipped_keys", [])]
 
     def close(self) -> None:
         """Stop the epoch in progress (its DALI pipeline, prefetch thread, workers) and drop caches."""

@@ -594,3 +594,14 @@ def test_a_sidecar_with_an_impossible_size_is_a_damaged_shard_not_a_crash(datase
     printed = capsys.readouterr()
     out = printed.out + printed.err
     assert f"{s.name}: sample" in out and (".json whose width" in out or "without integer width" in out), out
+
+
+def test_a_loader_state_naming_shards_the_data_set_lacks_is_refused_at_load(dataset):
+    """A checkpoint's loader state is data from outside: `bad_shards: [99]` loaded silently and failed
+    steps later with an IndexError (exit 70). Refused at load, it is a damaged checkpoint (exit 3, or
+    resume=auto's fallback to the previous one)."""
+    run = build_loader(cfg(dataset), **GEOM)
+    for key, value, said in (("bad_shards", [99], "names shard 99"), ("bad", [[0, 9999]], "sample 9999 of shard 0")):
+        state = {**run.state_dict(), key: value}
+        with pytest.raises(ValueError, match=said):
+            build_loader(cfg(dataset), **GEOM).load_state_dict(state)
