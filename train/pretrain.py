@@ -87,6 +87,7 @@ from lmim.train.hardware import ThreadBudget, core_share, describe_machine, plan
 from lmim.train.meter import Meter
 from lmim.train.report import Reporter
 from lmim.train.schedules import Schedules
+from lmim.train.signals import raise_pending
 from lmim.train.step import Stepper, make_optimizer, train_step
 
 if TYPE_CHECKING:  # the model (timm) loads when a run builds one, not when the CLI starts
@@ -573,6 +574,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     try:
         batches = reporter.watch(_epochs(loader, meter), state)
         while not cadence.done(state.step):
+            raise_pending()   # a SIGTERM/SIGHUP whose exception a library's finalizer swallowed stops here
             recorded = cadence.records(state.step + 1)   # this step closes a metrics window (diagnostics too)
             outs = train_step(stepper, batches, state.step, metrics=recorded)
             state.step += 1
