@@ -593,3 +593,14 @@ def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_at_the_next_
         with pytest.raises(Terminated):
             raise_pending()
     raise_pending()                                   # a later command in the same process starts afresh
+
+
+def test_a_file_where_the_checkpoints_folder_goes_is_a_bad_setting_at_start_up(small_dataset, tmp_path):
+    """`run_dir/checkpoints` as a file was found only at the first checkpoint (exit 6, after training)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("x")
+    proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=2", "checkpoint.every_steps=1")
+    assert proc.returncode == 2
+    assert "holds a file named 'checkpoints'" in _one_sentence(proc)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]   # nothing written

@@ -223,6 +223,10 @@ def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     created = not run_dir.exists()
+    for folder in ("checkpoints", "logs"):   # found at the first checkpoint, after hours, otherwise
+        if (run_dir / folder).exists() and not (run_dir / folder).is_dir():
+            raise ConfigError(f"run_dir {str(run_dir)!r} holds a file named {folder!r} where its {folder} folder goes: "
+                              "move the file away or choose another run_dir.")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_incomplete(run_dir)  # leftovers of a write that was interrupted; never resumed from
