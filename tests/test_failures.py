@@ -604,3 +604,20 @@ def test_a_file_where_the_checkpoints_folder_goes_is_a_bad_setting_at_start_up(s
     assert proc.returncode == 2
     assert "holds a file named 'checkpoints'" in _one_sentence(proc)
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]   # nothing written
+
+
+def test_a_bug_in_any_command_exits_70_with_its_traceback_not_1(monkeypatch, capsys):
+    """The safety net re-raised an unexpected error: Python's traceback and exit 1, which is what
+    `lmim verify` returns for "found a problem", so a script could not tell a crash from a finding."""
+    import lmim.tools.shard.verify as verify
+    from lmim.tools.cli import main
+
+    def broken(argv):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(verify, "main", broken)
+    assert main(["verify", "anywhere"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert err.strip().splitlines()[-1] == ("lmim verify: unexpected ZeroDivisionError: division by zero (a bug; "
+                                            "please report it with the traceback above)")
