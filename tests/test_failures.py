@@ -621,3 +621,26 @@ def test_a_bug_in_any_command_exits_70_with_its_traceback_not_1(monkeypatch, cap
     assert "Traceback (most recent call last)" in err and "in broken" in err
     assert err.strip().splitlines()[-1] == ("lmim verify: unexpected ZeroDivisionError: division by zero (a bug; "
                                             "please report it with the traceback above)")
+
+
+def test_a_second_run_into_a_run_folder_in_use_is_refused_and_writes_nothing(small_dataset, tmp_path):
+    """Two live runs in one run_dir (a requeue while the old job is dying) interleaved their checkpoints
+    and metrics. The run holds a lock on its folder; a second start is refused (exit 2) and leaves the
+    folder as the live run has it. The lock goes with the process, however it ends."""
+    import json
+
+    from lmim.train.run_lock import RunFolderLock
+
+    run_dir = tmp_path / "run"
+    proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=1", "checkpoint.every_steps=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    with RunFolderLock() as live:          # the folder's live run, as another process holds it
+        live.acquire(run_dir)
+        proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=2", "resume=auto")
+        assert proc.returncode == 2
+        assert "is in use by another lmim pretrain running now" in _one_sentence(proc)
+        assert {p.relative_to(run_dir): p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=2", "resume=auto")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run_dir / "status.json").read_text())["step"] == 2

@@ -86,6 +86,7 @@ from lmim.train.failures import (
 from lmim.train.hardware import ThreadBudget, core_share, describe_machine, plan_threads, resolve_precision
 from lmim.train.meter import Meter
 from lmim.train.report import Reporter
+from lmim.train.run_lock import RunFolderBusy, RunFolderLock
 from lmim.train.schedules import Schedules
 from lmim.train.signals import raise_pending
 from lmim.train.step import Stepper, make_optimizer, train_step
@@ -534,14 +535,32 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     `rerun` is how status.json tells the user to go on after a stop that loses nothing.
 
     Raises:
-        ConfigError: a bad setting found at start-up (one sentence).
+        ConfigError: a bad setting found at start-up (one sentence); RunFolderInUse when another
+            run is using run_dir now.
         TrainingError: non-finite loss, or collapse with collapse_guard.action=stop.
     """
+    with RunFolderLock() as lock:   # process 0 holds it from its first look at run_dir to the end
+        return _run(cfg, rerun, lock)
+
+
+def _lock_run_folder(lock: RunFolderLock, run_dir: Path) -> None:
+    try:
+        lock.acquire(run_dir)
+    except RunFolderBusy:
+        raise RunFolderInUse(f"run_dir {str(run_dir)!r} is in use by another lmim pretrain running now; wait for it "
+                             "to end (or stop it), then start this one again (with resume=auto to continue it)."
+                             ) from None
+
+
+def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     accelerator, precision = _make_accelerator(cfg)
     threads = _use_threads(cfg, accelerator)
     if accelerator.device.type == "cpu":  # a CPU step reuses its activations' memory (train/allocator.py)
         accelerator.print(keep_freed_memory())
-    run_dir, resume_from = Path(cfg.run_dir), _resolve_resume(cfg)
+    run_dir = Path(cfg.run_dir)
+    if accelerator.is_main_process and run_dir.is_dir():   # before reading its checkpoints
+        _lock_run_folder(lock, run_dir)
+    resume_from = _resolve_resume(cfg)
     model = _seeded_model(cfg)
     loader, steps_per_epoch = _open_loader(cfg, accelerator)
     eff_batch = effective_batch_size(cfg, accelerator.num_processes)
@@ -555,6 +574,7 @@ def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
     # looks like a run, nor one that no longer matches the run's checkpoints).
     if accelerator.is_main_process:
         _prepare_run_dir(cfg, run_dir)
+        _lock_run_folder(lock, run_dir)   # a new folder: from now on (a no-op when held since the start)
     accelerator.wait_for_everyone()
     if resumed is not None:
         _rebase_steps(state, loader, steps_per_epoch, eff_batch, cfg, accelerator, sched)
