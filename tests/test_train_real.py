@@ -268,6 +268,11 @@ def test_an_evaluation_that_cannot_read_its_split_loses_no_training(shards, tmp_
     a, b = _losses(tmp_path / "ref"), _losses(tmp_path / "cut")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    # and the evaluation the failure cut short ran on resume: both k-NN figures, as the uninterrupted run's
+    # (before, a resumed run skipped it for good, and a run stopped in its last one ended "completed" without it)
+    knn = [{r["step"]: r["knn_top1"] for r in read_metrics(d / "metrics.jsonl") if "knn_top1" in r}
+           for d in (tmp_path / "ref", tmp_path / "cut")]
+    assert sorted(knn[1]) == [5, 10] and knn[1] == knn[0]
 
 
 @pytest.mark.timeout(300)

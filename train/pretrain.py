@@ -85,6 +85,7 @@ from lmim.train.failures import (
 )
 from lmim.train.hardware import ThreadBudget, core_share, describe_machine, plan_threads, resolve_precision
 from lmim.train.meter import Meter
+from lmim.train.observe import read_metrics
 from lmim.train.report import Reporter
 from lmim.train.run_lock import RunFolderBusy, RunFolderLock
 from lmim.train.schedules import Schedules
@@ -596,6 +597,14 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     if accelerator.is_main_process:
         _write_status(run_dir, "running", state.step, None, resumed, setup)
     try:
+        if resumed is not None and _evaluation_owed(cadence, state, run_dir):
+            # the run stopped between this checkpoint and its evaluation (the checkpoint comes first):
+            # do it now, or the run would end "completed" without its k-NN figure, or skip one for good
+            accelerator.print(f"step {state.step}: the k-NN evaluation of this checkpoint did not finish; running it")
+            with rng_untouched():
+                result = knn_evaluate(cfg, accelerator, stepper.net.encoder)
+            state.history["knn_top1"] = result["knn_top1"]
+            reporter.evaluation(state, result)
         batches = reporter.watch(_epochs(loader, meter), state)
         while not cadence.done(state.step):
             raise_pending()   # a SIGTERM/SIGHUP whose exception a library's finalizer swallowed stops here
@@ -642,6 +651,16 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         "threads": {"torch": threads.torch_threads, "loader": threads.loader_threads, "cores": threads.cores},
         "last": reporter.last, "knn_top1": state.history.get("knn_top1"), "timing": meter.summary(state.step),
     }
+
+
+def _evaluation_owed(cadence: Cadence, state: TrainState, run_dir: Path) -> bool:
+    """Whether the checkpoint resumed from sits at an evaluation step whose k-NN result never reached
+    metrics.jsonl (the run was stopped during that evaluation). Every process reads the same file, so
+    all take the same decision (the evaluation is collective)."""
+    if state.updates == 0 or not cadence.evaluates(state.step):
+        return False
+    return not any(rec.get("update") == state.updates and "knn_top1" in rec
+                   for rec in read_metrics(run_dir / "metrics.jsonl"))
 
 
 def _epochs(loader, meter: Meter) -> Iterator[Batch]:
