@@ -62,6 +62,29 @@ def _meta_from(json_bytes: bytes | None, cls_bytes: bytes | None, shard: str, ke
     return w, h, label
 
 
+def _check_member_header(fd: int, member: tuple[int, int, str], shard: str) -> None:
+    """The tar header just before an index entry's offset must be that member's (its name and size).
+
+    The manifest's checksum covers the .tar, not the .idx beside it, and the local readers (DALI's
+    included) take the index's offsets as they are: an index edited or damaged into other valid
+    offsets would feed one sample's image under another's key and label, without an error. One
+    512-byte read per member (a ustar header holds the name and size) closes that gap."""
+    off, size, name = member
+    if off < tarfile.BLOCKSIZE:
+        raise ShardError(shard, f"bad index: {name} at byte {off} leaves no room for its tar header "
+                                "(rebuild it with `lmim shard SRC DST --recheck`)")
+    try:
+        header = tarfile.TarInfo.frombuf(os.pread(fd, tarfile.BLOCKSIZE, off - tarfile.BLOCKSIZE),
+                                         tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        header = None
+    # names past ustar's 100 bytes live in an extra header; the builder's never are, so the size alone
+    # is checked for those
+    if header is None or header.size != size or (len(name.encode()) < 100 and header.name != name):
+        raise ShardError(shard, f"bad index: the tar member at byte {off} is not {name} ({size} bytes) as the "
+                                ".idx says (rebuild it with `lmim shard SRC DST --recheck`)")
+
+
 def read_local_meta(tar_path: str, idx_path: str, shard: str, expected_samples: int) -> ShardMeta:
     """Validate a local shard against its index and the manifest, and read its metadata."""
     if not os.path.exists(tar_path):
@@ -78,6 +101,8 @@ def read_local_meta(tar_path: str, idx_path: str, shard: str, expected_samples: 
         for comps in parsed:
             ext, (off, sz, name) = _image_component(comps, shard)
             key = split_member(name)[0]
+            for member in comps.values():
+                _check_member_header(fd, member, shard)
             jb = os.pread(fd, comps["json"][1], comps["json"][0]) if "json" in comps else None
             cb = os.pread(fd, comps["cls"][1], comps["cls"][0]) if "cls" in comps else None
             w, h, label = _meta_from(jb, cb, shard, key)

@@ -605,3 +605,26 @@ def test_a_loader_state_naming_shards_the_data_set_lacks_is_refused_at_load(data
         state = {**run.state_dict(), key: value}
         with pytest.raises(ValueError, match=said):
             build_loader(cfg(dataset), **GEOM).load_state_dict(state)
+
+
+def test_an_index_pointing_at_another_sample_s_image_is_a_bad_index_not_a_wrong_label(dataset, tmp_path):
+    """The manifest's checksum covers the .tar, not the .idx: an index whose entry for one sample was
+    given another sample's image offset trained that image under the first sample's key and label,
+    silently (the local DALI reader takes the offsets as they are). Each entry's tar header is checked."""
+    root = copy_dataset(dataset, str(tmp_path / "swapped"))
+    s = read_manifest(root).shards[0]
+    path = os.path.join(root, s.index)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    a, b = lines[1 + 3].split(), lines[1 + 4].split()
+    ia, ib = next(j for j in range(0, len(a), 4) if a[j] in ("jpg", "png", "webp")), \
+        next(j for j in range(0, len(b), 4) if b[j] in ("jpg", "png", "webp"))
+    a[ia + 1], a[ia + 2] = b[ib + 1], b[ib + 2]          # sample 3's image entry -> sample 4's bytes
+    lines[1 + 3] = " ".join(a)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    loader = build_loader(cfg(root, reader="dali"), **GEOM)
+    epoch(loader)
+    assert loader.stats["skipped_shards"] == [s.name]
+    with pytest.raises(ShardError, match="bad index: the tar member at byte"):
+        epoch(build_loader(cfg(root, reader="dali", on_error="raise"), **GEOM))
