@@ -356,3 +356,14 @@ def test_a_checkpoint_whose_write_was_stopped_is_not_exported(trained, tmp_path,
         assert said in capsys.readouterr().err
     assert not (tmp_path / "p.safetensors").exists()
     assert export.main([str(ckpt), str(tmp_path / "p.safetensors")]) == 0   # made by hand: no record to check
+
+
+def test_the_printed_loading_line_works_from_any_folder(trained, tmp_path, monkeypatch, capsys):
+    """A relative OUT was printed as given, so the line failed when pasted in another folder."""
+    _, ckpt = trained
+    monkeypatch.chdir(tmp_path)
+    assert export.main([str(ckpt), "enc.safetensors"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"file='{tmp_path / 'enc.safetensors'}'" in line
+    monkeypatch.chdir("/")
+    exec(line.strip(), {})

@@ -476,7 +476,9 @@ def timm_line(path: str | os.PathLike, var: str = "vit") -> str:
 
 
 def timm_command(path: str | os.PathLike) -> str:
-    """The exact Python line that loads an exported file (or folder) with timm."""
+    """The exact Python line that loads an exported file (or folder) with timm; its path absolute, so the
+    line works from any folder it is pasted in."""
+    path = os.path.abspath(path)
     if Path(path).is_dir():
         return f"timm.create_model({'local-dir:' + str(path)!r}, pretrained=True)"
     arch, kwargs = read_export_metadata(path)

@@ -250,7 +250,9 @@ def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None
     start chose for the machine: precision and why, threads, the machine's line), and on failure
     "kind" (config|data|storage|disk|checkpoint|diverged|interrupted|bug), "message", "exit_code"}.
     """
-    record: dict[str, Any] = {"status": status, "step": step, "last_checkpoint": str(checkpoint) if checkpoint else None}
+    # absolute: a scheduler or a script reading status.json from another folder must find the checkpoint
+    record: dict[str, Any] = {"status": status, "step": step,
+                              "last_checkpoint": os.path.abspath(checkpoint) if checkpoint else None}
     if setup is not None:
         record["setup"] = setup
     if failure is not None:
