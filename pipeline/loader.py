@@ -100,6 +100,9 @@ class Loader:
                            else shard_mode(len(self.counts), world_size))
         if train:
             self._num_batches = self._rank_length(world_size) // cfg.batch_size
+            if self._num_batches == 0 and sum(self.counts) == 0:
+                raise DatasetTooSmall(f"the dataset at {self.url} holds no samples (every file of its source was "
+                                      "rejected, see its rejects.jsonl); build it from a folder of images.")
             if self._num_batches == 0:
                 size = f"{self.mix.samples_per_epoch} samples per epoch" if self.mix else f"{sum(self.counts)} samples"
                 raise DatasetTooSmall(f"batch size {cfg.batch_size} x {world_size} rank(s) is larger than the dataset "

@@ -257,3 +257,28 @@ def test_a_trainer_state_from_before_the_update_count_counts_its_steps_as_update
     assert (state.step, state.updates) == (40, 40)
     state.load_state_dict({**state.state_dict(), "step": 12, "updates": 40})   # a rebased run's own state
     assert (state.step, state.updates) == (12, 40)
+
+
+def test_weights_of_another_model_are_skipped_with_the_tensor_that_differs(tmp_path, capsys):
+    """model.safetensors of another model under the same config (digests rewritten): the skip said only
+    "(RuntimeError: Error(s) in loading state_dict for LatentMIM:)", torch's first line; it names the
+    mismatch now."""
+    from safetensors.torch import load_file, save_file
+
+    from lmim.pipeline.format.checksum import checksum_of_file
+
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=4", "checkpoint.every_steps=2")
+    newest = latest_checkpoint(run_dir)
+    weights = load_file(str(newest / "model.safetensors"))
+    name = next(k for k, v in weights.items() if v.dim() == 2)
+    weights[name] = weights[name][:, :-1].contiguous()          # one tensor of another shape
+    save_file(weights, str(newest / "model.safetensors"))
+    marker = json.loads((newest / COMPLETE_MARKER).read_text())
+    path = newest / "model.safetensors"
+    marker["files"][path.name] = {"bytes": path.stat().st_size, "checksum": checksum_of_file(str(path))}
+    (newest / COMPLETE_MARKER).write_text(json.dumps(marker))
+    capsys.readouterr()
+    _run(run_dir, "resume=auto", "max_steps=5")
+    err = capsys.readouterr().err
+    assert f"warning: skipping {newest.name}" in err and "size mismatch for" in err, err

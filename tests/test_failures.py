@@ -159,6 +159,8 @@ def test_status_json_follows_the_checkpoints_while_the_run_goes_on(tmp_path, mon
 
     monkeypatch.setattr(pretrain, "_write_status", record)
     _run(tmp_path / "r", "checkpoint.every_steps=4")
+    assert all(s["pid"] == os.getpid() and s["host"] for s in seen if s["status"] == "running")
+    assert "pid" not in seen[-1]
     assert [(s["status"], s["step"], (s["last_checkpoint"] or "")[-13:]) for s in seen] == [
         ("running", 0, ""), ("running", 4, "step_00000004"), ("running", 8, "step_00000008"),
         ("running", 10, "step_00000010"), ("completed", 10, "step_00000010")]

@@ -206,6 +206,22 @@ def test_the_trainer_applies_and_reports_its_precision_and_thread_choice(tmp_pat
         load_config(None, ["threads=0"])
 
 
+def test_more_model_threads_than_cores_is_said(tmp_path: Path, capsys, monkeypatch):
+    """threads=N above the process's share of the cores was taken silently (oversubscribed pools)."""
+    import torch
+
+    import lmim.train.pretrain as pretrain
+    from tests.test_train import _run
+
+    monkeypatch.setattr(pretrain, "core_share", lambda: (1, "a share of 1 core"))
+    before = torch.get_num_threads()
+    try:
+        _run(tmp_path / "r", "threads=2", "max_steps=1")
+    finally:
+        torch.set_num_threads(before)
+    assert "warning: threads=2 is more than the 1 core(s)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, device", [
     (["--device", "cuda:1"], "cuda:1"), (["--device=cuda:0", "--json"], "cuda:0"), (["--device", "cuda"], "cuda"),
     (["--device", "cpu"], "cpu"), ([], "cpu"), (["--large"], "cuda"), (["--rounds", "2", "--device"], "cpu"),

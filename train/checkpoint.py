@@ -468,5 +468,8 @@ def load_checkpoint(accelerator, path: str | Path, states: dict[str, Any]) -> No
             # torch's own text goes on to suggest weights_only=False, i.e. running the pickle's code
             raise CheckpointError(f"checkpoint {path} holds a pickle that is not plain tensors and numbers; lmim "
                                   "never unpickles anything else, since loading it could run code.") from err
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        # torch's load_state_dict says "Error(s) in loading state_dict for X:" first, the detail after it
+        telling = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+        first = (telling or lines or [type(err).__name__])[0]
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {first[:300]}).") from err
