@@ -151,6 +151,7 @@ def training_sources(cfg: Any) -> list[Source]:
     if not entries:
         return [Source(str(cfg.url), 1.0, _default_name(str(cfg.url)))]
     out: list[Source] = []
+    explicit: list[bool] = []
     for n, entry in enumerate(entries):
         if isinstance(entry, Mapping):  # a dict from Python, or an OmegaConf node
             get = entry.get
@@ -171,7 +172,14 @@ def training_sources(cfg: Any) -> list[Source]:
             raise DataConfigError(f"Config key 'data.sources[{n}].weight' must be a positive number, "
                                   f"got {get('weight', 1.0)!r}.")
         out.append(Source(str(url), weight, str(name) if name else _default_name(str(url))))
+        explicit.append(bool(name))
     names = [s.name for s in out]
+    for n, (source, given) in enumerate(zip(out, explicit)):
+        # a name the user chose keys the per-source counts of the logs and checkpoints: it must be one source's
+        if given and names.count(source.name) > 1:
+            other = next(i for i, name in enumerate(names) if name == source.name and i != n)
+            raise DataConfigError(f"Config key 'data.sources[{n}].name' is {source.name!r}, the name of "
+                                  f"data.sources[{other}] too; give each source its own name.")
     return [Source(s.url, s.weight, s.name if names.count(s.name) == 1 else f"{s.name}#{i}")
             for i, s in enumerate(out)]
 

@@ -220,6 +220,14 @@ def test_bad_sources_fail_in_one_sentence(sources, tmp_path):
         build_loader(mixed(sources, samples_per_epoch=0), **GEOM)
     with pytest.raises(DataConfigError, match="an epoch of 3 sample.s. is less than one batch of 4"):
         build_loader(mixed(sources, samples_per_epoch=3), **GEOM)
+    from lmim.pipeline.config import training_sources
+
+    twice = DataConfig(sources=[{"url": sources["a"], "name": "x"}, {"url": sources["b"], "name": "x"}])
+    with pytest.raises(DataConfigError, match=r"data.sources\[0\].name' is 'x', the name of data.sources\[1\] too"):
+        training_sources(twice)
+    # two URLs with the same last part and no names given: told apart by their position, as before
+    same_tail = DataConfig(sources=[{"url": "/data/a/train"}, {"url": "/data/b/train"}])
+    assert [s.name for s in training_sources(same_tail)] == ["train#0", "train#1"]
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_loader(DataConfig(sources=[{"url": sources["a"]}, {"url": missing}], num_visible=4, batch_size=4),
