@@ -282,3 +282,17 @@ def test_weights_of_another_model_are_skipped_with_the_tensor_that_differs(tmp_p
     _run(run_dir, "resume=auto", "max_steps=5")
     err = capsys.readouterr().err
     assert f"warning: skipping {newest.name}" in err and "size mismatch for" in err, err
+
+
+def test_a_step_folder_without_its_marker_is_named_when_resume_auto_passes_over_it(tmp_path, capsys):
+    """A `step_N` folder without complete.json (a copy cut short) was passed over silently, though every
+    checkpoint resume=auto skips is named."""
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=4", "checkpoint.every_steps=2")
+    newest = latest_checkpoint(run_dir)
+    (newest / COMPLETE_MARKER).unlink()
+    capsys.readouterr()
+    out = _run(run_dir, "resume=auto", "max_steps=5")
+    assert out["step"] == 5
+    err = capsys.readouterr().err
+    assert f"warning: skipping {newest.name}: it has no {COMPLETE_MARKER}" in err

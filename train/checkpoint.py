@@ -50,6 +50,7 @@ from lmim.pipeline.storage import as_os_error, file_mode_for_new_files
 
 __all__ = [
     "COMPLETE_MARKER",
+    "unfinished_checkpoints",
     "CheckpointError",
     "load_checkpoint",
     "verify_checkpoint",
@@ -168,6 +169,15 @@ def _sequence(path: Path) -> int | None:
         return None
     value = marker.get("sequence", 0) if isinstance(marker, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def unfinished_checkpoints(run_dir: str | Path) -> list[Path]:
+    """`step_*` folders without their marker (or weights): a copy cut short, or a marker removed by
+    hand (the trainer's own writes are in `.tmp-step_*` until complete). Never resumed from; named."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir() and not is_complete(p))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

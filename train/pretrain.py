@@ -62,6 +62,7 @@ from lmim.pipeline.mix import describe_mixture
 from lmim.train.allocator import keep_freed_memory
 from lmim.train.cadence import Cadence
 from lmim.train.checkpoint import (
+    COMPLETE_MARKER,
     CheckpointError,
     RankedState,
     TrainState,
@@ -72,6 +73,7 @@ from lmim.train.checkpoint import (
     remove_incomplete,
     rng_untouched,
     save_checkpoint,
+    unfinished_checkpoints,
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
 from lmim.train.failures import (
@@ -571,6 +573,10 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     if accelerator.is_main_process and run_dir.is_dir():   # before reading its checkpoints
         _lock_run_folder(lock, run_dir)
     resume_from = _resolve_resume(cfg)
+    if cfg.resume == "auto":   # every checkpoint resume=auto passes over is named, these too
+        for path in unfinished_checkpoints(run_dir):
+            _warn(accelerator, f"skipping {path.name}: it has no {COMPLETE_MARKER} or no model.safetensors (a copy "
+                               "cut short, or a write that never finished), so it is never resumed from.")
     model = _seeded_model(cfg)
     loader, steps_per_epoch = _open_loader(cfg, accelerator)
     eff_batch = effective_batch_size(cfg, accelerator.num_processes)
