@@ -646,3 +646,39 @@ def test_a_second_run_into_a_run_folder_in_use_is_refused_and_writes_nothing(sma
     proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=2", "resume=auto")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((run_dir / "status.json").read_text())["step"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_terminal_that_really_closes_ends_a_command_with_129_not_an_io_error(tmp_path):
+    """Closing the terminal hangs it up: SIGHUP, then every write to it fails with EIO, and the closing
+    sentence itself turned the interruption into an OSError (exit 1). A pseudo-terminal is closed under
+    a command that prints (as a progress bar does) to show it: the command still ends with 129."""
+    import json
+    import pty
+    import time
+
+    result = tmp_path / "rc.json"
+    child = f"""
+import json, sys, time, types
+from lmim.tools import cli
+mod = types.ModuleType("printing_command")
+def main(argv):
+    while True:
+        print("progress", flush=True)
+        time.sleep(0.05)
+mod.main = main
+sys.modules["printing_command"] = mod
+cli.COMMANDS["printing"] = ("printing_command", "prints until stopped")
+rc = cli.main(["printing"])
+open({str(result)!r}, "w").write(json.dumps(rc))
+"""
+    pid, fd = pty.fork()
+    if pid == 0:   # the child: a command whose stdout and stderr are the terminal
+        os.execve(sys.executable, [sys.executable, "-c", child], {**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    seen = b""
+    while b"progress" not in seen and time.monotonic() < deadline:
+        seen += os.read(fd, 1000)
+    os.close(fd)   # the terminal closes: the kernel hangs it up and sends SIGHUP to the command
+    os.waitpid(pid, 0)
+    assert json.loads(result.read_text()) == 129

@@ -8,6 +8,7 @@ and 143. That must work while torch is still loading, so this module imports not
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -38,6 +39,30 @@ class HungUp(Terminated):
 _pending: list[type[Terminated]] = []
 
 
+# stdout / stderr when they were a terminal as the command started (after a hang-up isatty says no)
+_terminal_fds: list[int] = []
+
+
+def _leave_the_terminal() -> None:
+    """After a hang-up every write to the terminal fails (EIO): a progress bar or the closing sentence
+    would turn the interruption into an I/O error (exit 1, or "disk"). Output that went to the
+    terminal goes nowhere from now on; files and pipes (a scheduler's log) are kept."""
+    for fd in _terminal_fds:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        except OSError:
+            pass
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def raise_pending() -> None:
     """Raise the interruption a signal asked for if it has not ended the command yet (see `_pending`);
     call it where stopping is safe, e.g. between training steps."""
@@ -56,6 +81,8 @@ def sigterm_interrupts() -> Iterator[None]:
 
     def _raise(signum, frame):
         kind = HungUp if signum == getattr(signal, "SIGHUP", None) else Terminated
+        if kind is HungUp:
+            _leave_the_terminal()
         _pending[:] = [kind]
         raise kind()
 
@@ -63,6 +90,7 @@ def sigterm_interrupts() -> Iterator[None]:
     hup = getattr(signal, "SIGHUP", None)   # not on Windows
     if hup is not None and signal.getsignal(hup) == signal.SIG_DFL:
         previous[hup] = signal.signal(hup, _raise)
+        _terminal_fds[:] = [fd for fd in (1, 2) if _isatty(fd)]
     try:
         yield
     finally:
