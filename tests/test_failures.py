@@ -201,8 +201,8 @@ def test_every_lmim_command_turns_an_expected_failure_into_one_sentence(tmp_path
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(shard_cli, "main", bug)
-    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        main(["shard", "src", "dst"])
+    assert main(["shard", "src", "dst"]) == 70      # a bug keeps its traceback, and exits 70
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_weights_that_really_diverge_stop_with_exit_1_not_a_crash(tmp_path):
@@ -605,7 +605,7 @@ def test_a_file_where_the_checkpoints_folder_goes_is_a_bad_setting_at_start_up(s
     proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir}", "max_steps=2", "checkpoint.every_steps=1")
     assert proc.returncode == 2
     assert "holds a file named 'checkpoints'" in _one_sentence(proc)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]   # nothing written
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints"]   # nothing but the lock
 
 
 def test_a_bug_in_any_command_exits_70_with_its_traceback_not_1(monkeypatch, capsys):
@@ -682,3 +682,30 @@ open({str(result)!r}, "w").write(json.dumps(rc))
     os.close(fd)   # the terminal closes: the kernel hangs it up and sends SIGHUP to the command
     os.waitpid(pid, 0)
     assert json.loads(result.read_text()) == 129
+
+
+def test_a_start_that_finds_the_new_run_folder_taken_touches_nothing_in_it(tmp_path):
+    """Two starts that both found no run folder: the one that locks it second used to clean the first's
+    checkpoint in progress and overwrite its config.yaml before its lock was refused. The lock now
+    comes right after the folder exists, before anything in it is cleaned or written."""
+    import lmim.train.pretrain as pretrain
+    from lmim.train.config import load_config
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints" / ".tmp-step_00000008").mkdir(parents=True)   # the first run's write in progress
+    (run_dir / "config.yaml").write_text("theirs\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lmim.train.run_lock import "
+         "RunFolderLock; lock = RunFolderLock(); lock.acquire(Path(sys.argv[1])); print('locked', flush=True); "
+         "time.sleep(60)", str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = load_config("quickstart", [f"run_dir={run_dir}"])
+        with pytest.raises(pretrain.RunFolderInUse, match="is in use by another lmim pretrain"):
+            pretrain._prepare_run_dir(cfg, run_dir, pretrain.RunFolderLock())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run_dir / "config.yaml").read_text() == "theirs\n"
+    assert (run_dir / "checkpoints" / ".tmp-step_00000008").is_dir()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lmim.train.failures import EXIT_DATA, Rerun, sigterm_interrupts
+from lmim.train.run_lock import LOCK_NAME
 
 __all__ = ["main", "prepare_data", "evaluate_encoders"]
 
@@ -146,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # What a quickstart run folder holds; a folder with anything else in it is not replaced.
 _RUN_FOLDER_ENTRIES = {"config.yaml", "status.json", "metrics.jsonl", "logs", "checkpoints", "plots", "debug",
-                       "encoder.safetensors", "quickstart.json"}
+                       "encoder.safetensors", "quickstart.json", LOCK_NAME}
 
 
 _MARKER = "quickstart.json"   # written first: a folder without it is not the quickstart's (an `lmim pretrain` run)

@@ -230,7 +230,9 @@ def thread_budget(cfg: DictConfig, accelerator) -> ThreadBudget:
     return dataclasses.replace(plan, reason=f"{cores_said} ({why}):{split}")
 
 
-def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, lock: RunFolderLock | None = None) -> None:
+    """Create or reuse run_dir (process 0): lock it (a new folder: right after creating it, before
+    anything is cleaned or written), clear interrupted writes, write config.yaml."""
     created = not run_dir.exists()
     for folder in ("checkpoints", "logs"):   # found at the first checkpoint, after hours, otherwise
         if (run_dir / folder).exists() and not (run_dir / folder).is_dir():
@@ -238,10 +240,12 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                               "move the file away or choose another run_dir.")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None:   # two starts that both found no folder: one gets it, the other touches nothing
+            _lock_run_folder(lock, run_dir)
         remove_incomplete(run_dir)  # leftovers of a write that was interrupted; never resumed from
         save_config(cfg, run_dir / "config.yaml")
     except OSError as err:
-        if created:  # a new run folder that could not be written holds nothing of value: leave no husk
+        if created and (lock is None or lock.held):  # a new folder of ours that could not be written: no husk
             shutil.rmtree(run_dir, ignore_errors=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk or quota, not a bad setting: exit 6, free space
             raise
@@ -542,17 +546,20 @@ def knn_evaluate(cfg: DictConfig, accelerator, encoder: torch.nn.Module) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN) -> dict[str, Any]:
+def run(cfg: DictConfig, rerun: Rerun = TRAINING_RUN, lock: RunFolderLock | None = None) -> dict[str, Any]:
     """Train per `cfg` (a resolved TrainConfig); returns a summary (paths, last metrics, timings).
-    `rerun` is how status.json tells the user to go on after a stop that loses nothing.
+    `rerun` is how status.json tells the user to go on after a stop that loses nothing; `lock` is the
+    run folder's lock when the caller took it already (`main`, which keeps it to record a failure).
 
     Raises:
         ConfigError: a bad setting found at start-up (one sentence); RunFolderInUse when another
             run is using run_dir now.
         TrainingError: non-finite loss, or collapse with collapse_guard.action=stop.
     """
-    with RunFolderLock() as lock:   # process 0 holds it from its first look at run_dir to the end
+    if lock is not None:
         return _run(cfg, rerun, lock)
+    with RunFolderLock() as own:   # process 0 holds it from its first look at run_dir to the end
+        return _run(cfg, rerun, own)
 
 
 def _lock_run_folder(lock: RunFolderLock, run_dir: Path) -> None:
@@ -589,8 +596,7 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     # start that fails on its data, config or checkpoints leaves nothing behind (no config.yaml that
     # looks like a run, nor one that no longer matches the run's checkpoints).
     if accelerator.is_main_process:
-        _prepare_run_dir(cfg, run_dir)
-        _lock_run_folder(lock, run_dir)   # a new folder: from now on (a no-op when held since the start)
+        _prepare_run_dir(cfg, run_dir, lock)
     accelerator.wait_for_everyone()
     if resumed is not None:
         _rebase_steps(state, loader, steps_per_epoch, eff_batch, cfg, accelerator, sched)
@@ -698,11 +704,11 @@ def _epochs(loader, meter: Meter) -> Iterator[Batch]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with sigterm_interrupts():
-        return _main(argv)
+    with sigterm_interrupts(), RunFolderLock() as lock:   # the lock outlives run(): a failure is recorded under it
+        return _main(argv, lock)
 
 
-def _main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -714,13 +720,17 @@ def _main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             sys.stdout.flush()  # a reader that went away (`| head`) shows here, where it is classified
             return 0
-        summary = run(cfg)
+        if _launcher_rank()[0] == 0 and Path(cfg.run_dir).is_dir():   # first thing, before torch's slow start
+            _lock_run_folder(lock, Path(cfg.run_dir))
+        summary = run(cfg, lock=lock)
     except (Exception, KeyboardInterrupt) as err:
         failure = classify(err)
         log_file = None
         # A refused setting is the command's mistake, not an event of the run in run_dir (which may be a
         # finished run resumed by mistake), and a folder in use is another run's: write nothing into either.
-        if not isinstance(err, RunFolderInUse) and failure.kind != "config":
+        # Only the process that holds the folder's lock writes there (process 0 of this run; never the
+        # other processes of a launch that was refused the folder, nor a start refused before its lock).
+        if not isinstance(err, RunFolderInUse) and failure.kind != "config" and lock.claimed:
             log_file = _log_traceback(cfg, err)
             _record_failed_start(cfg, failure)
         if args.debug or os.environ.get("LMIM_DEBUG") or not failure.expected:
