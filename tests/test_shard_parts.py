@@ -121,6 +121,7 @@ def test_a_rerun_of_a_part_removes_only_the_leftovers_of_writers_that_are_gone(t
     of a killed run", and the other then failed with a disk error (exit 6) naming a file it had written."""
     import subprocess
     import sys
+    import time
 
     from lmim.pipeline.storage import Store
     from lmim.tools.shard.build import TMP_DIR, _scratch_dir
@@ -128,13 +129,24 @@ def test_a_rerun_of_a_part_removes_only_the_leftovers_of_writers_that_are_gone(t
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    tmp = tmp_path / "dst" / TMP_DIR
-    tmp.mkdir(parents=True)
-    live = f"shard-000001.tar{scratch_suffix()}"                                  # this process: running
-    dead = f"shard-000001.tar{scratch_suffix().rsplit('-', 1)[0]}-{ended.pid}"   # a killed run's
-    elsewhere = "shard-000001.tar.tmp-another-host-1"                            # another node's
-    other_part = f"shard-000002.tar{scratch_suffix().rsplit('-', 1)[0]}-{ended.pid}"
-    for name in (live, dead, elsewhere, other_part):
-        (tmp / name).write_bytes(b"x")
-    assert _scratch_dir(Store(str(tmp_path / "dst")), {"shard-000001"}) == str(tmp)
-    assert sorted(p.name for p in tmp.iterdir()) == sorted([live, elsewhere, other_part])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = scratch_suffix().rsplit("-", 1)[0]                     # ".tmp-<this host>"
+    try:
+        tmp = tmp_path / "dst" / TMP_DIR
+        tmp.mkdir(parents=True)
+        live = f"shard-000001.tar{host}-{running.pid}"           # the same part, building now
+        dead = f"shard-000001.tar{host}-{ended.pid}"             # a killed run's
+        mine = f"shard-000001.idx{scratch_suffix()}"              # this pid's, from before a restart
+        older_lmim = "shard-000001.tar.tmp-4242"                  # before host and pid were recorded
+        elsewhere = "shard-000001.tar.tmp-another-host-1"         # another node's, recent
+        stale = "shard-000001.idx.tmp-another-host-2"             # another node's, a day old
+        other_part = f"shard-000002.tar{host}-{ended.pid}"
+        for name in (live, dead, mine, older_lmim, elsewhere, stale, other_part):
+            (tmp / name).write_bytes(b"x")
+        day_ago = time.time() - 86400
+        os.utime(tmp / stale, (day_ago, day_ago))
+        assert _scratch_dir(Store(str(tmp_path / "dst")), {"shard-000001"}) == str(tmp)
+        assert sorted(p.name for p in tmp.iterdir()) == sorted([live, elsewhere, other_part])
+    finally:
+        running.kill()
+        running.wait()

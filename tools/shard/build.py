@@ -253,8 +253,15 @@ def _scratch_dir(dest: Store, mine: set[str]) -> str:
         return tempfile.mkdtemp(prefix="lmim-shard-")
     tmp_dir = os.path.join(dest.path, TMP_DIR)
     os.makedirs(tmp_dir, exist_ok=True)
+    now = time.time()
     for fname in os.listdir(tmp_dir):
-        if fname.split(".", 1)[0] in mine and scratch_writer_gone(fname):
+        if fname.split(".", 1)[0] not in mine:
+            continue
+        try:
+            age = now - os.path.getmtime(os.path.join(tmp_dir, fname))
+        except OSError:
+            continue
+        if scratch_writer_gone(fname, age_s=age):
             try:
                 os.remove(os.path.join(tmp_dir, fname))
             except FileNotFoundError:

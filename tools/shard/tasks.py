@@ -32,12 +32,23 @@ def scratch_suffix() -> str:
     return f".tmp-{_HOST}-{os.getpid()}"
 
 
-def scratch_writer_gone(fname: str) -> bool:
-    """Whether the writer named in a temporary file's name is a process of this host that has ended
-    (a killed run's leftover); False for a live writer (the same part run twice at once) or another host's."""
-    host, sep, pid = fname.rpartition(".tmp-")[2].rpartition("-")
+# A temporary shard is written in minutes; one this old is a leftover whatever its name says.
+_STALE_S = 6 * 3600
+
+
+def scratch_writer_gone(fname: str, *, age_s: float = 0.0) -> bool:
+    """Whether a temporary file's writer has ended (a killed run's leftover, to remove): a process of
+    this host that is gone, this very process (a pid reused after a restart: it has written nothing
+    yet), a name from before host and pid were recorded, or a file older than hours. False for a live
+    writer (the same part run twice at once) or another host's recent one."""
+    tail = fname.rpartition(".tmp-")[2]
+    host, sep, pid = tail.rpartition("-")
+    if age_s > _STALE_S or (not sep and tail.isdigit()):   # stale, or an older lmim's `.tmp-<pid>`
+        return True
     if not sep or host != _HOST or not pid.isdigit():
         return False
+    if int(pid) == os.getpid():
+        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
