@@ -195,6 +195,7 @@ class Loader:
         evaluation loader, ranks at different positions, or an epoch that was itself resumed
         elastically; the caller then falls back to the next epoch boundary.
         """
+        self.resumed_at_next_epoch = False   # a state tried before (a damaged newest checkpoint) says nothing here
         first = states[0]
         same = all(int(st.get("version", 0)) == STATE_VERSION and st["epoch"] == first["epoch"]
                    and st["batch"] == first["batch"] and not st.get("carry") for st in states)
@@ -218,6 +219,7 @@ class Loader:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}: "
                              "the checkpoint comes from another lmim version.")
         self.epoch, self._next_batch = int(state["epoch"]), int(state["batch"])
+        self.resumed_at_next_epoch = False   # a state tried before (a damaged newest checkpoint) says nothing here
         same_data = self._same_data(state)
         if state.get("source_samples") and self._same_sources(state):  # "over the run", also with new weights
             self._source_samples = [int(n) for n in state["source_samples"]]

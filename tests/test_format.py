@@ -115,10 +115,11 @@ def test_a_sample_size_is_a_positive_int32_or_a_reason_in_words():
 
     assert image_size(b'{"width": 500, "height": 375, "mode": "RGB"}') == (500, 375)
     assert image_size(b'{"width": 28.0, "height": 28}') == (28, 28)
+    assert image_size(b'{"width": "64", "height": "48"}') == (64, 48)   # quoted, as some writers do
     for bad, why in [(b'{"width": 3000000000, "height": 2}', "outside 1..2147483647"),
                      (b'{"width": 1e999, "height": 2}', "width is not an integer"),
                      (b'{"width": 0, "height": 2}', "outside"), (b'{"width": 2, "height": true}', "height is not"),
-                     (b'{"width": "28", "height": 2}', "not an integer"), (b'{"height": 2}', "without integer"),
+                     (b'{"width": "2x8", "height": 2}', "not an integer"), (b'{"height": 2}', "without integer"),
                      (b"[" * 5000, "without integer"), (b"\xff", "without integer")]:
         with pytest.raises(ValueError, match=why):
             image_size(bad)

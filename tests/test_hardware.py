@@ -173,6 +173,9 @@ def test_the_launchers_default_omp_num_threads_1_does_not_starve_the_process(six
 def test_an_omp_num_threads_someone_chose_caps_the_share(sixteen_cores):
     sixteen_cores.setenv("OMP_NUM_THREADS", "1")                 # no launcher: the user's own 1
     assert core_share() == (1, "16 in this process's CPU affinity, OMP_NUM_THREADS=1")
+    sixteen_cores.setenv("TORCHELASTIC_RUN_ID", "none")          # torchrun --nproc_per_node 1 sets no OMP:
+    sixteen_cores.setenv("LOCAL_WORLD_SIZE", "1")                # a 1 there is the user's
+    assert core_share()[0] == 1
     sixteen_cores.setenv("TORCHELASTIC_RUN_ID", "none")
     sixteen_cores.setenv("LOCAL_WORLD_SIZE", "2")
     sixteen_cores.setenv("OMP_NUM_THREADS", "4")                 # under torchrun, a value it never sets

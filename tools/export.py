@@ -267,7 +267,10 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                           "name a folder for it, e.g. my-encoder/.")
     _refuse_inside_checkpoint(ckpt, out)
     if out.exists() and not _is_folder_export(out):
-        raise ExportError(f"{out} exists and is not an lmim export folder; choose a new folder name.")
+        extra = sorted(p.name for p in out.iterdir() if p.name not in FOLDER_FILES) if out.is_dir() else []
+        held = f" (it holds {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}, which an export would delete)" \
+            if extra else ""
+        raise ExportError(f"{out} exists and is not an lmim export folder{held}; choose a new folder name.")
     net = load_latent_mim(ckpt)
     train_cfg = _load_yaml(ckpt / "config.yaml")
     normalisation = _normalisation(ckpt)

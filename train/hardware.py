@@ -88,7 +88,8 @@ def cpu_bf16_is_native() -> bool:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: torch's own kernels, judged by the flags
         onednn = True
-    return bf16_runs_natively(hardware, onednn, os.environ.get("ONEDNN_MAX_CPU_ISA"))
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")   # oneDNN reads both names
+    return bf16_runs_natively(hardware, onednn, cap)
 
 
 @dataclass(frozen=True)
@@ -241,8 +242,9 @@ def launcher_set_omp_default() -> bool:
     divides the cores by the processes on the node, so that default is not a limit. (A user who
     wants one thread says `threads=1`.)"""
     env = os.environ
-    launched = "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env or "ACCELERATE_MIXED_PRECISION" in env
-    return launched and env.get("OMP_NUM_THREADS", "").strip() == "1"
+    # torchrun sets it only for more than one process on the node; `accelerate launch` whenever unset
+    torchrun_default = "TORCHELASTIC_RUN_ID" in env and local_processes() > 1
+    return (torchrun_default or "ACCELERATE_MIXED_PRECISION" in env) and env.get("OMP_NUM_THREADS", "").strip() == "1"
 
 
 def core_share() -> tuple[int, str]:

@@ -599,7 +599,10 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         _prepare_run_dir(cfg, run_dir, lock)
     accelerator.wait_for_everyone()
     if resumed is not None:
+        saved_step = state.step
         _rebase_steps(state, loader, steps_per_epoch, eff_batch, cfg, accelerator, sched)
+        # the evaluation due at the checkpoint's own step; none when the resume moved the step counter
+        owed = state.step == saved_step and _evaluation_owed(cadence, state, run_dir, accelerator)
     state.world_size, state.steps_per_epoch, state.effective_batch = accelerator.num_processes, steps_per_epoch, eff_batch
     if resumed is not None and cadence.done(state.step):
         accelerator.print(f"nothing left to train: the checkpoint is at step {state.step} and this run stops at step "
@@ -618,7 +621,7 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     if accelerator.is_main_process:
         _write_status(run_dir, "running", state.step, None, resumed, setup)
     try:
-        if resumed is not None and _evaluation_owed(cadence, state, run_dir):
+        if resumed is not None and owed:
             # the run stopped between this checkpoint and its evaluation (the checkpoint comes first):
             # do it now, or the run would end "completed" without its k-NN figure, or skip one for good
             accelerator.print(f"step {state.step}: the k-NN evaluation of this checkpoint did not finish; running it")
@@ -674,14 +677,19 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     }
 
 
-def _evaluation_owed(cadence: Cadence, state: TrainState, run_dir: Path) -> bool:
+def _evaluation_owed(cadence: Cadence, state: TrainState, run_dir: Path, accelerator) -> bool:
     """Whether the checkpoint resumed from sits at an evaluation step whose k-NN result never reached
-    metrics.jsonl (the run was stopped during that evaluation). Every process reads the same file, so
-    all take the same decision (the evaluation is collective)."""
+    metrics.jsonl (the run was stopped during that evaluation). Process 0 reads the file and every
+    process takes its answer (the evaluation is collective: all must decide alike)."""
     if state.updates == 0 or not cadence.evaluates(state.step):
         return False
-    return not any(rec.get("update") == state.updates and "knn_top1" in rec
-                   for rec in read_metrics(run_dir / "metrics.jsonl"))
+    owed = [accelerator.is_main_process and not any(
+        rec.get("update") == state.updates and "knn_top1" in rec for rec in read_metrics(run_dir / "metrics.jsonl"))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(owed, from_process=0)
+    return bool(owed[0])
 
 
 def _epochs(loader, meter: Meter) -> Iterator[Batch]:

@@ -27,6 +27,8 @@ def image_size(json_bytes: bytes) -> tuple[int, int]:
         raise ValueError("a .json without integer width/height") from None
     sides = []
     for name, value in (("width", width), ("height", height)):
+        if isinstance(value, str) and value.strip().isdigit():   # other webdataset writers quote numbers
+            value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
                 float("inf"), float("-inf")) or value != int(value):
             raise ValueError(f"a .json whose {name} is not an integer ({str(value)[:20]})")
