@@ -367,3 +367,24 @@ def test_the_printed_loading_line_works_from_any_folder(trained, tmp_path, monke
     assert f"file='{tmp_path / 'enc.safetensors'}'" in line
     monkeypatch.chdir("/")
     exec(line.strip(), {})
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_an_export_folder_is_replaced_in_one_step_or_by_two_renames(trained, tmp_path, monkeypatch, exchange):
+    """Re-exporting swaps the new folder in with renameat2(RENAME_EXCHANGE) where Linux has it (a kill
+    between two renames left no export at all); elsewhere two renames. Either way: the new export,
+    and nothing left beside it."""
+    _, ckpt = trained
+    out = tmp_path / "enc"
+    export.export_folder(ckpt, out, figures={"k-NN": 1.0})
+    if not exchange:
+        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+    else:
+        swapped = []
+        real = export._exchange
+        monkeypatch.setattr(export, "_exchange", lambda a, b: swapped.append(real(a, b)) or swapped[-1])
+    export.export_folder(ckpt, out, figures={"k-NN": 2.0})
+    assert "| k-NN | 2.00 |" in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "enc"]
+    if exchange:
+        assert len(swapped) == 1     # tried once (True where glibc >= 2.28 and the file system allow it)

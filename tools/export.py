@@ -323,8 +323,31 @@ def _is_folder_export(path: Path) -> bool:
     return isinstance(config, dict) and (config.get("pretrained_cfg") or {}).get("tag") == "lmim"
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the C
+    library or the file system has no such call (then the caller falls back to two renames)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):   # not glibc >= 2.28 / not Linux
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_in(new: Path, out: Path) -> None:
-    """Replace `out` by the complete folder `new`: a reader sees the old export or the new one, never half."""
+    """Replace `out` by the complete folder `new`: a reader sees the old export or the new one, never
+    half, and never none: the two folders are exchanged in one step where Linux can (two renames
+    elsewhere, with a moment in between when `out` is missing)."""
+    if out.exists() and _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)   # `new` now names the old export
+        return
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
