@@ -36,7 +36,7 @@ class HungUp(Terminated):
 # inside a finalizer, where the exception it raises is printed as "Exception ignored" and dropped:
 # DALI's Pipeline.__del__ caught about one SIGHUP in eight in a tiny run (a pipeline ends every step
 # there), and the run trained on. `raise_pending` raises it again at a safe point.
-_pending: list[type[Terminated]] = []
+_pending: list[type[KeyboardInterrupt]] = []
 
 
 # stdout / stderr when they were a terminal as the command started (after a hang-up isatty says no)
@@ -74,19 +74,22 @@ def raise_pending() -> None:
 def sigterm_interrupts() -> Iterator[None]:
     """Inside the block SIGTERM raises `Terminated` in the main thread (a preempted job then records
     why it stopped instead of leaving status.json at "running"), and SIGHUP `HungUp`, unless it is
-    ignored (`nohup` ignores it: that choice stands); the old handlers come back after."""
+    ignored (`nohup` ignores it: that choice stands); Ctrl-C still raises KeyboardInterrupt, and all
+    three are remembered for `raise_pending`. The old handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _raise(signum, frame):
-        kind = HungUp if signum == getattr(signal, "SIGHUP", None) else Terminated
+        kind = {getattr(signal, "SIGHUP", None): HungUp, signal.SIGINT: KeyboardInterrupt}.get(signum, Terminated)
         if kind is HungUp:
             _leave_the_terminal()
         _pending[:] = [kind]
         raise kind()
 
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # Ctrl-C: Python's own, remembered too
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise)
     hup = getattr(signal, "SIGHUP", None)   # not on Windows
     if hup is not None and signal.getsignal(hup) == signal.SIG_DFL:
         previous[hup] = signal.signal(hup, _raise)
