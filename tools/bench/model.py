@@ -268,8 +268,8 @@ def main(argv: list[str]) -> int:
     result: dict = {"config": name, "device": str(device), "objective": cfg.objective, "num_visible": k,
                     "gflop_per_image": {p: round(v / 1e9, 4) for p, v in flops.items()}}
     if args.flops_only:
-        if args.json:
-            print(json.dumps(result))
+        if args.json:   # FLOPs do not depend on the machine; named anyway, as every bench's JSON does
+            print(json.dumps({**result, "machine": describe_machine(str(device))}))
         return 0
 
     allocator = None
