@@ -88,8 +88,19 @@ def cpu_bf16_is_native() -> bool:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: torch's own kernels, judged by the flags
         onednn = True
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")   # oneDNN reads both names
-    return bf16_runs_natively(hardware, onednn, cap)
+    return bf16_runs_natively(hardware, onednn, _onednn_cap())
+
+
+def _onednn_cap() -> str | None:
+    return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")   # oneDNN reads both names
+
+
+def _bf16_held_back() -> str | None:
+    """Why bf16 the CPU has in hardware is not used here (an ISA cap on oneDNN), for the log; else None."""
+    cap = _onednn_cap()
+    if cpu_has_native_bf16() and not cpu_bf16_is_native() and cap:
+        return f"the CPU has bf16 but ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA={cap} keeps torch's oneDNN off it"
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,14 @@ def resolve_precision(requested: str, on_cuda: bool) -> PrecisionChoice:
         import torch
 
         cuda_bf16 = cuda_bf16_is_native()
-    return choose_precision(requested, on_cuda=on_cuda, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16_is_native())
+    choice = choose_precision(requested, on_cuda=on_cuda, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16_is_native())
+    held_back = None if on_cuda else _bf16_held_back()
+    if held_back and choice.precision == "no" and requested == "auto":
+        return PrecisionChoice("no", f"precision=auto: fp32, {held_back} (bf16 would be emulated and slow)")
+    if held_back and choice.warning:
+        return PrecisionChoice(choice.precision, choice.reason, warning=f"precision=bf16 here is emulated: {held_back}; "
+                               f"{_EMULATED_BF16_COST}; use precision=auto or precision=no.")
+    return choice
 
 
 def cuda_bf16_is_native() -> bool:
@@ -316,5 +334,6 @@ def describe_machine(device: str = "cpu") -> str:
             return f"GPU {torch.cuda.get_device_name(index)} (bf16 {'yes' if cuda_bf16_is_native() else 'no'})"
     flags = cpu_flags()
     shown = [f for f in _SHOWN_FLAGS if f in flags]
-    bf16 = "native bf16" if cpu_bf16_is_native() else "no native bf16"
+    bf16 = ("native bf16" if cpu_bf16_is_native() else
+            f"native bf16 not used (oneDNN capped at {_onednn_cap()})" if _bf16_held_back() else "no native bf16")
     return f"CPU {cpu_model()}, {count(available_cores(), 'core')}, {bf16} (flags: {' '.join(shown) or 'none of note'})"
