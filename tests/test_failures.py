@@ -594,12 +594,12 @@ def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_at_the_next_
             for _ in range(1000):                   # bytecodes for the handler to run between
                 pass
 
-    dropped = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    shown = []   # what Python would print as "Exception ignored in ... Traceback"
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: shown.append(unraisable.exc_type))
     with sigterm_interrupts():
         Finalized()
-        gc.collect()
-        assert dropped == [Terminated]                 # the raise itself was lost ("Exception ignored")
+        gc.collect()                                   # the raise inside __del__ is lost here...
+        assert shown == []                             # ...and not printed as a traceback for the user
         with pytest.raises(Terminated):
             raise_pending()
     raise_pending()                                   # a later command in the same process starts afresh

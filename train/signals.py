@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -87,6 +88,15 @@ def sigterm_interrupts() -> Iterator[None]:
         _pending[:] = [kind]
         raise kind()
 
+    hook = sys.unraisablehook
+
+    def _quiet_when_pending(unraisable) -> None:
+        # the interruption a finalizer swallowed is remembered (and raised again at the next step):
+        # no "Exception ignored ... Traceback" for it on the user's terminal
+        if not (_pending and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            hook(unraisable)
+
+    sys.unraisablehook = _quiet_when_pending
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # Ctrl-C: Python's own, remembered too
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise)
@@ -99,6 +109,7 @@ def sigterm_interrupts() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = hook
         _pending.clear()   # a later command in the same process (a test, a bench) starts afresh
 
 
