@@ -270,9 +270,11 @@ def core_share() -> tuple[int, str]:
     over the node's training processes, capped by OMP_NUM_THREADS when someone chose it."""
     affinity, limit, procs = _affinity_cores(), _cgroup_cpu_limit(), local_processes()
     why = [f"{affinity} in this process's CPU affinity"]
-    if limit is not None and math.floor(limit) < affinity:
+    available = affinity
+    if limit is not None and math.floor(limit) < affinity:   # available_cores()'s rule, its parts kept for the log
         why.append(f"cgroup CPU quota {limit:g}")
-    cores = max(1, available_cores() // procs)
+        available = max(1, math.floor(limit))
+    cores = max(1, available // procs)
     if procs > 1:
         why.append(f"shared by {procs} processes on the node")
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
