@@ -92,6 +92,26 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsy
     assert all(got[s] == ref[s] for s in ref)
 
 
+def test_a_damaged_checkpoint_passed_over_is_set_aside_not_kept_in_place_of_a_good_one(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=2")   # step_3, step_6
+    damaged = latest_checkpoint(run_dir)
+    (damaged / "optimizer.bin").write_bytes(b"")
+    # Resumed from step_3 and stopped at step 4: keep=2 must keep step_3 (good) and step_4, not the
+    # damaged step_6 written before them and step_4 (rotation goes by write order).
+    _run(run_dir, "resume=auto", "max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=2")
+    assert [step for step, _ in list_checkpoints(run_dir)] == [3, 4]
+    aside = run_dir / "checkpoints" / "damaged-step_00000006"
+    assert (aside / "optimizer.bin").stat().st_size == 0   # kept as it was, for a person to inspect
+    assert "step_00000006 is damaged; moved aside to damaged-step_00000006" in capsys.readouterr().err
+    # Damaged again at the same step later: the earlier one is not overwritten.
+    _run(run_dir, "resume=auto", "max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=2")
+    (latest_checkpoint(run_dir) / "model.safetensors").write_bytes(b"")
+    _run(run_dir, "resume=auto", "max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=2")
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("damaged-*")) == [
+        "damaged-step_00000006", "damaged-step_00000006-2"]
+
+
 def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
     run_dir = tmp_path / "r"
     _run(run_dir, "max_steps=4", "checkpoint.every_steps=2")

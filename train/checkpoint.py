@@ -71,6 +71,7 @@ COMPLETE_MARKER = "complete.json"
 _NAME = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+DAMAGED_PREFIX = "damaged-"
 
 
 class CheckpointError(RuntimeError):
@@ -254,6 +255,20 @@ def _discard(path: Path) -> None:
     trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def set_aside_damaged(path: str | Path) -> Path:
+    """Rename a damaged checkpoint `step_N` to `damaged-step_N` (`-2`, `-3`, ... when taken) and return
+    the new path: out of `list_checkpoints`, so neither resumed from nor counted by rotation, yet kept
+    for a person to inspect (a checksum mismatch may be a disk's fault worth seeing)."""
+    path = Path(path)
+    aside, n = path.with_name(f"{DAMAGED_PREFIX}{path.name}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{n}")
+    path.rename(aside)
+    _fsync_dir(path.parent)
+    return aside
 
 
 def rng_state() -> dict[str, Any]:

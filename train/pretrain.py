@@ -73,6 +73,7 @@ from lmim.train.checkpoint import (
     remove_incomplete,
     rng_untouched,
     save_checkpoint,
+    set_aside_damaged,
     unfinished_checkpoints,
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
@@ -284,8 +285,9 @@ def _warn(accelerator, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, Any]) -> Path:
+def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, Any]) -> tuple[Path, list[Path]]:
     """Load `first`; with resume=auto, fall back to older complete checkpoints when it is damaged.
+    Returns the checkpoint loaded and the damaged ones passed over (newest first).
 
     Raises:
         CheckpointError: no candidate could be loaded (one sentence naming the newest's problem).
@@ -297,7 +299,7 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
     for path in candidates:
         try:
             load_checkpoint(accelerator, path, states)
-            return path
+            return path, candidates[:len(errors)]
         except CheckpointError as err:
             errors.append(err)
             if len(candidates) > 1:  # every skipped checkpoint is named with its reason
@@ -471,19 +473,21 @@ def _make_stepper(cfg: DictConfig, accelerator, model: LatentMIM, sched: Schedul
     return Stepper(model, net, optimizer, sched, clip_grad=cfg.optim.clip_grad, accelerator=accelerator)
 
 
-def _restore(cfg: DictConfig, accelerator, loader, resume_from: Path | None) -> tuple[TrainState, dict[str, Any], Path | None]:
+def _restore(cfg: DictConfig, accelerator, loader, resume_from: Path | None
+             ) -> tuple[TrainState, dict[str, Any], Path | None, list[Path]]:
     """The loop's checkpointed state: (TrainState, the states saved with every checkpoint, the
-    checkpoint loaded or None); resuming also loads the model, optimizer and RNG states."""
+    checkpoint loaded or None, the damaged checkpoints resume=auto passed over); resuming also loads
+    the model, optimizer and RNG states."""
     state = TrainState(world_size=accelerator.num_processes)
     install_unwrapped_model_hooks(accelerator)
     # Saved as JSON next to the weights (never pickled), in this order (see lmim.train.checkpoint).
     saved_states = {"trainer_state": state,
                     "loader_state": RankedState(loader, accelerator.process_index, accelerator.num_processes)}
-    resumed = None
+    resumed, damaged = None, []
     if resume_from is not None:
-        resumed = _load_resume(cfg, accelerator, resume_from, saved_states)
+        resumed, damaged = _load_resume(cfg, accelerator, resume_from, saved_states)
         accelerator.print(f"resumed from {resumed} at step {state.step}")
-    return state, saved_states, resumed
+    return state, saved_states, resumed, damaged
 
 
 def _rebase_steps(state: TrainState, loader, steps_per_epoch: int, eff_batch: int, cfg: DictConfig, accelerator,
@@ -591,12 +595,17 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     cadence = Cadence.from_config(cfg, steps_per_epoch, sched.total_steps)
     _say_what_will_not_happen(cfg, accelerator, steps_per_epoch, sched.total_steps)
     stepper = _make_stepper(cfg, accelerator, model, sched)
-    state, saved_states, resumed = _restore(cfg, accelerator, loader, resume_from)
+    state, saved_states, resumed, damaged = _restore(cfg, accelerator, loader, resume_from)
     # Only now, with the data readable and the checkpoint loaded, does the run folder get written: a
     # start that fails on its data, config or checkpoints leaves nothing behind (no config.yaml that
     # looks like a run, nor one that no longer matches the run's checkpoints).
     if accelerator.is_main_process:
         _prepare_run_dir(cfg, run_dir, lock)
+        # Out of the checkpoint listing, or rotation (checkpoint.keep, by write order) would delete the
+        # good checkpoint just loaded before the damaged newer one; kept under another name to inspect.
+        for path in damaged:
+            _warn(accelerator, f"{path.name} is damaged; moved aside to {set_aside_damaged(path).name} (never resumed "
+                               "from or rotated out; delete it when you no longer need it).")
     accelerator.wait_for_everyone()
     if resumed is not None:
         saved_step = state.step
