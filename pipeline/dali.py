@@ -106,6 +106,15 @@ def build_pipeline(
     return pipe
 
 
+def _one_torch_thread() -> None:
+    """Make the calling thread's torch ops use one thread. torch settles a thread's count at its first
+    op from the process-wide default; set before that, the count would be reset to the default."""
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def to_torch(output, device) -> "torch.Tensor":
     """Copy a DALI TensorList into a new torch tensor on `device` via DALI's PyTorch plugin."""
     import torch
@@ -177,8 +186,16 @@ class DaliBatches(GeneratorBackend):
         step on 2 cores, the trainer waiting while one core resized); DALI's own prefetch covers
         only the decode. Local shards only: a streamed feed can wait long on the network, and a
         stop must not wait behind it. Errors are raised here, in order, as themselves."""
+        import torch
+
         n = self.plan.num_batches
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmim-cpu-tail") as pool:
+            # One torch thread there for good, set while this thread waits: torch.set_num_threads
+            # also resets process-wide state (the count new threads start with, oneDNN's caches),
+            # which must not change under the model's ops; the last call restores that count.
+            threads = torch.get_num_threads()   # read first: it also settles this thread's own count
+            pool.submit(_one_torch_thread).result()
+            torch.set_num_threads(threads)
             ahead = pool.submit(self._next, 0) if n else None
             for it in range(n):
                 batch = ahead.result()

@@ -46,7 +46,8 @@ def finish_batch(
     scale = torch.tensor([1.0 / (255.0 * v) for v in std]).view(3, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads != 1:   # a no-op in the read-ahead thread (`lmim.pipeline.dali`), which runs on one already
+        torch.set_num_threads(1)
     try:
         for i, arr in enumerate(crops):
             img = torch.from_numpy(np.ascontiguousarray(arr))
@@ -66,5 +67,6 @@ def finish_batch(
                 x = x.flip(-1)
             torch.mul(x, scale, out=out[i]).add_(bias)
     finally:
-        torch.set_num_threads(threads)
+        if threads != 1:
+            torch.set_num_threads(threads)
     return out

@@ -205,6 +205,31 @@ def test_new_iterator_continues_where_the_last_stopped(dataset):
     assert got == ref and loader.epoch == 1
 
 
+def test_the_cpu_read_ahead_leaves_the_models_threads_alone(dataset):
+    """On the CPU the next batch is finished in a background thread while the caller works; its
+    one-thread setting must not leak into the caller's torch threads or the count new threads get."""
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = build_loader(cfg(dataset), **GEOM)
+        for n, batch in enumerate(loader):
+            assert torch.get_num_threads() == 2
+            if n == 2:
+                break
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2] and torch.get_num_threads() == 2
+        assert not [t for t in threading.enumerate() if t.name.startswith("lmim-cpu-tail")]   # stopped with the epoch
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_world_size_change_resumes_next_epoch(dataset, caplog):
     run = build_loader(cfg(dataset), **GEOM)
     it = iter(run)
