@@ -12,7 +12,7 @@ Crop windows and flips always come from Python (`fn.external_source`), computed 
 decodes only the window (less work than a full decode) and the randomness is exactly resumable.
 Decoding is "mixed" (nvJPEG on the GPU) when the process has a CUDA device, "cpu" otherwise;
 on the CPU the resize/flip/normalise tail runs in torch (`lmim.pipeline.resize`), which is several
-times faster there than DALI's CPU resampler.
+times faster there than DALI's CPU resampler, one batch ahead in a background thread (local shards).
 
 `DaliBatches` is the loader backend (`lmim.pipeline.backend`): it runs one epoch's plan through
 such a pipeline.
