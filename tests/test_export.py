@@ -107,6 +107,8 @@ def test_bad_input_is_one_clear_error(trained, tmp_path, capsys):
     (run_dir / "config.yaml").write_text((ckpt / "config.yaml").read_text())
     assert export.main([str(run_dir), str(tmp_path / "x.safetensors")]) == 2
     assert "run is a run folder, not a checkpoint: pass one of its checkpoints" in capsys.readouterr().err
+    assert export.main([str(run_dir / "checkpoints"), str(tmp_path / "x.safetensors")]) == 2   # one level short
+    assert "checkpoints is a run's checkpoints folder, not a checkpoint" in capsys.readouterr().err
     assert export.main([str(ckpt), str(tmp_path / "X.SAFETENSORS")]) == 2     # a file name, not a folder
     assert "must end in .safetensors" in capsys.readouterr().err
     assert export.main([str(ckpt), str(tmp_path / "x.pt")]) == 2

@@ -614,6 +614,10 @@ def test_a_file_where_the_checkpoints_folder_goes_is_a_bad_setting_at_start_up(s
     assert proc.returncode == 2
     assert "holds a file named 'checkpoints'" in _one_sentence(proc)
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints"]   # nothing but the lock
+    proc = _pretrain(f"data.url={small_dataset}", f"run_dir={run_dir / 'checkpoints'}", "max_steps=2")
+    assert proc.returncode == 2   # run_dir itself a file: said so (was "cannot be written (File exists)")
+    assert "checkpoints' is a file, not a folder: choose another run_dir" in _one_sentence(proc)
+    assert (run_dir / "checkpoints").read_text() == "x"
 
 
 def test_a_bug_in_any_command_exits_70_with_its_traceback_not_1(monkeypatch, capsys):

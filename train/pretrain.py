@@ -235,6 +235,9 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path, lock: RunFolderLock | None 
     """Create or reuse run_dir (process 0): lock it (a new folder: right after creating it, before
     anything is cleaned or written), clear interrupted writes, write config.yaml."""
     created = not run_dir.exists()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {str(run_dir)!r} is a file, not a folder: choose another run_dir (or move the "
+                          "file away).")
     for folder in ("checkpoints", "logs"):   # found at the first checkpoint, after hours, otherwise
         if (run_dir / folder).exists() and not (run_dir / folder).is_dir():
             raise ConfigError(f"run_dir {str(run_dir)!r} holds a file named {folder!r} where its {folder} folder goes: "
