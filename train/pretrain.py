@@ -607,8 +607,12 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         # Out of the checkpoint listing, or rotation (checkpoint.keep, by write order) would delete the
         # good checkpoint just loaded before the damaged newer one; kept under another name to inspect.
         for path in damaged:
-            _warn(accelerator, f"{path.name} is damaged; moved aside to {set_aside_damaged(path).name} (never resumed "
-                               "from or rotated out; delete it when you no longer need it).")
+            try:
+                moved = f"moved aside to {set_aside_damaged(path).name} (never resumed from or rotated out; delete " \
+                        "it when you no longer need it)"
+            except OSError as err:   # the run goes on; rotation may then count it (as before)
+                moved = f"it could not be moved aside ({err.strerror or err}); move or delete it by hand"
+            _warn(accelerator, f"{path.name} is damaged; {moved}.")
     accelerator.wait_for_everyone()
     if resumed is not None:
         saved_step = state.step
