@@ -194,11 +194,19 @@ class DaliBatches(GeneratorBackend):
             # also resets process-wide state (the count new threads start with, oneDNN's caches),
             # which must not change under the model's ops; the last call restores that count.
             threads = torch.get_num_threads()   # read first: it also settles this thread's own count
-            pool.submit(_one_torch_thread).result()
-            torch.set_num_threads(threads)
+            try:
+                pool.submit(_one_torch_thread).result()
+            finally:   # also when a stop interrupts the wait
+                torch.set_num_threads(threads)
             ahead = pool.submit(self._next, 0) if n else None
             for it in range(n):
-                batch = ahead.result()
+                try:
+                    batch = ahead.result()
+                except BaseException:
+                    # the error's traceback holds this frame: without the future (which holds the
+                    # error) no cycle keeps DALI's failed pipeline alive until a garbage collection
+                    ahead = None
+                    raise
                 ahead = pool.submit(self._next, it + 1) if it + 1 < n else None
                 yield batch
             # closed early: leaving the block waits for the batch in flight (local reads and a

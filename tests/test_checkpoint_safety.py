@@ -112,6 +112,30 @@ def test_a_damaged_checkpoint_passed_over_is_set_aside_not_kept_in_place_of_a_go
         "damaged-step_00000006", "damaged-step_00000006-2"]
 
 
+def test_a_checkpoint_that_could_not_be_read_is_passed_over_but_not_called_damaged(tmp_path, capsys, monkeypatch):
+    """A read error (EIO on a flaky disk) is no proof of damage: resume=auto falls back, but leaves the
+    checkpoint where it is for the next start."""
+    import errno
+
+    from lmim.train import checkpoint as ckpt_module
+
+    run_dir = tmp_path / "r"
+    _run(run_dir, "max_steps=6", "checkpoint.every_steps=3", "checkpoint.keep=3")
+    newest = latest_checkpoint(run_dir)
+    real = ckpt_module.checksum_of_file
+
+    def flaky(path, *args, **kwargs):
+        if newest.name in str(path):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module, "checksum_of_file", flaky)
+    _run(run_dir, "resume=auto", "max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=3")
+    err = capsys.readouterr().err
+    assert "step_00000006" in err and "cannot be read (Input/output error)" in err
+    assert newest.is_dir() and not list((run_dir / "checkpoints").glob("damaged-*"))
+
+
 def test_no_loadable_checkpoint_is_one_sentence_and_exit_code_3(tmp_path):
     run_dir = tmp_path / "r"
     _run(run_dir, "max_steps=4", "checkpoint.every_steps=2")

@@ -471,6 +471,26 @@ def test_undecodable_sample_skip(corrupt, reader, backend):
     assert loader.state_dict()["skipped_keys"] == [key]
 
 
+@pytest.mark.timeout(120)
+def test_a_skipped_sample_frees_the_failed_pipeline_at_once(corrupt):
+    """The failed batch's DALI pipeline (its threads, buffers, open shards) is released when the
+    loader moves past it, not whenever a garbage collection happens to run (nor in a forked child)."""
+    import gc
+
+    from nvidia.dali import Pipeline
+
+    root, _, _ = corrupt
+    gc.collect()
+    gc.disable()
+    try:
+        loader = build_loader(cfg(root, on_error="skip"), **GEOM)
+        epoch(loader)
+        alive = [o for o in gc.get_objects() if isinstance(o, Pipeline)]
+    finally:
+        gc.enable()
+    assert loader.stats["skipped"] == 1 and alive == []
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_missing_shard(dataset, tmp_path, backend):

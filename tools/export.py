@@ -86,8 +86,9 @@ def _refuse_non_checkpoint(path: Path) -> None:
         newest = latest_checkpoint(path)
         which = f"the newest is {newest}" if newest is not None else "it has no complete checkpoint yet"
         raise ExportError(f"{path} is a run folder, not a checkpoint: pass one of its checkpoints ({which}).")
-    if path.name == checkpoints_dir(path.parent).name and not (path / "config.yaml").exists():
-        newest = latest_checkpoint(path.parent)
+    whole = path.resolve()   # `.` from inside the folder has no name
+    if whole.name == checkpoints_dir(whole.parent).name and not (path / "config.yaml").exists():
+        newest = latest_checkpoint(whole.parent)
         which = f"the newest is {newest}" if newest is not None else "it has no complete checkpoint yet"
         raise ExportError(f"{path} is a run's checkpoints folder, not a checkpoint: pass one of the checkpoints "
                           f"in it ({which}).")

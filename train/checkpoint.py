@@ -78,6 +78,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, phrased as one sentence for the user."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are not what its marker recorded (missing, cut, other bytes) or whose
+    marker is garbled: damage, as opposed to a read that failed or a state that does not fit this run."""
+
+
 @dataclass
 class TrainState:
     """The trainer's own counters, checkpointed through `register_for_checkpointing`."""
@@ -257,6 +262,11 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def folder_bytes(path: Path) -> int:
+    """The size of the files directly in `path` (a checkpoint folder is flat)."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
 def set_aside_damaged(path: str | Path) -> Path:
     """Rename a damaged checkpoint `step_N` to `damaged-step_N` (`-2`, `-3`, ... when taken) and return
     the new path: out of `list_checkpoints`, so neither resumed from nor counted by rotation, yet kept
@@ -428,26 +438,33 @@ def verify_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> 
     path = Path(path)
     try:
         marker = read_marker(path)
-    except (OSError, ValueError) as err:
+    except OSError as err:   # a read that failed (EIO, ESTALE, ...): not proof of damage
         raise CheckpointError(f"checkpoint {path} has an unreadable {COMPLETE_MARKER} ({err}).") from None
+    except ValueError as err:
+        raise CheckpointDamaged(f"checkpoint {path} has an unreadable {COMPLETE_MARKER} ({err}).") from None
     files = marker.get("files", {}) if isinstance(marker, dict) else None
     if not isinstance(files, dict) or not all(
             isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("checksum", ""), str)
             for w in files.values()):
-        raise CheckpointError(f"checkpoint {path} has a {COMPLETE_MARKER} that is not what lmim writes "
-                              "(an object listing each file's bytes and checksum).")
+        raise CheckpointDamaged(f"checkpoint {path} has a {COMPLETE_MARKER} that is not what lmim writes "
+                                "(an object listing each file's bytes and checksum).")
     for name, want in files.items():  # checkpoints older than the digests: no list
         if only is not None and name not in only:
             continue
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name}.")
-        size = f.stat().st_size
+            raise CheckpointDamaged(f"checkpoint {path} is missing {name}.")
+        try:
+            size = f.stat().st_size
+            expected = want.get("checksum")  # absent in markers that recorded sizes only
+            changed = size == want["bytes"] and bool(expected) and checksum_of_file(str(f), algorithm_of(expected)) != expected
+        except OSError as err:
+            raise CheckpointError(f"checkpoint {path}: {name} cannot be read ({err.strerror or err}).") from None
         if size != want["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, {want['bytes']} were written.")
-        expected = want.get("checksum")  # absent in markers that recorded sizes only
-        if expected and checksum_of_file(str(f), algorithm_of(expected)) != expected:
-            raise CheckpointError(f"checkpoint {path} is damaged: the bytes of {name} changed since it was written.")
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: {name} has {size} bytes, {want['bytes']} were "
+                                    "written.")
+        if changed:
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: the bytes of {name} changed since it was written.")
 
 
 def _read_state(path: Path, index: int, name: str) -> Any:

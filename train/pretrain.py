@@ -63,9 +63,11 @@ from lmim.train.allocator import keep_freed_memory
 from lmim.train.cadence import Cadence
 from lmim.train.checkpoint import (
     COMPLETE_MARKER,
+    CheckpointDamaged,
     CheckpointError,
     RankedState,
     TrainState,
+    folder_bytes,
     install_unwrapped_model_hooks,
     latest_checkpoint,
     list_checkpoints,
@@ -290,7 +292,8 @@ def _warn(accelerator, message: str) -> None:
 
 def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, Any]) -> tuple[Path, list[Path]]:
     """Load `first`; with resume=auto, fall back to older complete checkpoints when it is damaged.
-    Returns the checkpoint loaded and the damaged ones passed over (newest first).
+    Returns the checkpoint loaded and the damaged ones passed over (newest first; not those that
+    failed for another reason, such as a read error or a state that does not fit this run).
 
     Raises:
         CheckpointError: no candidate could be loaded (one sentence naming the newest's problem).
@@ -302,7 +305,7 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
     for path in candidates:
         try:
             load_checkpoint(accelerator, path, states)
-            return path, candidates[:len(errors)]
+            return path, [p for p, e in zip(candidates, errors) if isinstance(e, CheckpointDamaged)]
         except CheckpointError as err:
             errors.append(err)
             if len(candidates) > 1:  # every skipped checkpoint is named with its reason
@@ -608,8 +611,9 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         # good checkpoint just loaded before the damaged newer one; kept under another name to inspect.
         for path in damaged:
             try:
-                moved = f"moved aside to {set_aside_damaged(path).name} (never resumed from or rotated out; delete " \
-                        "it when you no longer need it)"
+                size = folder_bytes(path) / 2**20
+                moved = f"moved aside to {set_aside_damaged(path).name} ({size:.0f} MiB; never resumed from or " \
+                        "rotated out: delete it when you no longer need it)"
             except OSError as err:   # the run goes on; rotation may then count it (as before)
                 moved = f"it could not be moved aside ({err.strerror or err}); move or delete it by hand"
             _warn(accelerator, f"{path.name} is damaged; {moved}.")
