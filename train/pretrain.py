@@ -607,6 +607,8 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     # looks like a run, nor one that no longer matches the run's checkpoints).
     if accelerator.is_main_process:
         _prepare_run_dir(cfg, run_dir, lock)
+    accelerator.wait_for_everyone()   # every process has loaded its checkpoint: none reads the damaged ones now
+    if accelerator.is_main_process:
         # Out of the checkpoint listing, or rotation (checkpoint.keep, by write order) would delete the
         # good checkpoint just loaded before the damaged newer one; kept under another name to inspect.
         for path in damaged:
