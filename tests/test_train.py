@@ -241,6 +241,12 @@ def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, c
     assert "nothing left to train: the checkpoint is at step 10 and this run stops at step 10" in capsys.readouterr().out
     longer = _run(tmp_path / "r", "resume=auto", "epochs=3")
     assert longer["step"] == 15 and "nothing left" not in capsys.readouterr().out
+    # Another run's finished checkpoint into a new folder: the summary names that checkpoint (the
+    # model's state), not whatever this folder held
+    other = _run(tmp_path / "new", f"resume={again['checkpoint']}")
+    assert other["step"] == 10 and other["checkpoint"] == again["checkpoint"]
+    status = json.loads((tmp_path / "new" / "status.json").read_text())
+    assert status["last_checkpoint"] == str(Path(again["checkpoint"]).resolve())
 
 
 def test_metrics_jsonl_is_strict_json_with_undefined_values_as_null(tmp_path):

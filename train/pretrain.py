@@ -632,7 +632,7 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
     reporter = Reporter(cfg, accelerator, schedules=sched, steps_per_epoch=steps_per_epoch, loader=loader,
                         start_step=state.step, stop_step=cadence.stop_step)
     meter = Meter(eff_batch, start_step=state.step, stop_step=cadence.stop_step)
-    last_ckpt = latest_checkpoint(run_dir) if resume_from is not None else None
+    last_ckpt = resumed   # the checkpoint the model now holds (resume=PATH may name another run's)
 
     status, failure = "completed", None
     # config.yaml keeps what was asked (precision: auto, threads: null); this is what the machine got
@@ -689,7 +689,7 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         if cfg.plots:
             reporter.plot()
         if accelerator.is_main_process:
-            _write_status(run_dir, status, state.step, failure, latest_checkpoint(run_dir), setup)
+            _write_status(run_dir, status, state.step, failure, latest_checkpoint(run_dir) or last_ckpt, setup)
     return {
         "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "step": state.step,
         "steps_per_epoch": steps_per_epoch, "effective_batch": eff_batch, "peak_lr": sched.peak_lr,
