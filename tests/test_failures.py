@@ -179,7 +179,7 @@ def test_debug_prints_the_traceback_and_the_log_keeps_it(small_dataset, tmp_path
     proc = subprocess.run([sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, "data.loader=dali",
                            "data.num_threads=1", f"data.url={small_dataset}", f"run_dir={run_dir}", "resume=auto"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert proc.returncode == 3 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
+    assert proc.returncode == 3 and "Traceback" in proc.stderr and "CheckpointDamaged" in proc.stderr
 
 
 def test_every_lmim_command_turns_an_expected_failure_into_one_sentence(tmp_path, monkeypatch, capsys):
