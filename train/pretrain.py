@@ -689,7 +689,9 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         if cfg.plots:
             reporter.plot()
         if accelerator.is_main_process:
-            _write_status(run_dir, status, state.step, failure, latest_checkpoint(run_dir) or last_ckpt, setup)
+            # what this run saved, as on disk (a save can fail after its rename); else what it loaded
+            saved = latest_checkpoint(run_dir) if resumed is None or last_ckpt is not resumed else None
+            _write_status(run_dir, status, state.step, failure, saved or last_ckpt, setup)
     return {
         "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "step": state.step,
         "steps_per_epoch": steps_per_epoch, "effective_batch": eff_batch, "peak_lr": sched.peak_lr,
