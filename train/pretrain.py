@@ -284,10 +284,18 @@ def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None
         tmp.unlink(missing_ok=True)
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write. With PYTHONUNBUFFERED=1 (common in containers and batch
+    jobs) print() writes the text and its newline separately, and another process of the launch
+    could put its own line between the two."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 def _warn(accelerator, message: str) -> None:
     """A warning, once (process 0), on stderr beside the failures, not in the stdout log of progress."""
     if accelerator.is_main_process:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        _say(f"warning: {message}")
 
 
 def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, Any]) -> tuple[Path, list[Path]]:
@@ -775,7 +783,7 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         # Any other failure may be one process's own (its shards, its device), so each says which it is.
         if world == 1 or rank == 0 or failure.kind != "config":
             who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
-            print(f"{who}: {failure.sentence}{where}", file=sys.stderr)
+            _say(f"{who}: {failure.sentence}{where}")
         return failure.code
     if _launcher_rank()[0] == 0:   # once per run, not once per process
         try:
