@@ -173,7 +173,7 @@ class DaliBatches(GeneratorBackend):
                                         resize_in_dali=self._resize_in_dali)
             if self._resize_in_dali or files is None:
                 for it in range(self.plan.num_batches):
-                    yield self._decoded(it, self._run(it))
+                    yield self._next(it)
             else:
                 yield from self._read_ahead()
         finally:
@@ -213,6 +213,7 @@ class DaliBatches(GeneratorBackend):
             # resize: milliseconds) before the pipeline is released
 
     def _next(self, it: int) -> DecodedBatch:
+        """Batch `it` of the plan: DALI's run, then the CPU tail (or the GPU output as it is)."""
         return self._decoded(it, self._run(it))
 
     def _release(self) -> None:

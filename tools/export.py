@@ -82,16 +82,16 @@ def _refuse_non_checkpoint(path: Path) -> None:
         raise ExportError(f"{path} does not exist: pass a checkpoint directory (run_dir/checkpoints/step_N).")
     if not path.is_dir():
         raise ExportError(f"{path} is a file: pass a checkpoint directory (run_dir/checkpoints/step_N).")
+    def newest_of(run_dir: Path) -> str:
+        newest = latest_checkpoint(run_dir)
+        return f"the newest is {newest}" if newest is not None else "it has no complete checkpoint yet"
+
     if checkpoints_dir(path).is_dir():
-        newest = latest_checkpoint(path)
-        which = f"the newest is {newest}" if newest is not None else "it has no complete checkpoint yet"
-        raise ExportError(f"{path} is a run folder, not a checkpoint: pass one of its checkpoints ({which}).")
+        raise ExportError(f"{path} is a run folder, not a checkpoint: pass one of its checkpoints ({newest_of(path)}).")
     whole = path.resolve()   # `.` from inside the folder has no name
     if whole.name == checkpoints_dir(whole.parent).name and not (path / "config.yaml").exists():
-        newest = latest_checkpoint(whole.parent)
-        which = f"the newest is {newest}" if newest is not None else "it has no complete checkpoint yet"
         raise ExportError(f"{path} is a run's checkpoints folder, not a checkpoint: pass one of the checkpoints "
-                          f"in it ({which}).")
+                          f"in it ({newest_of(whole.parent)}).")
 
 
 def load_model_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:

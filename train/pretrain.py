@@ -487,6 +487,20 @@ def _make_stepper(cfg: DictConfig, accelerator, model: LatentMIM, sched: Schedul
     return Stepper(model, net, optimizer, sched, clip_grad=cfg.optim.clip_grad, accelerator=accelerator)
 
 
+def _set_aside(damaged: list[Path], accelerator) -> None:
+    """Rename the damaged checkpoints resume=auto passed over (process 0, every process done loading):
+    out of the listing, or rotation (checkpoint.keep, by write order) would delete the good checkpoint
+    just loaded before a damaged newer one; kept under another name for a person to inspect."""
+    for path in damaged:
+        try:
+            size = folder_bytes(path) / 2**20
+            moved = (f"moved aside to {set_aside_damaged(path).name} ({size:.0f} MiB; never resumed from or rotated "
+                     "out: delete it when you no longer need it)")
+        except OSError as err:   # the run goes on; rotation may then count it (as before)
+            moved = f"it could not be moved aside ({err.strerror or err}); move or delete it by hand"
+        _warn(accelerator, f"{path.name} is damaged; {moved}.")
+
+
 def _restore(cfg: DictConfig, accelerator, loader, resume_from: Path | None
              ) -> tuple[TrainState, dict[str, Any], Path | None, list[Path]]:
     """The loop's checkpointed state: (TrainState, the states saved with every checkpoint, the
@@ -617,16 +631,7 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         _prepare_run_dir(cfg, run_dir, lock)
     accelerator.wait_for_everyone()   # every process has loaded its checkpoint: none reads the damaged ones now
     if accelerator.is_main_process:
-        # Out of the checkpoint listing, or rotation (checkpoint.keep, by write order) would delete the
-        # good checkpoint just loaded before the damaged newer one; kept under another name to inspect.
-        for path in damaged:
-            try:
-                size = folder_bytes(path) / 2**20
-                moved = f"moved aside to {set_aside_damaged(path).name} ({size:.0f} MiB; never resumed from or " \
-                        "rotated out: delete it when you no longer need it)"
-            except OSError as err:   # the run goes on; rotation may then count it (as before)
-                moved = f"it could not be moved aside ({err.strerror or err}); move or delete it by hand"
-            _warn(accelerator, f"{path.name} is damaged; {moved}.")
+        _set_aside(damaged, accelerator)
     accelerator.wait_for_everyone()
     if resumed is not None:
         saved_step = state.step
@@ -697,9 +702,10 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
         if cfg.plots:
             reporter.plot()
         if accelerator.is_main_process:
-            # what this run saved, as on disk (a save can fail after its rename); else what it loaded
-            saved = latest_checkpoint(run_dir) if resumed is None or last_ckpt is not resumed else None
-            _write_status(run_dir, status, state.step, failure, saved or last_ckpt, setup)
+            # what it loaded when it saved nothing (resume=PATH may name another run's); else the newest
+            # on disk (a save can fail after its rename, while rotating out an old one)
+            shown = last_ckpt if resumed is not None and last_ckpt is resumed else latest_checkpoint(run_dir)
+            _write_status(run_dir, status, state.step, failure, shown, setup)
     return {
         "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None, "step": state.step,
         "steps_per_epoch": steps_per_epoch, "effective_batch": eff_batch, "peak_lr": sched.peak_lr,
