@@ -49,7 +49,7 @@ def arch_problem(arch: str) -> str | None:
 
     from timm.models import is_model, is_model_in_modules, list_models
 
-    if is_model_in_modules(arch, "vision_transformer"):
+    if is_model_in_modules(arch, ("vision_transformer",)):
         return None
     if is_model(arch):
         return "it is a timm model but not a VisionTransformer"

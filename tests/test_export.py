@@ -48,8 +48,7 @@ def test_round_trip_through_timm(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "timm.create_model('vit_tiny_patch16_224', pretrained=True" in printed
 
-    arch, kwargs = export.read_export_metadata(out)
-    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=0), **kwargs)
+    model = eval(export.timm_command(out), {"timm": timm})   # the line lmim prints, as a user runs it
     assert isinstance(model, timm.models.VisionTransformer)
     # Strict keys: the file holds exactly the timm model's state dict, every tensor loaded.
     sd = load_file(str(out))

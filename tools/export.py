@@ -15,11 +15,14 @@ A checkpoint directory (written by the trainer) holds `model.safetensors` (the L
 safetensors metadata `lmim.arch` (the timm model name) and `lmim.timm_kwargs` (JSON), so that
 
     timm.create_model(ARCH, pretrained=True,
-                      pretrained_cfg_overlay=dict(file=OUT, num_classes=0), **KWARGS)
+                      pretrained_cfg_overlay=dict(file=OUT, num_classes=0, custom_load=False), **KWARGS)
 
 loads it with strict keys (`num_classes=0` in the overlay keeps timm's loader strict: it only
 relaxes strictness when the model's class count differs from the weights') and gives the
-trained encoder's features, at img_size = grid * patch with no patch gap.
+trained encoder's features, at img_size = grid * patch with no patch gap. `custom_load=False`
+because several ViTs' default pretrained_cfg says their published weights are a big_vision .npz,
+and timm before 1.0.31 keeps that flag for a file the overlay names (it then reads our
+safetensors as an .npz).
 """
 from __future__ import annotations
 
@@ -291,7 +294,7 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
         kwargs = _write_weights(net, which, tmp / "model.safetensors", normalisation)
         (tmp / "model.safetensors").chmod(file_mode_for_new_files())
         encoder = net.encoder if which == "online" else net.target_encoder
-        save_config_for_hf(encoder, str(tmp / "config.json"), model_args=kwargs,
+        save_config_for_hf(encoder, tmp / "config.json", model_args=kwargs,  # a Path: timm < 1.0.31 calls .open() on it
                            model_config={"pretrained_cfg": pretrained_cfg})
         _drop_inherited_weight_facts(tmp / "config.json")
         (tmp / "README.md").write_text(model_card(ckpt, train_cfg, kwargs, which, out, figures))
@@ -302,12 +305,14 @@ def export_folder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _drop_inherited_weight_facts(config_json: Path) -> None:
-    """timm copies the architecture's default pretrained_cfg, whose `tag` and `license` describe
-    timm's published weights (e.g. augreg on ImageNet-21k), not these: name ours and drop the licence
-    (it follows from the training data, which only the user knows)."""
+    """timm copies the architecture's default pretrained_cfg, whose `tag`, `license` and `custom_load`
+    describe timm's published weights (e.g. augreg on ImageNet-21k, a big_vision .npz), not these:
+    name ours, drop the licence (it follows from the training data, which only the user knows) and
+    the .npz flag (timm before 1.0.31 obeys it for a local folder and misreads model.safetensors)."""
     config = json.loads(config_json.read_text())
     config["pretrained_cfg"]["tag"] = "lmim"
     config["pretrained_cfg"].pop("license", None)
+    config["pretrained_cfg"].pop("custom_load", None)
     config_json.write_text(json.dumps(config, indent=2))
 
 
@@ -517,7 +522,7 @@ def timm_command(path: str | os.PathLike) -> str:
     kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     return (
         f"timm.create_model({arch!r}, pretrained=True, "
-        f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes=0){kw})"
+        f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes=0, custom_load=False){kw})"
     )
 
 
@@ -535,7 +540,7 @@ def load_encoder(path: str | os.PathLike):
         raise ExportError(f"{p} does not exist: pass an exported .safetensors file or a checkpoint directory.")
     arch, kwargs = read_export_metadata(p)
     return _built(p, lambda: timm.create_model(
-        arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(p), num_classes=0), **kwargs))
+        arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(p), num_classes=0, custom_load=False), **kwargs))
 
 
 def _built(path: Path, build):
