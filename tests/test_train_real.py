@@ -127,6 +127,53 @@ def test_two_processes_torchrun_gloo(shards, tmp_path):
     assert latest_checkpoint(run_dir).name == "step_00000010"
 
 
+# pretrain, with every checkpoint file read on process 1 failing (EIO): a node whose disk fails.
+_EIO_ON_PROCESS_1 = """
+import errno, os, sys
+from lmim.train import checkpoint
+real = checkpoint.checksum_of_file
+def flaky(path, *args, **kwargs):
+    if os.environ["RANK"] == "1" and os.environ["LMIM_TEST_UNREADABLE"] in str(path):
+        raise OSError(errno.EIO, "Input/output error")
+    return real(path, *args, **kwargs)
+checkpoint.checksum_of_file = flaky
+from lmim.train.pretrain import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_one_process_cannot_read_is_passed_over_by_every_process(tmp_path):
+    """resume=auto on 2 ranks where process 1 cannot read the newest checkpoint: both resume from the
+    previous one (chosen each on its own, rank 0 resumed at step 4 and rank 1 at step 2), the warning
+    names the process, and the unreadable checkpoint is left in place (a read error is no damage)."""
+    run_dir = tmp_path / "r"
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--config", "quickstart", *TINY, "data.loader=synthetic", "synthetic_batches=4", "data.batch_size=4",
+            "debug_rank_log=true", f"run_dir={run_dir}", "checkpoint.every_steps=2", "checkpoint.keep=3"]
+    done = subprocess.run([*head, "-m", "lmim.train.pretrain", *args, "max_steps=4"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    newest = latest_checkpoint(run_dir)
+    assert newest.name == "step_00000004"
+    (run_dir / "debug").rename(tmp_path / "debug-first")
+    script = tmp_path / "eio_on_process_1.py"
+    script.write_text(_EIO_ON_PROCESS_1)
+    done = subprocess.run([*head, str(script), *args, "resume=auto", "max_steps=6"], cwd=REPO,
+                          env={**_env(), "LMIM_TEST_UNREADABLE": newest.name},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipping step_00000004: process 1: checkpoint" in done.stderr, done.stderr[-3000:]
+    assert "cannot be read (Input/output error)" in done.stderr
+    assert "resumed from" in done.stdout and "step_00000002 at step 2" in done.stdout
+    logs = [[json.loads(line) for line in (run_dir / "debug" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)]
+    digests = [{rec["step"]: rec["digest"] for rec in log if "digest" in rec} for log in logs]
+    assert sorted(digests[0]) == sorted(digests[1]) == [3, 4, 5, 6]     # both went on from step 2
+    assert digests[0] == digests[1]                                      # with the same weights
+    assert newest.is_dir() and not list((run_dir / "checkpoints").glob("damaged-*"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quickstart_command_runs_end_to_end(tmp_path):

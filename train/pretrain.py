@@ -303,27 +303,67 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
     Returns the checkpoint loaded and the damaged ones passed over (newest first; not those that
     failed for another reason, such as a read error or a state that does not fit this run).
 
+    Every process loads the same checkpoint: process 0's list of candidates is everyone's, and a
+    checkpoint that one process cannot load (a read error on its node, say) is passed over by all.
+    Chosen each on its own, the ranks could resume at different steps with different weights.
+
     Raises:
         CheckpointError: no candidate could be loaded (one sentence naming the newest's problem).
     """
     candidates = [first]
     if cfg.resume == "auto":
         candidates += [p for _, p in reversed(list_checkpoints(cfg.run_dir)) if p != first]
+    candidates = _from_process_0(accelerator, candidates)
     errors: list[CheckpointError] = []
+    damaged: list[Path] = []
     for path in candidates:
         try:
             load_checkpoint(accelerator, path, states)
-            return path, [p for p, e in zip(candidates, errors) if isinstance(e, CheckpointDamaged)]
+            mine: CheckpointError | None = None
         except CheckpointError as err:
-            errors.append(err)
-            if len(candidates) > 1:  # every skipped checkpoint is named with its reason
-                then = "Trying the previous checkpoint." if path is not candidates[-1] else "No older checkpoint is left."
-                _warn(accelerator, f"skipping {path.name}: {err} {then}")
+            mine = err
+        err, damaged_on_0 = _agreed_outcome(accelerator, mine)
+        if err is None:
+            return path, damaged
+        errors.append(err)
+        if damaged_on_0:   # process 0 does the renaming: only damage it saw itself
+            damaged.append(path)
+        if len(candidates) > 1:  # every skipped checkpoint is named with its reason
+            then = "Trying the previous checkpoint." if path is not candidates[-1] else "No older checkpoint is left."
+            _warn(accelerator, f"skipping {path.name}: {err} {then}")
     if len(errors) == 1:
         raise errors[0]
     names = ", ".join(p.name for p in candidates)
     raise CheckpointError(f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded ({names}; each "
                           f"one's reason is printed above); the newest: {errors[0]}")
+
+
+def _from_process_0(accelerator, paths: list[Path]) -> list[Path]:
+    """Process 0's `paths`, on every process (one process: as they are)."""
+    if accelerator.num_processes == 1:
+        return paths
+    from accelerate.utils import broadcast_object_list
+
+    box = [[str(p) for p in paths]]
+    broadcast_object_list(box, from_process=0)
+    return [Path(p) for p in box[0]]
+
+
+def _agreed_outcome(accelerator, mine: CheckpointError | None) -> tuple[CheckpointError | None, bool]:
+    """Every process's outcome of loading one checkpoint, as one: (None, False) when all loaded it;
+    else the first process's error (named with its process when that is not process 0) and whether
+    process 0 itself found the checkpoint damaged."""
+    if accelerator.num_processes == 1:
+        return mine, isinstance(mine, CheckpointDamaged)
+    from accelerate.utils import gather_object
+
+    outcomes = gather_object([None if mine is None else (isinstance(mine, CheckpointDamaged), str(mine))])
+    failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return None, False
+    rank, (damaged, text) = failed[0]
+    err = (CheckpointDamaged if damaged else CheckpointError)(text if rank == 0 else f"process {rank}: {text}")
+    return err, outcomes[0] is not None and outcomes[0][0]
 
 
 def _make_accelerator(cfg: DictConfig):
