@@ -339,6 +339,22 @@ def test_under_torchrun_a_config_error_is_said_once_and_a_data_error_names_its_p
     assert said == ["lmim pretrain (process 0 of 2)", "lmim pretrain (process 1 of 2)"], missing.stderr[-3000:]
 
 
+def test_under_torchrun_a_config_error_is_said_even_when_process_0_is_the_slower_one(tmp_path):
+    """torchrun stops every process once one fails: process 1 (silent on a config error) must not exit
+    before process 0 has said it, or the launch fails without a word (seen on a busy machine)."""
+    script = tmp_path / "slow_process_0.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '0':\n    time.sleep(3)\n"
+                      "from lmim.train.pretrain import main\nsys.exit(main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--config", "quickstart", "epochs=abc", f"run_dir={tmp_path / 'a'}"]
+    bad = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    said = [line for line in bad.stderr.splitlines() if line.startswith("lmim pretrain")]
+    assert said == ["lmim pretrain (process 0 of 2): Config key 'epochs' must be an integer, got 'abc' "
+                    "(from the override 'epochs=abc')."], bad.stderr[-3000:]
+    assert bad.returncode != 0
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_during_the_quickstart_is_recorded_and_a_rerun_starts_over(tmp_path):

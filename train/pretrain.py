@@ -825,11 +825,15 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         if failure.code == EXIT_CLOSED_PIPE:  # nothing more can reach stdout
             silence_stdout()
         rank, world = _launcher_rank()
-        # Every process of a launch reads the same config: process 0 says a config error for all of them.
-        # Any other failure may be one process's own (its shards, its device), so each says which it is.
-        if world == 1 or rank == 0 or failure.kind != "config":
+        # Every process of a launch reads the same config, and a SIGTERM reaches them all alike (a
+        # scheduler's stop, or torchrun stopping the others once one has failed): process 0 says those
+        # for all of them. Any other failure may be one process's own (its shards, its device), so each
+        # says which process it is.
+        if world == 1 or rank == 0 or failure.kind not in ("config", "interrupted"):
             who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
             _say(f"{who}: {failure.sentence}{where}")
+        elif failure.kind == "config":
+            _let_process_0_say_it()
         return failure.code
     if _launcher_rank()[0] == 0:   # once per run, not once per process
         try:
@@ -838,6 +842,17 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         except BrokenPipeError:  # the run is complete; only its last line had no reader
             silence_stdout()
     return 0
+
+
+def _let_process_0_say_it(grace_s: float = 10.0) -> None:
+    """A silent process's exit, held back a little: torchrun stops the other processes as soon as one
+    fails, so a process that exited first could have process 0 killed before it said the sentence for
+    all (seen on a busy machine: the launch failed without a word). Process 0's exit ends the wait
+    (torchrun's SIGTERM); the grace bounds it where no launcher does."""
+    try:
+        time.sleep(grace_s)
+    except KeyboardInterrupt:   # SIGTERM from the launcher (signals.Terminated), or Ctrl-C: leave now
+        pass
 
 
 def _launcher_rank() -> tuple[int, int]:
