@@ -308,11 +308,11 @@ def _drop_inherited_weight_facts(config_json: Path) -> None:
     """timm copies the architecture's default pretrained_cfg, whose `tag`, `license` and `custom_load`
     describe timm's published weights (e.g. augreg on ImageNet-21k, a big_vision .npz), not these:
     name ours, drop the licence (it follows from the training data, which only the user knows) and
-    the .npz flag (timm before 1.0.31 obeys it for a local folder and misreads model.safetensors)."""
+    clear the .npz flag (timm before 1.0.31 obeys it for a local folder and misreads model.safetensors)."""
     config = json.loads(config_json.read_text())
     config["pretrained_cfg"]["tag"] = "lmim"
     config["pretrained_cfg"].pop("license", None)
-    config["pretrained_cfg"].pop("custom_load", None)
+    config["pretrained_cfg"]["custom_load"] = False   # as timm >= 1.0.31 writes it
     config_json.write_text(json.dumps(config, indent=2))
 
 

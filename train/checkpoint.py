@@ -481,10 +481,11 @@ def _read_state(path: Path, index: int, name: str) -> Any:
     raise CheckpointError(f"checkpoint {path} has no {name}.json.")
 
 
-def load_checkpoint(accelerator, path: str | Path, states: dict[str, Any]) -> None:
+def load_checkpoint(accelerator, path: str | Path, states: dict[str, Any], *, verify: bool = True) -> None:
     """Load a checkpoint written by save_checkpoint into the prepared model/optimizer and `states`.
 
-    Nothing in the folder can run code (see the module docstring); every file is verified first.
+    Nothing in the folder can run code (see the module docstring); every file is verified first
+    (`verify=False`: the caller has just done so with `verify_checkpoint`).
 
     Raises:
         CheckpointError: the checkpoint is damaged or cannot be read (one sentence naming it).
@@ -492,7 +493,8 @@ def load_checkpoint(accelerator, path: str | Path, states: dict[str, Any]) -> No
     import pickle
 
     path = Path(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     try:
         saved = {name: _read_state(path, i, name) for i, name in enumerate(states)}
         rng_file = path / f"rng_state_{accelerator.process_index}.json"

@@ -52,7 +52,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -77,6 +77,7 @@ from lmim.train.checkpoint import (
     save_checkpoint,
     set_aside_damaged,
     unfinished_checkpoints,
+    verify_checkpoint,
 )
 from lmim.train.config import ConfigError, effective_batch_size, load_config, preset_names, save_config, to_yaml
 from lmim.train.failures import (
@@ -300,12 +301,14 @@ def _warn(accelerator, message: str) -> None:
 
 def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, Any]) -> tuple[Path, list[Path]]:
     """Load `first`; with resume=auto, fall back to older complete checkpoints when it is damaged.
-    Returns the checkpoint loaded and the damaged ones passed over (newest first; not those that
-    failed for another reason, such as a read error or a state that does not fit this run).
+    Returns the checkpoint loaded and the damaged ones passed over, as process 0 found them (newest
+    first; not those that failed for another reason, such as a read error or a state that does not
+    fit this run).
 
-    Every process loads the same checkpoint: process 0's list of candidates is everyone's, and a
-    checkpoint that one process cannot load (a read error on its node, say) is passed over by all.
-    Chosen each on its own, the ranks could resume at different steps with different weights.
+    Every process loads the same checkpoint: process 0's list of candidates is everyone's, each one
+    is verified on every process before any loads it, and one that any process cannot verify or
+    load (a read error on its node, say) is passed over by all. Chosen each on its own, the ranks
+    could resume at different steps with different weights.
 
     Raises:
         CheckpointError: no candidate could be loaded (one sentence naming the newest's problem).
@@ -313,57 +316,86 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
     candidates = [first]
     if cfg.resume == "auto":
         candidates += [p for _, p in reversed(list_checkpoints(cfg.run_dir)) if p != first]
-    candidates = _from_process_0(accelerator, candidates)
+    candidates = _as_on_process_0(accelerator, candidates)
     errors: list[CheckpointError] = []
     damaged: list[Path] = []
     for path in candidates:
-        try:
-            load_checkpoint(accelerator, path, states)
-            mine: CheckpointError | None = None
-        except CheckpointError as err:
-            mine = err
-        err, damaged_on_0 = _agreed_outcome(accelerator, mine)
-        if err is None:
+        agreed, damaged_on_0 = _agreed_outcome(accelerator, _raised_by(verify_checkpoint, path))
+        if agreed is None:
+            agreed, _ = _agreed_outcome(accelerator, _raised_by(load_checkpoint, accelerator, path, states, verify=False))
+        if agreed is None:
             return path, damaged
-        errors.append(err)
+        errors.append(agreed)
         if damaged_on_0:   # process 0 does the renaming: only damage it saw itself
             damaged.append(path)
         if len(candidates) > 1:  # every skipped checkpoint is named with its reason
             then = "Trying the previous checkpoint." if path is not candidates[-1] else "No older checkpoint is left."
-            _warn(accelerator, f"skipping {path.name}: {err} {then}")
+            _warn(accelerator, f"skipping {path.name}: {agreed} {then}")
     if len(errors) == 1:
-        raise errors[0]
+        raise _said_by_process_0(errors[0], accelerator)
     names = ", ".join(p.name for p in candidates)
-    raise CheckpointError(f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded ({names}; each "
-                          f"one's reason is printed above); the newest: {errors[0]}")
+    raise _said_by_process_0(CheckpointError(
+        f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded ({names}; each one's reason is "
+        f"printed above); the newest: {errors[0]}"), accelerator)
 
 
-def _from_process_0(accelerator, paths: list[Path]) -> list[Path]:
-    """Process 0's `paths`, on every process (one process: as they are)."""
+T = TypeVar("T")
+
+
+def _as_on_process_0(accelerator, value: T) -> T:
+    """Process 0's `value` (picklable), on every process (one process: as it is)."""
     if accelerator.num_processes == 1:
-        return paths
+        return value
     from accelerate.utils import broadcast_object_list
 
-    box = [[str(p) for p in paths]]
+    box = [value]
     broadcast_object_list(box, from_process=0)
-    return [Path(p) for p in box[0]]
+    return box[0]
 
 
-def _agreed_outcome(accelerator, mine: CheckpointError | None) -> tuple[CheckpointError | None, bool]:
-    """Every process's outcome of loading one checkpoint, as one: (None, False) when all loaded it;
-    else the first process's error (named with its process when that is not process 0) and whether
-    process 0 itself found the checkpoint damaged."""
+def _raised_by(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Exception | None:
+    """What fn(*args, **kwargs) raised, or None: every process must reach the next collective."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:   # noqa: BLE001  (sorted out by _agreed_outcome, on every process alike)
+        return err
+    return None
+
+
+def _agreed_outcome(accelerator, mine: Exception | None) -> tuple[CheckpointError | None, bool]:
+    """Every process's outcome of one step of loading a checkpoint, as one: (None, False) when all
+    succeeded; else the lowest-ranked failing process's CheckpointError (named with its process when
+    that is not process 0) and whether process 0 itself found the checkpoint damaged. Anything else
+    raised (a bug) stops every process: the one that met it raises its own error, the others say so."""
     if accelerator.num_processes == 1:
+        if mine is not None and not isinstance(mine, CheckpointError):
+            raise mine
         return mine, isinstance(mine, CheckpointDamaged)
     from accelerate.utils import gather_object
 
-    outcomes = gather_object([None if mine is None else (isinstance(mine, CheckpointDamaged), str(mine))])
+    def kind(err: Exception) -> str:
+        return "damaged" if isinstance(err, CheckpointDamaged) else "error" if isinstance(err, CheckpointError) else "bug"
+
+    outcomes = gather_object([None if mine is None else (kind(mine), str(mine))])
     failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
     if not failed:
         return None, False
-    rank, (damaged, text) = failed[0]
-    err = (CheckpointDamaged if damaged else CheckpointError)(text if rank == 0 else f"process {rank}: {text}")
-    return err, outcomes[0] is not None and outcomes[0][0]
+    if mine is not None and kind(mine) == "bug":
+        raise mine
+    bugs = [(rank, text) for rank, (k, text) in failed if k == "bug"]
+    if bugs:
+        raise RuntimeError(f"process {bugs[0][0]} failed while loading a checkpoint: {bugs[0][1]}")
+    rank, (k, text) = failed[0]
+    agreed = (CheckpointDamaged if k == "damaged" else CheckpointError)(text if rank == 0 else f"process {rank}: {text}")
+    if rank == accelerator.process_index:
+        agreed.__cause__ = mine   # the original error's traceback, for logs/error.log and --debug
+    return agreed, outcomes[0] is not None and outcomes[0][0] == "damaged"
+
+
+def _said_by_process_0(err: CheckpointError, accelerator) -> CheckpointError:
+    """Mark an error every process of the launch agreed on: process 0 says it for all (`_main`)."""
+    err.said_by_process_0 = accelerator.num_processes > 1   # type: ignore[attr-defined]
+    return err
 
 
 def _make_accelerator(cfg: DictConfig):
@@ -552,6 +584,7 @@ def _restore(cfg: DictConfig, accelerator, loader, resume_from: Path | None
     saved_states = {"trainer_state": state,
                     "loader_state": RankedState(loader, accelerator.process_index, accelerator.num_processes)}
     resumed, damaged = None, []
+    resume_from = _as_on_process_0(accelerator, resume_from)   # None too: every process resumes, or none
     if resume_from is not None:
         resumed, damaged = _load_resume(cfg, accelerator, resume_from, saved_states)
         accelerator.print(f"resumed from {resumed} at step {state.step}")
@@ -829,11 +862,14 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         # scheduler's stop, or torchrun stopping the others once one has failed): process 0 says those
         # for all of them. Any other failure may be one process's own (its shards, its device), so each
         # says which process it is.
-        if world == 1 or rank == 0 or failure.kind not in ("config", "interrupted"):
-            who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
+        who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
+        for_all = failure.kind in ("config", "interrupted") or getattr(err, "said_by_process_0", False)
+        if world == 1 or rank == 0 or not for_all:
             _say(f"{who}: {failure.sentence}{where}")
-        elif failure.kind == "config":
-            _let_process_0_say_it()
+        elif failure.kind != "interrupted" and not _process_0_said_it():
+            # no launcher stopped this process: process 0 did not meet this error (a setting only this
+            # node refuses, such as its cache_dir), or there is no launcher, only a RANK variable
+            _say(f"{who}: {failure.sentence}{where}")
         return failure.code
     if _launcher_rank()[0] == 0:   # once per run, not once per process
         try:
@@ -844,15 +880,17 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
     return 0
 
 
-def _let_process_0_say_it(grace_s: float = 10.0) -> None:
-    """A silent process's exit, held back a little: torchrun stops the other processes as soon as one
-    fails, so a process that exited first could have process 0 killed before it said the sentence for
-    all (seen on a busy machine: the launch failed without a word). Process 0's exit ends the wait
-    (torchrun's SIGTERM); the grace bounds it where no launcher does."""
+def _process_0_said_it(grace_s: float = 10.0) -> bool:
+    """Hold a silent process's exit back until process 0 has said the sentence for all: torchrun stops
+    the other processes as soon as one exits, so a process that exited first could have process 0
+    killed before it spoke (seen on a busy machine: the launch failed without a word). True when
+    the launcher's SIGTERM (sent once process 0 has exited) or Ctrl-C ended the wait; False when
+    `grace_s` ran out, so process 0 evidently did not stop on this error."""
     try:
         time.sleep(grace_s)
     except KeyboardInterrupt:   # SIGTERM from the launcher (signals.Terminated), or Ctrl-C: leave now
-        pass
+        return True
+    return False
 
 
 def _launcher_rank() -> tuple[int, int]:
