@@ -174,6 +174,34 @@ def test_a_checkpoint_one_process_cannot_read_is_passed_over_by_every_process(tm
     assert newest.is_dir() and not list((run_dir / "checkpoints").glob("damaged-*"))
 
 
+@pytest.mark.timeout(300)
+def test_process_0_decides_whether_the_run_resumes(tmp_path):
+    """resume=auto where process 1 sees no checkpoint at all (a stale view of a network file system):
+    it resumes with process 0 from the newest one instead of starting afresh (before, the two waited
+    in different collectives)."""
+    run_dir = tmp_path / "r"
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--config", "quickstart", *TINY, "data.loader=synthetic", "synthetic_batches=4", "data.batch_size=4",
+            "debug_rank_log=true", f"run_dir={run_dir}", "checkpoint.every_steps=2"]
+    done = subprocess.run([*head, "-m", "lmim.train.pretrain", *args, "max_steps=4"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir / "debug").rename(tmp_path / "debug-first")
+    script = tmp_path / "no_checkpoints_on_process_1.py"
+    script.write_text("import os, sys\n"
+                      "from lmim.train import pretrain\n"
+                      "if os.environ['RANK'] == '1':\n    pretrain.latest_checkpoint = lambda run_dir: None\n"
+                      "sys.exit(pretrain.main(sys.argv[1:]))\n")
+    done = subprocess.run([*head, str(script), *args, "resume=auto", "max_steps=6"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step_00000004 at step 4" in done.stdout
+    logs = [[json.loads(line) for line in (run_dir / "debug" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)]
+    digests = [{rec["step"]: rec["digest"] for rec in log if "digest" in rec} for log in logs]
+    assert sorted(digests[0]) == sorted(digests[1]) == [5, 6] and digests[0] == digests[1]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quickstart_command_runs_end_to_end(tmp_path):
