@@ -322,7 +322,8 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
     for path in candidates:
         agreed, damaged_on_0 = _agreed_outcome(accelerator, _raised_by(verify_checkpoint, path))
         if agreed is None:
-            agreed, _ = _agreed_outcome(accelerator, _raised_by(load_checkpoint, accelerator, path, states, verify=False))
+            loaded = _raised_by(load_checkpoint, accelerator, path, states, verify=False)
+            agreed, _ = _agreed_outcome(accelerator, loaded)
         if agreed is None:
             return path, damaged
         errors.append(agreed)
@@ -374,7 +375,9 @@ def _agreed_outcome(accelerator, mine: Exception | None) -> tuple[CheckpointErro
     from accelerate.utils import gather_object
 
     def kind(err: Exception) -> str:
-        return "damaged" if isinstance(err, CheckpointDamaged) else "error" if isinstance(err, CheckpointError) else "bug"
+        if isinstance(err, CheckpointError):
+            return "damaged" if isinstance(err, CheckpointDamaged) else "error"
+        return "bug"
 
     outcomes = gather_object([None if mine is None else (kind(mine), str(mine))])
     failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
@@ -386,7 +389,8 @@ def _agreed_outcome(accelerator, mine: Exception | None) -> tuple[CheckpointErro
     if bugs:
         raise RuntimeError(f"process {bugs[0][0]} failed while loading a checkpoint: {bugs[0][1]}")
     rank, (k, text) = failed[0]
-    agreed = (CheckpointDamaged if k == "damaged" else CheckpointError)(text if rank == 0 else f"process {rank}: {text}")
+    text = text if rank == 0 else f"process {rank}: {text}"
+    agreed = CheckpointDamaged(text) if k == "damaged" else CheckpointError(text)
     if rank == accelerator.process_index:
         agreed.__cause__ = mine   # the original error's traceback, for logs/error.log and --debug
     return agreed, outcomes[0] is not None and outcomes[0][0] == "damaged"
