@@ -333,11 +333,10 @@ def _load_resume(cfg: DictConfig, accelerator, first: Path, states: dict[str, An
             then = "Trying the previous checkpoint." if path is not candidates[-1] else "No older checkpoint is left."
             _warn(accelerator, f"skipping {path.name}: {agreed} {then}")
     if len(errors) == 1:
-        raise _said_by_process_0(errors[0], accelerator)
+        raise errors[0]
     names = ", ".join(p.name for p in candidates)
-    raise _said_by_process_0(CheckpointError(
-        f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded ({names}; each one's reason is "
-        f"printed above); the newest: {errors[0]}"), accelerator)
+    raise CheckpointError(f"none of the {len(errors)} checkpoints in {cfg.run_dir} can be loaded ({names}; each "
+                          f"one's reason is printed above); the newest: {errors[0]}")
 
 
 T = TypeVar("T")
@@ -394,12 +393,6 @@ def _agreed_outcome(accelerator, mine: Exception | None) -> tuple[CheckpointErro
     if rank == accelerator.process_index:
         agreed.__cause__ = mine   # the original error's traceback, for logs/error.log and --debug
     return agreed, outcomes[0] is not None and outcomes[0][0] == "damaged"
-
-
-def _said_by_process_0(err: CheckpointError, accelerator) -> CheckpointError:
-    """Mark an error every process of the launch agreed on: process 0 says it for all (`_main`)."""
-    err.said_by_process_0 = accelerator.num_processes > 1   # type: ignore[attr-defined]
-    return err
 
 
 def _make_accelerator(cfg: DictConfig):
@@ -798,13 +791,9 @@ def _evaluation_owed(cadence: Cadence, state: TrainState, run_dir: Path, acceler
     process takes its answer (the evaluation is collective: all must decide alike)."""
     if state.updates == 0 or not cadence.evaluates(state.step):
         return False
-    owed = [accelerator.is_main_process and not any(
-        rec.get("update") == state.updates and "knn_top1" in rec for rec in read_metrics(run_dir / "metrics.jsonl"))]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(owed, from_process=0)
-    return bool(owed[0])
+    owed = accelerator.is_main_process and not any(
+        rec.get("update") == state.updates and "knn_top1" in rec for rec in read_metrics(run_dir / "metrics.jsonl"))
+    return bool(_as_on_process_0(accelerator, owed))
 
 
 def _epochs(loader, meter: Meter) -> Iterator[Batch]:
@@ -862,13 +851,12 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         if failure.code == EXIT_CLOSED_PIPE:  # nothing more can reach stdout
             silence_stdout()
         rank, world = _launcher_rank()
-        # Every process of a launch reads the same config, and a SIGTERM reaches them all alike (a
-        # scheduler's stop, or torchrun stopping the others once one has failed): process 0 says those
-        # for all of them. Any other failure may be one process's own (its shards, its device), so each
-        # says which process it is.
+        # Every process of a launch reads the same config, agrees on the checkpoint it resumes from
+        # (`_load_resume`), and gets a SIGTERM alike (a scheduler's stop, or torchrun stopping the others
+        # once one has failed): process 0 says those for all of them. Any other failure may be one
+        # process's own (its shards, its device), so each says which process it is.
         who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
-        for_all = failure.kind in ("config", "interrupted") or getattr(err, "said_by_process_0", False)
-        if world == 1 or rank == 0 or not for_all:
+        if world == 1 or rank == 0 or failure.kind not in ("config", "checkpoint", "interrupted"):
             _say(f"{who}: {failure.sentence}{where}")
         elif failure.kind != "interrupted" and not _process_0_said_it():
             # no launcher stopped this process: process 0 did not meet this error (a setting only this
