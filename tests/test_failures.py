@@ -95,6 +95,11 @@ def _classify_cases():
         (OSError(errno.ENOSPC, "No space left on device", "/runs/r/checkpoints/.tmp-step_8/optimizer.bin"), 6, "disk"),
         (PermissionError(errno.EACCES, "Permission denied", "/runs/r/metrics.jsonl"), 6, "disk"),
         (KeyboardInterrupt(), 130, "interrupted"),
+        # another process of a launch went away mid-collective (NCCL's words; gloo's are met for real in
+        # test_train_real.py); the same words from anything else are no collective's
+        (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1968, remote process exited or there was a network error, "
+                      "NCCL version 2.21.5"), 7, "peer"),
+        (RuntimeError("Connection reset by peer"), 70, "bug"),
         (ZeroDivisionError("division by zero"), 70, "bug"),
     ]
 

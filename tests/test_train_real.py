@@ -371,6 +371,96 @@ def test_under_torchrun_a_config_error_is_said_once_and_a_data_error_names_its_p
                         for line in said), missing.stderr[-3000:]
 
 
+# pretrain, with the step-3 batch of one process (LMIM_TEST_FAILING_RANK) unreadable: a node whose shard fails.
+_DATA_ERROR_ON_ONE_PROCESS = """
+import os, sys
+from lmim.pipeline.errors import DataError
+from lmim.train import pretrain
+real = pretrain.train_step
+def failing(stepper, batches, step, *args, **kwargs):
+    if os.environ["RANK"] == os.environ["LMIM_TEST_FAILING_RANK"] and step == 3:
+        raise DataError("shard-000007.tar cannot be read (test)")
+    return real(stepper, batches, step, *args, **kwargs)
+pretrain.train_step = failing
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_process_that_stops_is_not_reported_as_a_bug_by_the_others(tmp_path, failing):
+    """Two processes started by hand (no launcher, so none is stopped by torchrun before it speaks);
+    one meets a data error at step 3. The other's collective breaks under it: that is no bug (it was
+    an "unexpected RuntimeError ... Connection reset by peer" with a traceback and exit 70). The failing
+    process says its own sentence (exit 4); process 0 says another process stopped (exit 7, also in
+    status.json), and a process other than 0 whose peer went leaves the saying to the one that failed."""
+    script = tmp_path / "data_error_on_one_process.py"
+    script.write_text(_DATA_ERROR_ON_ONE_PROCESS)
+    run_dir = tmp_path / "r"
+    procs = _by_hand([sys.executable, str(script), "max_steps=8"], run_dir, {"LMIM_TEST_FAILING_RANK": str(failing)})
+    errs, said = _said(procs, run_dir)
+    codes = [p.returncode for p in procs]
+    assert codes[failing] == 4 and len(said[failing]) == 1 and said[failing][0].startswith(
+        f"lmim pretrain (process {failing} of 2): the data cannot be read: shard-000007.tar cannot be read (test)"
+    ), errs[failing][-3000:]   # process 0 adds where its traceback is kept
+    other = 1 - failing
+    assert codes[other] == 7, errs[other][-3000:]
+    assert "Traceback" not in errs[other] and "unexpected" not in errs[other]
+    if other == 0:
+        assert len(said[0]) == 1 and said[0][0].startswith(
+            "lmim pretrain (process 0 of 2): another process of this launch stopped while this one was exchanging "
+            "data with it (gloo: connection"), said[0]
+        status = json.loads((run_dir / "status.json").read_text())
+        assert (status["status"], status["kind"], status["exit_code"]) == ("failed", "peer", 7)
+    else:
+        assert said[1] == []
+
+
+def _by_hand(script: list[str], run_dir: Path, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Two pretrain processes started by hand, as a launcher would set them up (no launcher: none is
+    stopped by torchrun before it speaks). Their output goes to files beside `run_dir` (a pipe nobody
+    reads while the other process is waited for could fill and stall it); `_said` reads them."""
+    from tests.s3server import _free_port
+
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        with open(f"{run_dir}.{rank}.out", "w") as out, open(f"{run_dir}.{rank}.err", "w") as err:
+            procs.append(subprocess.Popen(
+                [*script, "--config", "quickstart", *TINY, "data.loader=synthetic", "synthetic_batches=8",
+                 "data.batch_size=4", f"run_dir={run_dir}"], cwd=REPO, stdout=out, stderr=err, text=True,
+                env={**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+                     "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", **(extra_env or {})}))
+    return procs
+
+
+def _said(procs: list[subprocess.Popen], run_dir: Path) -> tuple[list[str], list[list[str]]]:
+    """Each process's stderr once it has ended, and the lines it said as `lmim pretrain`."""
+    for p in procs:
+        p.wait(timeout=240)
+    errs = [Path(f"{run_dir}.{rank}.err").read_text() for rank in range(len(procs))]
+    return errs, [[line for line in err.splitlines() if line.startswith("lmim pretrain")] for err in errs]
+
+
+@pytest.mark.timeout(300)
+def test_a_sigterm_to_one_process_of_a_launch_names_the_launcher_as_a_possible_sender(tmp_path):
+    """torchrun stops every process with SIGTERM once one has failed, so process 0's "stopped by SIGTERM"
+    must not blame only kill, scancel or preemption; process 1, whose collective then breaks, is silent."""
+    run_dir = tmp_path / "r"
+    procs = _by_hand([sys.executable, "-m", "lmim.train.pretrain", "epochs=1000", "checkpoint.every_steps=2"], run_dir)
+    deadline = time.time() + 200
+    while time.time() < deadline and procs[0].poll() is None and not list((run_dir / "checkpoints").glob("step_*")):
+        time.sleep(0.05)
+    assert procs[0].poll() is None, "the run ended before the test could stop it"
+    procs[0].send_signal(signal.SIGTERM)
+    errs, said = _said(procs, run_dir)
+    assert procs[0].returncode == 143 and len(said[0]) == 1 and said[0][0].startswith(
+        "lmim pretrain (process 0 of 2): stopped by SIGTERM (kill, scancel, preemption, or the launcher stopping every "
+        "process once one of them has failed: if one did, its own message says why); rerun with resume=auto (it goes "
+        "on from the last complete checkpoint, if one was written)."), errs[0][-3000:]
+    assert procs[1].returncode == 7 and said[1] == [], errs[1][-3000:]
+
+
 def test_a_config_error_only_one_process_meets_is_still_said(tmp_path):
     """RANK without a launcher (or a setting only one node refuses): a process other than 0 that waited
     for process 0's sentence in vain says its own."""

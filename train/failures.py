@@ -29,6 +29,7 @@ EXIT_CHECKPOINT = 3    # no checkpoint could be loaded
 EXIT_DATA = 4          # the dataset cannot be used as promised
 EXIT_STORAGE = 5       # the object store is unreachable or refuses access
 EXIT_DISK = 6          # the local disk is full, read-only or not writable
+EXIT_PEER = 7          # another process of a multi-process launch stopped, breaking a collective this one was in
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose output's reader went away
 EXIT_UNEXPECTED = 70   # a bug: the traceback is the message
 
@@ -58,7 +59,7 @@ class TrainingError(RuntimeError):
 @dataclass(frozen=True)
 class Failure:
     code: int
-    kind: str       # "diverged" | "config" | "checkpoint" | "data" | "storage" | "disk" | "interrupted" | "bug"
+    kind: str       # "diverged" | "config" | "checkpoint" | "data" | "storage" | "disk" | "peer" | "interrupted" | "bug"
     sentence: str
     expected: bool = True
 
@@ -95,11 +96,41 @@ def _besides_env(rerun: Rerun, joiner: str) -> str:
     return f"{joiner}{rerun.storage_options}" if rerun.storage_options else ""
 
 
-def classify(err: BaseException, rerun: Rerun = TRAINING_RUN) -> Failure:
-    """What the user reads for `err`: one sentence naming the thing and what to do (`rerun` says how to go on)."""
-    interrupted = interruption(err, rerun.how)
+# What gloo and NCCL say when the other end of a collective has gone away (its process exited or was
+# killed): the collective fails here at once with one of these, from the library's own transport.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited or there was a network error")
+_COLLECTIVE_LIBRARIES = ("gloo", "NCCL", "nccl")
+
+
+def peer_gone(err: BaseException) -> str | None:
+    """What the collective library said, when `err` (or an error it came from) is a collective that
+    broke because another process of the launch went away; None otherwise."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RuntimeError):
+            text = str(e)
+            if any(lib in text for lib in _COLLECTIVE_LIBRARIES):
+                for fragment in _PEER_GONE:
+                    if fragment in text:
+                        return f"{'NCCL' if 'nccl' in text.lower() else 'gloo'}: {fragment.lower()}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def classify(err: BaseException, rerun: Rerun = TRAINING_RUN, *, launched: bool = False) -> Failure:
+    """What the user reads for `err`: one sentence naming the thing and what to do (`rerun` says how to go on).
+    `launched`: this is one process of several started by a launcher (torchrun, accelerate launch),
+    which stops them all with SIGTERM once one has failed."""
+    interrupted = interruption(err, rerun.how, launched=launched)
     if interrupted is not None:
         return Failure(interrupted[0], "interrupted", interrupted[1])
+    if (gone := peer_gone(err)) is not None:
+        return Failure(EXIT_PEER, "peer",
+                       f"another process of this launch stopped while this one was exchanging data with it ({gone}); "
+                       f"its own message (above, or in its log) says why: fix that, then {rerun.how}.")
     if isinstance(err, BrokenPipeError) and stdout_closed():
         return Failure(EXIT_CLOSED_PIPE, "interrupted",
                        f"stopped: the reader of the output went away (e.g. `| head`); {rerun.how}.")

@@ -52,7 +52,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -762,7 +762,7 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
                 reporter.evaluation(state, result)
     except BaseException as err:
         # Whatever stopped the run, status.json must say it did not complete, and why.
-        failure = classify(err, rerun)
+        failure = classify(err, rerun, launched=accelerator.num_processes > 1)
         status = failure.status
         raise
     finally:
@@ -836,7 +836,8 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
             _lock_run_folder(lock, Path(cfg.run_dir))
         summary = run(cfg, lock=lock)
     except (Exception, KeyboardInterrupt) as err:
-        failure = classify(err)
+        rank, world = _launcher_rank()
+        failure = classify(err, launched=world > 1)
         log_file = None
         # A refused setting is the command's mistake, not an event of the run in run_dir (which may be a
         # finished run resumed by mistake), and a folder in use is another run's: write nothing into either.
@@ -850,18 +851,20 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         where = f" (traceback: {log_file})" if log_file and failure.expected else ""
         if failure.code == EXIT_CLOSED_PIPE:  # nothing more can reach stdout
             silence_stdout()
-        rank, world = _launcher_rank()
         # Every process of a launch reads the same config, agrees on the checkpoint it resumes from
-        # (`_load_resume`), and gets a SIGTERM alike (a scheduler's stop, or torchrun stopping the others
-        # once one has failed): process 0 says those for all of them. Any other failure may be one
-        # process's own (its shards, its device), so each says which process it is.
+        # (`_load_resume`), gets a SIGTERM alike (a scheduler's stop, or torchrun stopping the others
+        # once one has failed), and sees its collectives break alike when one process has gone (the
+        # gone one says its own reason): process 0 says those for all of them. Any other failure may
+        # be one process's own (its shards, its device), so each says which process it is.
         who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
-        if world == 1 or rank == 0 or failure.kind not in ("config", "checkpoint", "interrupted"):
+        if world == 1 or rank == 0 or failure.kind not in ("config", "checkpoint", "interrupted", "peer"):
             _say(f"{who}: {failure.sentence}{where}")
-        elif failure.kind != "interrupted" and not _process_0_said_it():
+        elif failure.kind in ("config", "checkpoint") and not _process_0_said_it():
             # no launcher stopped this process: process 0 did not meet this error (a setting only this
             # node refuses, such as its cache_dir), or there is no launcher, only a RANK variable
             _say(f"{who}: {failure.sentence}{where}")
+        if failure.kind == "peer":
+            _leave_now(failure.code)
         return failure.code
     if _launcher_rank()[0] == 0:   # once per run, not once per process
         try:
@@ -870,6 +873,17 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         except BrokenPipeError:  # the run is complete; only its last line had no reader
             silence_stdout()
     return 0
+
+
+def _leave_now(code: int) -> NoReturn:
+    """Exit at once, without unwinding further: after a collective broke because another process went
+    away, freeing the failed error's frames frees DDP's reducer and with it the gloo process group,
+    whose destructor joins a worker thread that needs the GIL the destructor holds (a failed work item
+    releasing its tensors): the process hung there for good (torch 2.x, seen in the tests). Its
+    sentence, status.json and error log are written by now; the OS releases the run folder's lock."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _process_0_said_it(grace_s: float = 10.0) -> bool:

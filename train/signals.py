@@ -113,12 +113,17 @@ def sigterm_interrupts() -> Iterator[None]:
         _pending.clear()   # a later command in the same process (a test, a bench) starts afresh
 
 
-def interruption(err: BaseException, how: str) -> tuple[int, str] | None:
-    """(exit code, sentence) when `err` is Ctrl-C or SIGTERM, None otherwise; `how` says how to go on."""
+def interruption(err: BaseException, how: str, *, launched: bool = False) -> tuple[int, str] | None:
+    """(exit code, sentence) when `err` is Ctrl-C or SIGTERM, None otherwise; `how` says how to go on.
+    `launched`: one of several processes a launcher started, which SIGTERMs the rest once one fails."""
     if isinstance(err, HungUp):
         return EXIT_HUNG_UP, (f"stopped by SIGHUP (the terminal or ssh session closed; run long jobs under nohup, "
                               f"tmux or a scheduler); {how}.")
     if isinstance(err, Terminated):
+        if launched:
+            return EXIT_TERMINATED, (f"stopped by SIGTERM (kill, scancel, preemption, or the launcher stopping every "
+                                     f"process once one of them has failed: if one did, its own message says why); "
+                                     f"{how}.")
         return EXIT_TERMINATED, f"stopped by SIGTERM (kill, scancel or preemption); {how}."
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED, f"interrupted; {how}."
