@@ -290,3 +290,36 @@ def test_a_record_written_at_a_checkpoint_step_carries_the_diagnostics(tmp_path)
     recs = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in recs] == [2, 4]
     assert all(r.get("collapse_cos") is not None and "effective_rank" in r for r in recs)
+
+
+def test_the_collapse_guard_warns_once_an_episode_and_its_stop_ends_the_run_keeping_the_checkpoint(tmp_path):
+    """collapse_guard: past `after_epochs`, `patience` logged steps above `threshold` give one loud
+    warning (also in metrics.jsonl) and the run goes on; with action=stop the run ends there instead,
+    as a divergence (exit 1), naming the checkpoint it keeps. The threshold is set below any cosine
+    so that the tiny model's real diagnostics cross it from the first step."""
+    from lmim.train.failures import classify
+    from lmim.train.pretrain import TrainingError
+
+    guard = ["collapse_guard.after_epochs=0", "collapse_guard.threshold=-1.5", "collapse_guard.patience=2"]
+    out = _run(tmp_path / "warn", *guard)
+    assert out["step"] == 10                                     # a warning does not stop the run
+    events = [r for r in read_metrics(tmp_path / "warn" / "metrics.jsonl") if r.get("event") == "collapse_warning"]
+    assert [e["step"] for e in events] == [2]                    # once, when the patience ran out
+    assert "collapse_cos" in events[0]["message"]
+
+    with pytest.raises(TrainingError, match=r"collapse_guard\.action=stop.*step_00000001") as stopped:
+        _run(tmp_path / "stop", *guard, "collapse_guard.action=stop", "checkpoint.every_steps=1")
+    assert (classify(stopped.value).code, classify(stopped.value).kind) == (1, "diverged")
+    status = json.loads((tmp_path / "stop" / "status.json").read_text())
+    assert (status["status"], status["step"], status["exit_code"]) == ("failed", 2, 1)
+    assert Path(status["last_checkpoint"]).name == "step_00000001"
+
+
+def test_wandb_asked_for_where_it_is_not_installed_is_a_bad_setting_that_writes_nothing(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=r"log_with includes 'wandb' but wandb is not installed"):
+        _run(tmp_path / "r", "log_with=[wandb]")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
