@@ -30,7 +30,9 @@ VENV=${VENV:-.venv}
 
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# No OMP_NUM_THREADS default here: lmim splits each process's share of the node's cores between the
+# model and the loader itself (and ignores the launcher's default of 1); a value exported here would
+# cap that share, and with it the loader's threads (docs/TRAINING.md, "threads").
 # NCCL picks the fastest interconnect itself; uncomment to pin an interface if it picks wrongly.
 # export NCCL_SOCKET_IFNAME=ib0
 

@@ -6,7 +6,7 @@ use: `config.json` (architecture, model_args, pretrained_cfg, written by timm's 
 
     timm.create_model("local-dir:OUT_DIR", pretrained=True)
 
-loads it, and `huggingface-cli upload USER/NAME OUT_DIR` publishes it unchanged. The rest of this
+loads it, and `hf upload USER/NAME OUT_DIR` (huggingface_hub's CLI) publishes it unchanged. The rest of this
 note is about the single-file export.
 
 A checkpoint directory (written by the trainer) holds `model.safetensors` (the LatentMIM
@@ -212,7 +212,7 @@ def _refuse_url(out: str | os.PathLike) -> None:
     """`Path("s3://b/x")` is the local folder `s3:/b/x`: an export "to s3://" would land on local disk."""
     if has_scheme(str(out)):
         raise ExportError(f"output {out} is a URL; lmim export writes a local file or folder: export to a local "
-                          "path, then copy it up (e.g. `aws s3 cp --recursive`, `huggingface-cli upload`).")
+                          "path, then copy it up (e.g. `aws s3 cp --recursive`, `hf upload`).")
 
 
 def export_encoder(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, which: str = "online") -> dict:
@@ -427,7 +427,7 @@ def model_card(ckpt: Path, train_cfg, kwargs: dict, which: str, out: Path,
         f"import timm; vit = timm.create_model(\"local-dir:path/to/{out.name}\", pretrained=True)  # this folder",
         "```",
         "",
-        "After `huggingface-cli upload USER/NAME` of this folder: `timm.create_model(\"hf-hub:USER/NAME\", "
+        "After `hf upload USER/NAME .` of this folder (huggingface_hub's CLI): `timm.create_model(\"hf-hub:USER/NAME\", "
         "pretrained=True)`. On a machine with a CPU-only torch and PyPI's CUDA-built torchvision, "
         "`import lmim` first (it makes timm importable there).",
         "",

@@ -17,7 +17,7 @@ SUMMARIES: dict[str, str] = {
     "shard": "the shard builder against a webdataset.ShardWriter loop and tar",
     "pipeline": "the DALI loader against a webdataset + PIL + DataLoader baseline (local or loopback S3)",
     "model": "FLOPs by part and the training step against a plain eager step (or --reference DIR)",
-    "train": "the full trainer fed by DALI against the same trainer fed ideal batches",
+    "train": "the full trainer fed by DALI against the bare model step (and the trainer fed ideal batches)",
     "quality": "k-NN / linear probe of Latent MIM against MAE, naive, supervised and raw pixels, same budget",
 }
 
