@@ -302,6 +302,39 @@ def test_sigterm_mid_run_records_interrupted_and_exits_143(tmp_path):
     assert "resumed from" in resumed.stdout
 
 
+def test_sigterms_in_a_row_stop_a_run_as_one_does(tmp_path):
+    """Under srun every process of the step gets the scheduler's SIGTERM and the launcher forwards its own:
+    two arrive together. A later one must not break the unwinding the first began (it escaped as a
+    `Terminated` traceback from wherever the first had got to, exit 1, status.json left "running")."""
+    import json
+    import signal
+    import time
+
+    run_dir = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, "data.loader=synthetic",
+            "synthetic_batches=50", "epochs=100", "checkpoint.every_steps=2", f"run_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("step_*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the test could stop it"
+    # More SIGTERMs follow the first, every half millisecond for a while: two sent at once are delivered
+    # as one (signals do not queue), and one of the train lands while the first is unwinding the run.
+    for _ in range(200):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.0005)
+    _, err = proc.communicate(timeout=120)
+    # 143 from the run, or killed by a SIGTERM that came after it had restored the default handler on its
+    # way out (its sentence and status already written): a shell reports both as 143
+    assert proc.returncode in (143, -signal.SIGTERM), err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("lmim pretrain:")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in err, err[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+
+
 def test_eval_splits_are_checked_before_training_not_at_the_first_evaluation(small_dataset, tmp_path):
     """data.eval_url and eval.knn_train_url are first read at a k-NN evaluation, which may come after
     hours of training and before that step's checkpoint: a missing or unlabelled split must stop the

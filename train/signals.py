@@ -85,6 +85,12 @@ def sigterm_interrupts() -> Iterator[None]:
         kind = {getattr(signal, "SIGHUP", None): HungUp, signal.SIGINT: KeyboardInterrupt}.get(signum, Terminated)
         if kind is HungUp:
             _leave_the_terminal()
+        if _pending and kind is not KeyboardInterrupt:
+            # A SIGTERM or SIGHUP while an interruption is already unwinding the command: under srun the
+            # scheduler signals every process and the launcher forwards its own, so two come together.
+            # Raised again, it would cut the unwinding short wherever it had got to (a traceback, no
+            # status). One is enough; a second Ctrl-C (a person insisting) still raises.
+            return
         _pending[:] = [kind]
         raise kind()
 
