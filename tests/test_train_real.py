@@ -436,8 +436,13 @@ def _by_hand(script: list[str], run_dir: Path, extra_env: dict[str, str] | None 
 
 def _said(procs: list[subprocess.Popen], run_dir: Path) -> tuple[list[str], list[list[str]]]:
     """Each process's stderr once it has ended, and the lines it said as `lmim pretrain`."""
-    for p in procs:
-        p.wait(timeout=240)
+    try:
+        for p in procs:
+            p.wait(timeout=240)
+    finally:   # a hung process (which a SIGTERM cannot reach from its C++ wait) must not outlive the test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     errs = [Path(f"{run_dir}.{rank}.err").read_text() for rank in range(len(procs))]
     return errs, [[line for line in err.splitlines() if line.startswith("lmim pretrain")] for err in errs]
 

@@ -859,11 +859,15 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
         who = f"lmim pretrain (process {rank} of {world})" if world > 1 else "lmim pretrain"
         if world == 1 or rank == 0 or failure.kind not in ("config", "checkpoint", "interrupted", "peer"):
             _say(f"{who}: {failure.sentence}{where}")
-        elif failure.kind in ("config", "checkpoint") and not _process_0_said_it():
+        elif failure.kind in ("config", "checkpoint") and not _launcher_stopped_us(grace_s=10.0):
             # no launcher stopped this process: process 0 did not meet this error (a setting only this
             # node refuses, such as its cache_dir), or there is no launcher, only a RANK variable
             _say(f"{who}: {failure.sentence}{where}")
-        if failure.kind == "peer":
+        if world > 1:
+            if failure.kind == "peer":
+                # the process that failed first should also be the first to exit, so that the launcher's
+                # summary (torchrun's "root cause", srun's first failed task) names it, not this one
+                _launcher_stopped_us(grace_s=3.0)
             _leave_now(failure.code)
         return failure.code
     if _launcher_rank()[0] == 0:   # once per run, not once per process
@@ -876,22 +880,25 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
 
 
 def _leave_now(code: int) -> NoReturn:
-    """Exit at once, without unwinding further: after a collective broke because another process went
-    away, freeing the failed error's frames frees DDP's reducer and with it the gloo process group,
-    whose destructor joins a worker thread that needs the GIL the destructor holds (a failed work item
-    releasing its tensors): the process hung there for good (torch 2.x, seen in the tests). Its
+    """Exit a process of a multi-process launch that failed, without unwinding further. Freeing the
+    error's frames frees DDP's reducer and with it the gloo process group, whose destructor joins its
+    worker thread while holding the GIL; a worker still releasing a work item's tensors needs the GIL:
+    the process hung there for good, the failing one as well as one whose peer had gone, and a peer
+    waiting for it in a collective with it (torch 2.x, seen in the tests one run in a few). Its
     sentence, status.json and error log are written by now; the OS releases the run folder's lock."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def _process_0_said_it(grace_s: float = 10.0) -> bool:
-    """Hold a silent process's exit back until process 0 has said the sentence for all: torchrun stops
-    the other processes as soon as one exits, so a process that exited first could have process 0
-    killed before it spoke (seen on a busy machine: the launch failed without a word). True when
-    the launcher's SIGTERM (sent once process 0 has exited) or Ctrl-C ended the wait; False when
-    `grace_s` ran out, so process 0 evidently did not stop on this error."""
+def _launcher_stopped_us(grace_s: float) -> bool:
+    """Hold this process's exit back for up to `grace_s`, until the launcher stops it. torchrun stops
+    every process as soon as one exits: a silent process that exited first could have process 0
+    killed before it said the sentence for all (seen on a busy machine: the launch failed without a
+    word), and one whose collective broke would be named as the launch's first failure instead of
+    the process that did fail. True when the launcher's SIGTERM (sent once another process has
+    exited) or Ctrl-C ended the wait; False when `grace_s` ran out (for a silent process: process 0
+    evidently did not stop on this error)."""
     try:
         time.sleep(grace_s)
     except KeyboardInterrupt:   # SIGTERM from the launcher (signals.Terminated), or Ctrl-C: leave now
