@@ -69,6 +69,17 @@ def test_an_unwritable_run_dir_is_a_config_error(small_dataset, tmp_path):
     assert "cannot be written" in _one_sentence(proc) and "run_dir=PATH" in proc.stderr
 
 
+def _raised_while_handling(err: BaseException, handled: BaseException) -> BaseException:
+    """`err` as raised inside an `except` block handling `handled` (its __context__, not its cause)."""
+    try:
+        try:
+            raise handled
+        except type(handled):
+            raise err
+    except type(err) as raised:
+        return raised
+
+
 def _classify_cases():
     import errno
 
@@ -100,6 +111,8 @@ def _classify_cases():
         (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1968, remote process exited or there was a network error, "
                       "NCCL version 2.21.5"), 7, "peer"),
         (RuntimeError("Connection reset by peer"), 70, "bug"),
+        (_raised_while_handling(ZeroDivisionError("division by zero"), RuntimeError(
+            "[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:55013")), 70, "bug"),
         (ZeroDivisionError("division by zero"), 70, "bug"),
     ]
 
@@ -638,6 +651,11 @@ def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_at_the_next_
         Finalized()
         gc.collect()                                   # the raise inside __del__ is lost here...
         assert shown == []                             # ...and not printed as a traceback for the user
+        if signame == "SIGTERM":   # nothing is unwinding after all: a second kill still stops the command
+            with pytest.raises(Terminated):
+                os.kill(os.getpid(), signum)
+                for _ in range(1000):
+                    pass
         with pytest.raises(Terminated):
             raise_pending()
     raise_pending()                                   # a later command in the same process starts afresh

@@ -96,27 +96,31 @@ def _besides_env(rerun: Rerun, joiner: str) -> str:
     return f"{joiner}{rerun.storage_options}" if rerun.storage_options else ""
 
 
-# What gloo and NCCL say when the other end of a collective has gone away (its process exited or was
-# killed): the collective fails here at once with one of these, from the library's own transport.
+# What gloo says (its TCP transport, named in the message) when the other end of a collective has gone
+# away, its process exited or killed, or the network to it failed: the collective fails at once with
+# one of these. NCCL reports a remote failure as "remote process exited or there was a network
+# error", though a lost NCCL peer more often ends in its watchdog aborting the process.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
               "remote process exited or there was a network error")
-_COLLECTIVE_LIBRARIES = ("gloo", "NCCL", "nccl")
+_COLLECTIVE_TRANSPORTS = ("gloo/transport", "NCCL")
 
 
 def peer_gone(err: BaseException) -> str | None:
-    """What the collective library said, when `err` (or an error it came from) is a collective that
-    broke because another process of the launch went away; None otherwise."""
+    """What the collective library said, when `err` (or the error it was raised from: `__cause__`, not
+    an error that merely was being handled) is a collective that broke because another process of the
+    launch or the network to it went away; None otherwise."""
     seen: set[int] = set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, RuntimeError):
             text = str(e)
-            if any(lib in text for lib in _COLLECTIVE_LIBRARIES):
-                for fragment in _PEER_GONE:
-                    if fragment in text:
-                        return f"{'NCCL' if 'nccl' in text.lower() else 'gloo'}: {fragment.lower()}"
-        e = e.__cause__ or e.__context__
+            for transport in _COLLECTIVE_TRANSPORTS:
+                if transport in text:
+                    for fragment in _PEER_GONE:
+                        if fragment in text:
+                            return f"{transport.split('/')[0]}: {fragment.lower()}"
+        e = e.__cause__
     return None
 
 
@@ -129,8 +133,9 @@ def classify(err: BaseException, rerun: Rerun = TRAINING_RUN, *, launched: bool 
         return Failure(interrupted[0], "interrupted", interrupted[1])
     if (gone := peer_gone(err)) is not None:
         return Failure(EXIT_PEER, "peer",
-                       f"another process of this launch stopped while this one was exchanging data with it ({gone}); "
-                       f"its own message (above, or in its log) says why: fix that, then {rerun.how}.")
+                       f"another process of this launch stopped, or the network to it failed, while this one was "
+                       f"exchanging data with it ({gone}); the other process's own message (above, or in its log) "
+                       f"says why, if it had one to say: fix that, then {rerun.how}.")
     if isinstance(err, BrokenPipeError) and stdout_closed():
         return Failure(EXIT_CLOSED_PIPE, "interrupted",
                        f"stopped: the reader of the output went away (e.g. `| head`); {rerun.how}.")

@@ -96,7 +96,7 @@ from lmim.train.observe import read_metrics
 from lmim.train.report import Reporter
 from lmim.train.run_lock import RunFolderBusy, RunFolderLock
 from lmim.train.schedules import Schedules
-from lmim.train.signals import raise_pending
+from lmim.train.signals import hold_interruptions, interruption_pending, raise_pending
 from lmim.train.step import Stepper, make_optimizer, train_step
 
 if TYPE_CHECKING:  # the model (timm) loads when a run builds one, not when the CLI starts
@@ -266,7 +266,7 @@ def _write_status(run_dir: Path, status: str, step: int, failure: Failure | None
 
     {"status": running|completed|failed|interrupted, "step", "last_checkpoint", "setup" (what this
     start chose for the machine: precision and why, threads, the machine's line), and on failure
-    "kind" (config|data|storage|disk|checkpoint|diverged|interrupted|bug), "message", "exit_code"}.
+    "kind" (config|data|storage|disk|checkpoint|diverged|peer|interrupted|bug), "message", "exit_code"}.
     """
     # absolute: a scheduler or a script reading status.json from another folder must find the checkpoint
     record: dict[str, Any] = {"status": status, "step": step,
@@ -761,6 +761,7 @@ def _run(cfg: DictConfig, rerun: Rerun, lock: RunFolderLock) -> dict[str, Any]:
                 state.history["knn_top1"] = result["knn_top1"]
                 reporter.evaluation(state, result)
     except BaseException as err:
+        hold_interruptions()   # a SIGTERM now (a launcher stopping the others) must not cut the clean-up short
         # Whatever stopped the run, status.json must say it did not complete, and why.
         failure = classify(err, rerun, launched=accelerator.num_processes > 1)
         status = failure.status
@@ -836,6 +837,7 @@ def _main(argv: list[str] | None, lock: RunFolderLock) -> int:
             _lock_run_folder(lock, Path(cfg.run_dir))
         summary = run(cfg, lock=lock)
     except (Exception, KeyboardInterrupt) as err:
+        hold_interruptions()   # nor the report of the failure (its log, status and sentence)
         rank, world = _launcher_rank()
         failure = classify(err, launched=world > 1)
         log_file = None
@@ -886,8 +888,11 @@ def _leave_now(code: int) -> NoReturn:
     the process hung there for good, the failing one as well as one whose peer had gone, and a peer
     waiting for it in a collective with it (torch 2.x, seen in the tests one run in a few). Its
     sentence, status.json and error log are written by now; the OS releases the run folder's lock."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a reader that went away (`| tee` stopped), a closed stream
+            pass
     os._exit(code)
 
 
@@ -899,9 +904,13 @@ def _launcher_stopped_us(grace_s: float) -> bool:
     the process that did fail. True when the launcher's SIGTERM (sent once another process has
     exited) or Ctrl-C ended the wait; False when `grace_s` ran out (for a silent process: process 0
     evidently did not stop on this error)."""
+    deadline = time.monotonic() + grace_s
     try:
-        time.sleep(grace_s)
-    except KeyboardInterrupt:   # SIGTERM from the launcher (signals.Terminated), or Ctrl-C: leave now
+        while time.monotonic() < deadline:
+            if interruption_pending():   # the SIGTERM came (held, not raised: see signals.hold_interruptions)
+                return True
+            time.sleep(0.05)
+    except KeyboardInterrupt:   # Ctrl-C still raises
         return True
     return False
 

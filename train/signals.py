@@ -15,7 +15,7 @@ import threading
 from typing import Iterator
 
 __all__ = ["EXIT_HUNG_UP", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "RUN_AGAIN", "HungUp", "Terminated",
-           "raise_pending", "sigterm_interrupts", "interruption"]
+           "hold_interruptions", "interruption_pending", "raise_pending", "sigterm_interrupts", "interruption"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143   # 128 + SIGTERM, as a shell reports a process killed by it
@@ -38,6 +38,14 @@ class HungUp(Terminated):
 # DALI's Pipeline.__del__ caught about one SIGHUP in eight in a tiny run (a pipeline ends every step
 # there), and the run trained on. `raise_pending` raises it again at a safe point.
 _pending: list[type[KeyboardInterrupt]] = []
+
+# Whether an interruption or a failure is unwinding the command now. A SIGTERM or SIGHUP then is
+# remembered in `_pending`, not raised: raised, it would cut the clean-up and the report short wherever
+# they had got to (a traceback, no status). Under srun the scheduler signals every process and the
+# launcher forwards its own, so two come together; and a launcher stops every process once one has
+# failed, often while the others are still reporting their own failure. A second Ctrl-C (a person
+# insisting) still raises.
+_unwinding: list[bool] = [False]
 
 
 # stdout / stderr when they were a terminal as the command started (after a hang-up isatty says no)
@@ -68,7 +76,19 @@ def raise_pending() -> None:
     """Raise the interruption a signal asked for if it has not ended the command yet (see `_pending`);
     call it where stopping is safe, e.g. between training steps."""
     if _pending:
+        _unwinding[0] = True
         raise _pending[0]()
+
+
+def hold_interruptions() -> None:
+    """A failure is unwinding the command: from now until the command ends, a SIGTERM or SIGHUP is
+    remembered (`interruption_pending`), not raised (see `_unwinding`)."""
+    _unwinding[0] = True
+
+
+def interruption_pending() -> bool:
+    """Whether a signal asked for an interruption that has not been raised, or was swallowed."""
+    return bool(_pending)
 
 
 @contextlib.contextmanager
@@ -85,13 +105,11 @@ def sigterm_interrupts() -> Iterator[None]:
         kind = {getattr(signal, "SIGHUP", None): HungUp, signal.SIGINT: KeyboardInterrupt}.get(signum, Terminated)
         if kind is HungUp:
             _leave_the_terminal()
-        if _pending and kind is not KeyboardInterrupt:
-            # A SIGTERM or SIGHUP while an interruption is already unwinding the command: under srun the
-            # scheduler signals every process and the launcher forwards its own, so two come together.
-            # Raised again, it would cut the unwinding short wherever it had got to (a traceback, no
-            # status). One is enough; a second Ctrl-C (a person insisting) still raises.
+        if _unwinding[0] and kind is not KeyboardInterrupt:
+            _pending[:] = _pending or [kind]   # remembered, not raised (see `_unwinding`)
             return
         _pending[:] = [kind]
+        _unwinding[0] = True
         raise kind()
 
     hook = sys.unraisablehook
@@ -101,6 +119,8 @@ def sigterm_interrupts() -> Iterator[None]:
         # no "Exception ignored ... Traceback" for it on the user's terminal
         if not (_pending and isinstance(unraisable.exc_value, KeyboardInterrupt)):
             hook(unraisable)
+        else:   # nothing is unwinding after all: a later SIGTERM must still stop the command
+            _unwinding[0] = False
 
     sys.unraisablehook = _quiet_when_pending
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise)}
@@ -117,6 +137,7 @@ def sigterm_interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
         sys.unraisablehook = hook
         _pending.clear()   # a later command in the same process (a test, a bench) starts afresh
+        _unwinding[0] = False
 
 
 def interruption(err: BaseException, how: str, *, launched: bool = False) -> tuple[int, str] | None:
