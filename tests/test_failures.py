@@ -285,15 +285,11 @@ def test_a_fresh_run_refused_from_another_runs_folder_leaves_that_folder_untouch
     assert not (run_dir / "logs" / "error.log").exists()
 
 
-def test_sigterm_mid_run_records_interrupted_and_exits_143(tmp_path):
-    """`kill`, `scancel` and preempting schedulers send SIGTERM: the run must say why it stopped
-    (status.json "interrupted", one sentence, exit 143) rather than stay "running" forever, and
-    resume=auto must go on from its last checkpoint."""
-    import json
-    import signal
+def _long_pretrain_past_its_first_checkpoint(run_dir: Path) -> tuple[subprocess.Popen, list[str], dict[str, str]]:
+    """A long `lmim pretrain` (synthetic data) in its own process, once it has written a checkpoint:
+    the process, its command line and its environment."""
     import time
 
-    run_dir = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, "data.loader=synthetic",
             "synthetic_batches=50", "epochs=100", "checkpoint.every_steps=2", f"run_dir={run_dir}"]
@@ -302,6 +298,18 @@ def test_sigterm_mid_run_records_interrupted_and_exits_143(tmp_path):
     while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("step_*")):
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before the test could stop it"
+    return proc, args, env
+
+
+def test_sigterm_mid_run_records_interrupted_and_exits_143(tmp_path):
+    """`kill`, `scancel` and preempting schedulers send SIGTERM: the run must say why it stopped
+    (status.json "interrupted", one sentence, exit 143) rather than stay "running" forever, and
+    resume=auto must go on from its last checkpoint."""
+    import json
+    import signal
+
+    run_dir = tmp_path / "r"
+    proc, args, env = _long_pretrain_past_its_first_checkpoint(run_dir)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
@@ -324,14 +332,7 @@ def test_sigterms_in_a_row_stop_a_run_as_one_does(tmp_path):
     import time
 
     run_dir = tmp_path / "r"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "lmim.train.pretrain", "--config", "quickstart", *TINY, "data.loader=synthetic",
-            "synthetic_batches=50", "epochs=100", "checkpoint.every_steps=2", f"run_dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("step_*")):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before the test could stop it"
+    proc, args, env = _long_pretrain_past_its_first_checkpoint(run_dir)
     # More SIGTERMs follow the first, every half millisecond for a while: two sent at once are delivered
     # as one (signals do not queue), and one of the train lands while the first is unwinding the run.
     for _ in range(200):
