@@ -778,3 +778,19 @@ def test_a_start_that_finds_the_new_run_folder_taken_touches_nothing_in_it(tmp_p
         holder.wait()
     assert (run_dir / "config.yaml").read_text() == "theirs\n"
     assert (run_dir / "checkpoints" / ".tmp-step_00000008").is_dir()
+
+
+def test_a_failure_held_outside_a_command_does_not_deafen_the_next_one():
+    """The trainer holds SIGTERM while a failure unwinds it; a test (or a notebook) that calls run()
+    itself does so outside any `sigterm_interrupts` block, and the next command in the same process
+    must still stop on a SIGTERM."""
+    import signal
+
+    from lmim.train.signals import Terminated, hold_interruptions, sigterm_interrupts
+
+    hold_interruptions()
+    with sigterm_interrupts():
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):   # bytecodes for the handler to run between
+                pass

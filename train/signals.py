@@ -100,6 +100,9 @@ def sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    # A failure held interruptions outside any such block (a test calling the trainer's run() itself):
+    # nothing of it is unwinding in here.
+    _unwinding[0] = False
 
     def _raise(signum, frame):
         kind = {getattr(signal, "SIGHUP", None): HungUp, signal.SIGINT: KeyboardInterrupt}.get(signum, Terminated)
