@@ -794,3 +794,31 @@ def test_a_failure_held_outside_a_command_does_not_deafen_the_next_one():
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):   # bytecodes for the handler to run between
                 pass
+
+
+def test_an_import_that_fails_after_a_swallowed_ctrl_c_is_the_interruption_not_a_bug(monkeypatch, capsys):
+    """Ctrl-C landing inside numpy's C-module import was swallowed by the import machinery of a library
+    above it; the next import of numpy then failed ("cannot load module more than once per process"),
+    and the dispatcher printed that ImportError's traceback as a bug (seen once in the suite)."""
+    import signal
+    import types
+
+    import lmim.tools.cli as cli
+
+    def command(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C arrives, and is swallowed...
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("the SIGINT did not arrive")
+        raise ImportError("cannot load module more than once per process")   # ...and the next import fails
+
+    monkeypatch.setitem(sys.modules, "lmim_test_interrupted_import", types.SimpleNamespace(main=command))
+    monkeypatch.setitem(cli.COMMANDS, "verify", ("lmim_test_interrupted_import", "test"))
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is ignored in this process (started as a background job)")
+    assert cli.main(["verify"]) == 130
+    assert capsys.readouterr().err.strip() == "lmim verify: interrupted; run the same command again."

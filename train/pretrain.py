@@ -96,7 +96,7 @@ from lmim.train.observe import read_metrics
 from lmim.train.report import Reporter
 from lmim.train.run_lock import RunFolderBusy, RunFolderLock
 from lmim.train.schedules import Schedules
-from lmim.train.signals import hold_interruptions, interruption_pending, raise_pending
+from lmim.train.signals import hold_interruptions, pending_interruption, raise_pending
 from lmim.train.step import Stepper, make_optimizer, train_step
 
 if TYPE_CHECKING:  # the model (timm) loads when a run builds one, not when the CLI starts
@@ -907,7 +907,7 @@ def _launcher_stopped_us(grace_s: float) -> bool:
     deadline = time.monotonic() + grace_s
     try:
         while time.monotonic() < deadline:
-            if interruption_pending():   # the SIGTERM came (held, not raised: see signals.hold_interruptions)
+            if pending_interruption() is not None:   # the SIGTERM came (held, not raised: see signals.hold_interruptions)
                 return True
             time.sleep(0.05)
     except KeyboardInterrupt:   # Ctrl-C still raises

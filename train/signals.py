@@ -15,7 +15,7 @@ import threading
 from typing import Iterator
 
 __all__ = ["EXIT_HUNG_UP", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "RUN_AGAIN", "HungUp", "Terminated",
-           "hold_interruptions", "interruption_pending", "raise_pending", "sigterm_interrupts", "interruption"]
+           "hold_interruptions", "pending_interruption", "raise_pending", "sigterm_interrupts", "interruption"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143   # 128 + SIGTERM, as a shell reports a process killed by it
@@ -86,9 +86,9 @@ def hold_interruptions() -> None:
     _unwinding[0] = True
 
 
-def interruption_pending() -> bool:
-    """Whether a signal asked for an interruption that has not been raised, or was swallowed."""
-    return bool(_pending)
+def pending_interruption() -> type[KeyboardInterrupt] | None:
+    """The interruption a signal asked for in this command (raised, swallowed or held), or None."""
+    return _pending[0] if _pending else None
 
 
 @contextlib.contextmanager
