@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from lmim.train.signals import RUN_AGAIN, interruption, pending_interruption, sigterm_interrupts
+from lmim.train.signals import RUN_AGAIN, interruption, sigterm_interrupts
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -63,12 +63,6 @@ def _safety_net(name: str, err: BaseException) -> int:
     disk under the shard builder, refused credentials, Ctrl-C) still ends as one sentence with the
     documented exit code; anything else is a bug and keeps its traceback."""
     stopped = interruption(err, RUN_AGAIN)
-    asked = pending_interruption()
-    if stopped is None and isinstance(err, ImportError) and asked is not None:
-        # Ctrl-C (or SIGTERM) cut an import in half and something swallowed it; the import that came
-        # next failed for that ("cannot load module more than once per process", numpy's): it is the
-        # interruption's doing, not a broken installation
-        stopped = interruption(asked(), RUN_AGAIN)
     if stopped is not None:  # before importing failures: Ctrl-C may have cut torch's import in half
         print(f"lmim {name}: {stopped[1]}", file=sys.stderr)
         return stopped[0]

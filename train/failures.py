@@ -113,13 +113,11 @@ def peer_gone(err: BaseException) -> str | None:
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, RuntimeError):
-            text = str(e)
-            for transport in _COLLECTIVE_TRANSPORTS:
-                if transport in text:
-                    for fragment in _PEER_GONE:
-                        if fragment in text:
-                            return f"{transport.split('/')[0]}: {fragment.lower()}"
+        text = str(e) if isinstance(e, RuntimeError) else ""
+        transport = next((t for t in _COLLECTIVE_TRANSPORTS if t in text), None)
+        fragment = next((f for f in _PEER_GONE if f in text), None)
+        if transport and fragment:
+            return f"{transport.split('/')[0]}: {fragment.lower()}"
         e = e.__cause__
     return None
 

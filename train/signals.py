@@ -146,6 +146,11 @@ def sigterm_interrupts() -> Iterator[None]:
 def interruption(err: BaseException, how: str, *, launched: bool = False) -> tuple[int, str] | None:
     """(exit code, sentence) when `err` is Ctrl-C or SIGTERM, None otherwise; `how` says how to go on.
     `launched`: one of several processes a launcher started, which SIGTERMs the rest once one fails."""
+    if isinstance(err, ImportError) and _pending:
+        # Ctrl-C (or SIGTERM) cut an import in half and something swallowed it; the import that came next
+        # failed for that ("cannot load module more than once per process", numpy's): the interruption's
+        # doing, not a broken installation
+        err = _pending[0]()
     if isinstance(err, HungUp):
         return EXIT_HUNG_UP, (f"stopped by SIGHUP (the terminal or ssh session closed; run long jobs under nohup, "
                               f"tmux or a scheduler); {how}.")
